@@ -1,0 +1,17 @@
+-- The users table. This file is embedded in the binary and applied on every
+-- boot, inside a transaction that holds an advisory lock, so it must stay
+-- idempotent: every statement is "if not exists".
+CREATE TABLE IF NOT EXISTS users (
+    id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    first_name text        NOT NULL,
+    last_name  text        NOT NULL,
+    -- Stored trimmed and lower-cased by the service, so this constraint makes
+    -- addresses unique case-insensitively.
+    email      text        NOT NULL CONSTRAINT users_email_key UNIQUE,
+    -- The bcrypt hash, and the salt bcrypt generated for it (the hash's
+    -- 29-character "$2a$cc$" prefix).
+    password   text        NOT NULL,
+    salt       text        NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now()
+);

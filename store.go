@@ -1,0 +1,252 @@
+package main
+
+import (
+	"context"
+	"database/sql"
+	"database/sql/driver"
+	_ "embed"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"time"
+
+	"github.com/lib/pq"
+)
+
+//go:embed schema.sql
+var schemaSQL string
+
+// schemaLockKey is the advisory lock that serializes schema.sql across
+// replicas booting at the same time.
+const schemaLockKey = 7_216_449_301
+
+// The store turns driver errors into these, and handlers look only at them.
+var (
+	errNotFound    = errors.New("not found")
+	errEmailTaken  = errors.New("email already registered")
+	errUnavailable = errors.New("database unavailable")
+)
+
+// poolConfig sizes the connection pool.
+type poolConfig struct {
+	maxOpen     int           // connections open at once
+	maxIdle     int           // connections kept open while idle
+	maxIdleTime time.Duration // how long an idle connection is kept
+}
+
+// store is the service's data layer: every SQL statement lives here.
+type store struct {
+	db *sql.DB
+	// timeout bounds the database time of each call, so that a database
+	// that stops answering turns into errUnavailable instead of a hang.
+	timeout time.Duration
+}
+
+// openStore connects to the database at databaseURL, checks that it answers
+// and applies the embedded schema. The caller must Close the store.
+func openStore(ctx context.Context, databaseURL string, pool poolConfig, timeout time.Duration) (*store, error) {
+	connector, err := pq.NewConnector(databaseURL)
+	if err != nil {
+		return nil, err
+	}
+	db := sql.OpenDB(connector)
+	db.SetMaxOpenConns(pool.maxOpen)
+	db.SetMaxIdleConns(pool.maxIdle)
+	db.SetConnMaxIdleTime(pool.maxIdleTime)
+	s := &store{db: db, timeout: timeout}
+	if err := s.migrate(ctx); err != nil {
+		db.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+// migrate applies schema.sql in one transaction, holding an advisory lock so
+// that replicas booting together apply it one after another.
+func (s *store) migrate(ctx context.Context) error {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	if _, err := tx.ExecContext(ctx, `SELECT pg_advisory_xact_lock($1)`, schemaLockKey); err != nil {
+		return err
+	}
+	if _, err := tx.ExecContext(ctx, schemaSQL); err != nil {
+		return fmt.Errorf("apply schema.sql: %w", err)
+	}
+	return tx.Commit()
+}
+
+// Close closes the connection pool.
+func (s *store) Close() error { return s.db.Close() }
+
+// Ping reports whether the database answers.
+func (s *store) Ping(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	return dbError(s.db.PingContext(ctx))
+}
+
+// user is a stored user as the API shows it: the password hash and salt are
+// never read back, so they cannot leak into a response.
+type user struct {
+	ID        int64     `json:"id"`
+	FirstName string    `json:"first_name"`
+	LastName  string    `json:"last_name"`
+	Email     string    `json:"email"`
+	CreatedAt time.Time `json:"created_at"`
+	UpdatedAt time.Time `json:"updated_at"`
+}
+
+// userColumns are the columns scanUser reads, in its order.
+const userColumns = `id, first_name, last_name, email, created_at, updated_at`
+
+type scanner interface{ Scan(dest ...any) error }
+
+func scanUser(row scanner) (user, error) {
+	var u user
+	err := row.Scan(&u.ID, &u.FirstName, &u.LastName, &u.Email, &u.CreatedAt, &u.UpdatedAt)
+	u.CreatedAt = u.CreatedAt.UTC()
+	u.UpdatedAt = u.UpdatedAt.UTC()
+	return u, err
+}
+
+// userChange holds the values of a new user or a change to one. A nil field
+// is left as it is. Email must already be normalized, and PasswordHash and
+// Salt come from the hasher, set together.
+type userChange struct {
+	FirstName, LastName, Email, PasswordHash, Salt *string
+}
+
+// CreateUser inserts a user; every field of c must be set. It returns
+// errEmailTaken if another user has the same email.
+func (s *store) CreateUser(ctx context.Context, c userChange) (user, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	row := s.db.QueryRowContext(ctx, `
+		INSERT INTO users (first_name, last_name, email, password, salt)
+		VALUES ($1, $2, $3, $4, $5)
+		RETURNING `+userColumns,
+		c.FirstName, c.LastName, c.Email, c.PasswordHash, c.Salt)
+	u, err := scanUser(row)
+	return u, dbError(err)
+}
+
+// User returns the user with the given id, or errNotFound.
+func (s *store) User(ctx context.Context, id int64) (user, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	row := s.db.QueryRowContext(ctx, `SELECT `+userColumns+` FROM users WHERE id = $1`, id)
+	u, err := scanUser(row)
+	return u, dbError(err)
+}
+
+// Users returns up to limit users whose id is greater than afterID, ordered
+// by id.
+func (s *store) Users(ctx context.Context, afterID int64, limit int) ([]user, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	rows, err := s.db.QueryContext(ctx, `
+		SELECT `+userColumns+` FROM users
+		WHERE id > $1 ORDER BY id LIMIT $2`, afterID, limit)
+	if err != nil {
+		return nil, dbError(err)
+	}
+	defer rows.Close()
+	users := make([]user, 0, limit)
+	for rows.Next() {
+		u, err := scanUser(rows)
+		if err != nil {
+			return nil, dbError(err)
+		}
+		users = append(users, u)
+	}
+	return users, dbError(rows.Err())
+}
+
+// UpdateUser applies c to the user with the given id in one statement, so
+// concurrent changes to different fields cannot undo each other. updated_at
+// moves forward only if a value actually changed. It returns errNotFound if
+// no user has that id, and errEmailTaken if another user has c.Email.
+func (s *store) UpdateUser(ctx context.Context, id int64, c userChange) (user, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	// In SET, column names on the right refer to the row before the update.
+	// GREATEST keeps updated_at strictly increasing even if the clock steps back.
+	row := s.db.QueryRowContext(ctx, `
+		UPDATE users SET
+			first_name = COALESCE($2, first_name),
+			last_name  = COALESCE($3, last_name),
+			email      = COALESCE($4, email),
+			password   = COALESCE($5, password),
+			salt       = COALESCE($6, salt),
+			updated_at = CASE
+				WHEN (COALESCE($2, first_name), COALESCE($3, last_name), COALESCE($4, email), COALESCE($5, password))
+					IS DISTINCT FROM (first_name, last_name, email, password)
+				THEN GREATEST(now(), updated_at + interval '1 microsecond')
+				ELSE updated_at
+			END
+		WHERE id = $1
+		RETURNING `+userColumns,
+		id, c.FirstName, c.LastName, c.Email, c.PasswordHash, c.Salt)
+	u, err := scanUser(row)
+	return u, dbError(err)
+}
+
+// DeleteUser deletes the user with the given id, or returns errNotFound.
+func (s *store) DeleteUser(ctx context.Context, id int64) error {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	res, err := s.db.ExecContext(ctx, `DELETE FROM users WHERE id = $1`, id)
+	if err != nil {
+		return dbError(err)
+	}
+	n, err := res.RowsAffected()
+	if err != nil {
+		return dbError(err)
+	}
+	if n == 0 {
+		return errNotFound
+	}
+	return nil
+}
+
+// dbError translates a driver error into the store's sentinels, keeping the
+// original in the chain for the log.
+func dbError(err error) error {
+	var pqErr *pq.Error
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, sql.ErrNoRows):
+		return errNotFound
+	case errors.As(err, &pqErr) && pqErr.Code == "23505": // unique_violation
+		return errEmailTaken
+	case isUnavailable(err):
+		return fmt.Errorf("%w: %w", errUnavailable, err)
+	}
+	return err
+}
+
+// isUnavailable reports whether err means the database could not be reached
+// or did not answer in time, as opposed to a fault in a query.
+func isUnavailable(err error) bool {
+	var pqErr *pq.Error
+	if errors.As(err, &pqErr) {
+		switch pqErr.Code {
+		case "57P01", "57P02", "57P03", // admin_shutdown, crash_shutdown, cannot_connect_now
+			"53300", // too_many_connections
+			"57014": // query_canceled: our deadline ran out
+			return true
+		}
+		return pqErr.Code.Class() == "08" // connection_exception
+	}
+	var netErr net.Error
+	return errors.As(err, &netErr) ||
+		errors.Is(err, context.DeadlineExceeded) ||
+		errors.Is(err, driver.ErrBadConn) ||
+		errors.Is(err, io.EOF) ||
+		errors.Is(err, io.ErrUnexpectedEOF)
+}

@@ -1,0 +1,573 @@
+package main
+
+import (
+	"bufio"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/mail"
+	"net/url"
+	"runtime/debug"
+	"strconv"
+	"strings"
+	"time"
+	"unicode"
+	"unicode/utf8"
+)
+
+// Limits on what clients send.
+const (
+	maxBodyBytes     = 1 << 20 // a request body
+	maxNameChars     = 128     // first_name and last_name, in characters
+	maxEmailBytes    = 254     // an address, per RFC 5321's path limit
+	minPasswordChars = 8       // NIST SP 800-63B's floor
+	maxPasswordBytes = 72      // bcrypt reads no further
+	maxPageSize      = 1000    // ?limit=
+	listBatchSize    = 1000    // rows read per query while streaming a list
+)
+
+// server holds what the handlers need.
+type server struct {
+	logger   *slog.Logger
+	store    *store
+	hasher   *hasher
+	apiToken string
+}
+
+// route is one entry of the API surface.
+type route struct {
+	method, pattern string
+	handler         http.HandlerFunc
+	public          bool // served without the API token
+}
+
+// routes is the whole API surface. Both /users and /users/ are served
+// explicitly: a subtree pattern would answer /users with a redirect, which
+// clients follow for a POST by re-sending it as a GET without its body.
+func (s *server) routes() []route {
+	return []route{
+		{"GET", "/healthz", s.health, true},
+		{"POST", "/users", s.createUser, false},
+		{"POST", "/users/{$}", s.createUser, false},
+		{"GET", "/users", s.listUsers, false},
+		{"GET", "/users/{$}", s.listUsers, false},
+		{"GET", "/users/{id}", s.getUser, false},
+		{"PUT", "/users/{id}", s.updateUser, false},
+		{"DELETE", "/users/{id}", s.deleteUser, false},
+	}
+}
+
+// newServer returns the service's HTTP handler. If apiToken is not empty,
+// every route but the public ones requires it as a bearer token.
+func newServer(logger *slog.Logger, st *store, h *hasher, apiToken string) http.Handler {
+	s := &server{logger: logger, store: st, hasher: h, apiToken: apiToken}
+	mux := http.NewServeMux()
+	for _, rt := range s.routes() {
+		var h http.Handler = rt.handler
+		if !rt.public && apiToken != "" {
+			h = s.requireToken(h)
+		}
+		mux.Handle(rt.method+" "+rt.pattern, h)
+	}
+	return s.wrap(mux)
+}
+
+// wrap adds what every response gets: security headers, JSON bodies for the
+// mux's own 404 and 405 answers, recovery from panics, and an access log line.
+func (s *server) wrap(mux *http.ServeMux) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		_, pattern := mux.Handler(r)
+		rec := &statusRecorder{ResponseWriter: w}
+		rec.Header().Set("Cache-Control", "no-store")
+		rec.Header().Set("X-Content-Type-Options", "nosniff")
+
+		defer func() {
+			v := recover()
+			// Once part of a response is out it cannot be taken back:
+			// cutting the connection is the only way to say it failed.
+			abort := v == http.ErrAbortHandler || (v != nil && rec.status != 0)
+			if v != nil && v != http.ErrAbortHandler {
+				s.logger.Error("panic", "method", r.Method, "pattern", pattern, "panic", v, "stack", string(debug.Stack()))
+			}
+			if v != nil && !abort {
+				writeError(rec, http.StatusInternalServerError, "Internal server error")
+			}
+			status := rec.status
+			switch {
+			case status == 0 && r.Context().Err() != nil:
+				status = 499 // the client went away before an answer
+			case status == 0:
+				status = http.StatusOK
+			}
+			attrs := []any{"method", r.Method, "pattern", pattern, "status", status, "duration", time.Since(start)}
+			if abort {
+				s.logger.Info("request", append(attrs, "aborted", true)...)
+				panic(http.ErrAbortHandler)
+			}
+			s.logger.Info("request", attrs...)
+		}()
+
+		if pattern == "" {
+			// The mux answers 404 or 405 (with Allow) in plain text.
+			mux.ServeHTTP(&jsonErrorWriter{rec, false}, r)
+			return
+		}
+		mux.ServeHTTP(rec, r)
+	})
+}
+
+// requireToken lets a request through only if it carries the API token as a
+// bearer token.
+func (s *server) requireToken(next http.Handler) http.Handler {
+	// Comparing digests in constant time leaks neither the token's bytes nor
+	// its length through timing.
+	want := sha256.Sum256([]byte(s.apiToken))
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		scheme, token, _ := strings.Cut(r.Header.Get("Authorization"), " ")
+		got := sha256.Sum256([]byte(token))
+		if !strings.EqualFold(scheme, "Bearer") || subtle.ConstantTimeCompare(got[:], want[:]) != 1 {
+			w.Header().Set("WWW-Authenticate", "Bearer")
+			writeError(w, http.StatusUnauthorized, "Not authenticated")
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+func (s *server) health(w http.ResponseWriter, r *http.Request) {
+	if err := s.store.Ping(r.Context()); err != nil {
+		s.logger.Warn("health check failed", "err", err)
+		writeError(w, http.StatusServiceUnavailable, "Service unavailable")
+		return
+	}
+	encode(w, http.StatusOK, map[string]string{"status": "ok"})
+}
+
+func (s *server) createUser(w http.ResponseWriter, r *http.Request) {
+	in, ok := readUserInput(w, r, true)
+	if !ok {
+		return
+	}
+	// Hash before the store takes a connection: a hash is slow on purpose.
+	hash, salt, err := s.hasher.hash(r.Context(), *in.Password)
+	if err != nil {
+		s.error(w, r, err)
+		return
+	}
+	u, err := s.store.CreateUser(r.Context(), userChange{
+		FirstName: in.FirstName, LastName: in.LastName, Email: in.Email,
+		PasswordHash: &hash, Salt: &salt,
+	})
+	if err != nil {
+		s.error(w, r, err)
+		return
+	}
+	w.Header().Set("Location", "/users/"+strconv.FormatInt(u.ID, 10))
+	encode(w, http.StatusCreated, u)
+}
+
+func (s *server) getUser(w http.ResponseWriter, r *http.Request) {
+	id, ok := parseUserID(r.PathValue("id"))
+	if !ok {
+		writeError(w, http.StatusNotFound, "User not found")
+		return
+	}
+	u, err := s.store.User(r.Context(), id)
+	if err != nil {
+		s.error(w, r, err)
+		return
+	}
+	encode(w, http.StatusOK, u)
+}
+
+func (s *server) updateUser(w http.ResponseWriter, r *http.Request) {
+	id, ok := parseUserID(r.PathValue("id"))
+	if !ok {
+		writeError(w, http.StatusNotFound, "User not found")
+		return
+	}
+	in, ok := readUserInput(w, r, false)
+	if !ok {
+		return
+	}
+	change := userChange{FirstName: in.FirstName, LastName: in.LastName, Email: in.Email}
+	if in.Password != nil {
+		hash, salt, err := s.hasher.hash(r.Context(), *in.Password)
+		if err != nil {
+			s.error(w, r, err)
+			return
+		}
+		change.PasswordHash, change.Salt = &hash, &salt
+	}
+	u, err := s.store.UpdateUser(r.Context(), id, change)
+	if err != nil {
+		s.error(w, r, err)
+		return
+	}
+	encode(w, http.StatusOK, u)
+}
+
+func (s *server) deleteUser(w http.ResponseWriter, r *http.Request) {
+	id, ok := parseUserID(r.PathValue("id"))
+	if !ok {
+		writeError(w, http.StatusNotFound, "User not found")
+		return
+	}
+	if err := s.store.DeleteUser(r.Context(), id); err != nil {
+		s.error(w, r, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+// listUsers answers one page if ?limit= is given, and otherwise streams every
+// user (after ?after_id=, if given), reading the table in keyset batches so
+// that no connection is held while a slow client reads.
+func (s *server) listUsers(w http.ResponseWriter, r *http.Request) {
+	q, problems := parseListQuery(r.URL.Query())
+	if len(problems) > 0 {
+		writeInvalid(w, problems)
+		return
+	}
+	if q.limit > 0 {
+		page, err := s.store.Users(r.Context(), q.afterID, q.limit)
+		if err != nil {
+			s.error(w, r, err)
+			return
+		}
+		if len(page) == q.limit {
+			next := url.Values{}
+			next.Set("limit", strconv.Itoa(q.limit))
+			next.Set("after_id", strconv.FormatInt(page[len(page)-1].ID, 10))
+			w.Header().Set("Link", fmt.Sprintf(`<%s?%s>; rel="next"`, r.URL.Path, next.Encode()))
+		}
+		encode(w, http.StatusOK, page)
+		return
+	}
+
+	batch, err := s.store.Users(r.Context(), q.afterID, listBatchSize)
+	if err != nil {
+		s.error(w, r, err)
+		return
+	}
+	if len(batch) == 0 && !q.given {
+		writeError(w, http.StatusNotFound, "No users found")
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(http.StatusOK)
+	rc := http.NewResponseController(w)
+	bw := bufio.NewWriterSize(w, 32<<10)
+	enc := json.NewEncoder(bw)
+	bw.WriteByte('[')
+	for n := 0; ; {
+		for _, u := range batch {
+			if n > 0 {
+				bw.WriteByte(',')
+			}
+			n++
+			if err := enc.Encode(u); err != nil {
+				panic(err) // a user always encodes
+			}
+		}
+		if len(batch) < listBatchSize {
+			break
+		}
+		// Each batch gets a fresh write deadline: a client that keeps
+		// reading may take as long as the list needs, one that stalls
+		// is cut off.
+		rc.SetWriteDeadline(time.Now().Add(writeTimeout))
+		if batch, err = s.store.Users(r.Context(), batch[len(batch)-1].ID, listBatchSize); err != nil {
+			s.logger.Error("list users: read next batch", "err", err)
+			panic(http.ErrAbortHandler) // the 200 is out: only cutting the stream says it failed
+		}
+	}
+	bw.WriteString("]\n")
+	bw.Flush()
+}
+
+// listQuery is a parsed ?limit=&after_id= query.
+type listQuery struct {
+	limit   int   // 0: no limit
+	afterID int64 // 0: from the start
+	given   bool  // whether any parameter was given
+}
+
+func parseListQuery(v url.Values) (listQuery, map[string]string) {
+	var q listQuery
+	problems := make(map[string]string)
+	for name, values := range v {
+		q.given = true
+		if len(values) > 1 {
+			problems[name] = "must be given at most once"
+			continue
+		}
+		n, ok := parseNumber(values[0])
+		switch name {
+		case "limit":
+			if !ok || n < 1 || n > maxPageSize {
+				problems[name] = "must be an integer from 1 to 1000"
+			}
+			q.limit = int(n)
+		case "after_id":
+			if !ok {
+				problems[name] = "must be a non-negative integer"
+			}
+			q.afterID = n
+		default:
+			problems[name] = "unknown parameter"
+		}
+	}
+	return q, problems
+}
+
+// parseUserID parses a user id: a positive integer that fits int64.
+func parseUserID(s string) (int64, bool) {
+	id, ok := parseNumber(s)
+	return id, ok && id > 0
+}
+
+// parseNumber parses a non-negative decimal integer that fits int64, written
+// in digits only (strconv.ParseInt alone would accept a sign).
+func parseNumber(s string) (int64, bool) {
+	if s == "" || s[0] < '0' || s[0] > '9' {
+		return 0, false
+	}
+	n, err := strconv.ParseInt(s, 10, 64)
+	return n, err == nil
+}
+
+// userInput is the body of a create or an update. A nil field was absent or
+// null.
+type userInput struct {
+	FirstName, LastName, Email, Password *string
+}
+
+// readUserInput reads, decodes and validates the request body. If the body
+// is not acceptable it answers the request itself and returns false.
+func readUserInput(w http.ResponseWriter, r *http.Request, create bool) (userInput, bool) {
+	var in userInput
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBodyBytes))
+	var tooLarge *http.MaxBytesError
+	switch {
+	case errors.As(err, &tooLarge):
+		writeError(w, http.StatusRequestEntityTooLarge, "Request body too large")
+		return in, false
+	case err != nil:
+		writeInvalid(w, map[string]string{"body": "could not be read"})
+		return in, false
+	}
+	// encoding/json would quietly turn invalid UTF-8 into U+FFFD.
+	if !utf8.Valid(body) {
+		writeInvalid(w, map[string]string{"body": "must be valid UTF-8"})
+		return in, false
+	}
+	var fields map[string]json.RawMessage
+	if err := json.Unmarshal(body, &fields); err != nil || fields == nil {
+		writeInvalid(w, map[string]string{"body": "must be one JSON object"})
+		return in, false
+	}
+	problems := in.decode(fields)
+	for name, problem := range in.validate(create) {
+		if _, ok := problems[name]; !ok {
+			problems[name] = problem
+		}
+	}
+	if len(problems) > 0 {
+		writeInvalid(w, problems)
+		return in, false
+	}
+	return in, true
+}
+
+// decode fills in from the fields of a JSON object and reports what is
+// wrong with them. Names must match exactly (encoding/json alone would match
+// them case-insensitively), and each value must be a string or null.
+func (in *userInput) decode(fields map[string]json.RawMessage) map[string]string {
+	problems := make(map[string]string)
+	for name, value := range fields {
+		var dst **string
+		switch name {
+		case "first_name":
+			dst = &in.FirstName
+		case "last_name":
+			dst = &in.LastName
+		case "email":
+			dst = &in.Email
+		case "password":
+			dst = &in.Password
+		default:
+			problems[name] = "unknown field"
+			continue
+		}
+		if err := json.Unmarshal(value, dst); err != nil {
+			problems[name] = "must be a string"
+		}
+	}
+	return problems
+}
+
+// validate normalizes the fields that are set (trimming names and email,
+// lower-casing email) and reports what is wrong with them. On create every
+// field is required.
+func (in *userInput) validate(create bool) map[string]string {
+	problems := make(map[string]string)
+	check := func(name string, value *string, clean func(*string) string) {
+		if value == nil {
+			if create {
+				problems[name] = "required"
+			}
+			return
+		}
+		if problem := clean(value); problem != "" {
+			problems[name] = problem
+		}
+	}
+	check("first_name", in.FirstName, cleanName)
+	check("last_name", in.LastName, cleanName)
+	check("email", in.Email, cleanEmail)
+	check("password", in.Password, checkPassword)
+	return problems
+}
+
+// cleanName trims *s and reports what is wrong with it, if anything.
+func cleanName(s *string) string {
+	*s = strings.TrimSpace(*s)
+	switch n := utf8.RuneCountInString(*s); {
+	case n == 0:
+		return "must not be empty"
+	case n > maxNameChars:
+		return fmt.Sprintf("must be at most %d characters", maxNameChars)
+	case strings.IndexFunc(*s, unicode.IsControl) >= 0:
+		return "must not contain control characters"
+	}
+	return ""
+}
+
+// cleanEmail trims and lower-cases *s and reports what is wrong with it, if
+// anything. Addresses are compared, stored and unique in lower case.
+func cleanEmail(s *string) string {
+	*s = strings.TrimSpace(*s)
+	if len(*s) > maxEmailBytes {
+		return fmt.Sprintf("must be at most %d bytes", maxEmailBytes)
+	}
+	// A plain address: no display name, no angle brackets, no comments.
+	addr, err := mail.ParseAddress(*s)
+	if err != nil || addr.Name != "" || addr.Address != *s {
+		return "must be a plain email address such as ann@example.com"
+	}
+	*s = strings.ToLower(*s)
+	return ""
+}
+
+// checkPassword reports what is wrong with a password, if anything. There
+// are no composition rules, per NIST SP 800-63B.
+func checkPassword(s *string) string {
+	switch {
+	case utf8.RuneCountInString(*s) < minPasswordChars:
+		return fmt.Sprintf("must be at least %d characters", minPasswordChars)
+	case len(*s) > maxPasswordBytes:
+		return fmt.Sprintf("must be at most %d bytes", maxPasswordBytes)
+	}
+	return ""
+}
+
+// error answers a request whose work failed with err.
+func (s *server) error(w http.ResponseWriter, r *http.Request, err error) {
+	switch {
+	case errors.Is(err, errNotFound):
+		writeError(w, http.StatusNotFound, "User not found")
+	case errors.Is(err, errEmailTaken):
+		writeError(w, http.StatusBadRequest, "Email already registered")
+	case r.Context().Err() != nil:
+		// The client went away; there is nobody to answer.
+		s.logger.Info("request canceled", "method", r.Method, "path", r.URL.Path, "err", err)
+	case errors.Is(err, errBusy):
+		w.Header().Set("Retry-After", "1")
+		writeError(w, http.StatusServiceUnavailable, "Service unavailable")
+	case errors.Is(err, errUnavailable):
+		s.logger.Warn("database unavailable", "method", r.Method, "path", r.URL.Path, "err", err)
+		writeError(w, http.StatusServiceUnavailable, "Service unavailable")
+	default:
+		s.logger.Error("internal error", "method", r.Method, "path", r.URL.Path, "err", err)
+		writeError(w, http.StatusInternalServerError, "Internal server error")
+	}
+}
+
+// errorBody is every error response. Errors lists field problems, for 400
+// Invalid data only; it never repeats the rejected value.
+type errorBody struct {
+	Detail string            `json:"detail"`
+	Errors map[string]string `json:"errors,omitempty"`
+}
+
+func writeError(w http.ResponseWriter, status int, detail string) {
+	encode(w, status, errorBody{Detail: detail})
+}
+
+func writeInvalid(w http.ResponseWriter, problems map[string]string) {
+	encode(w, http.StatusBadRequest, errorBody{Detail: "Invalid data", Errors: problems})
+}
+
+// encode answers with v as JSON.
+func encode(w http.ResponseWriter, status int, v any) {
+	body, err := json.Marshal(v)
+	if err != nil {
+		panic(err) // every type the handlers send encodes
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	w.Write(append(body, '\n'))
+}
+
+// statusRecorder remembers the status of the response it writes.
+type statusRecorder struct {
+	http.ResponseWriter
+	status int
+}
+
+func (rec *statusRecorder) WriteHeader(status int) {
+	if rec.status == 0 {
+		rec.status = status
+	}
+	rec.ResponseWriter.WriteHeader(status)
+}
+
+func (rec *statusRecorder) Write(b []byte) (int, error) {
+	if rec.status == 0 {
+		rec.status = http.StatusOK
+	}
+	return rec.ResponseWriter.Write(b)
+}
+
+// Unwrap lets http.ResponseController reach the connection's writer.
+func (rec *statusRecorder) Unwrap() http.ResponseWriter { return rec.ResponseWriter }
+
+// jsonErrorWriter replaces the plain-text body of an error answer with
+// {"detail": "<status text>"}, keeping its status and headers.
+type jsonErrorWriter struct {
+	http.ResponseWriter
+	replaced bool
+}
+
+func (w *jsonErrorWriter) WriteHeader(status int) {
+	if status < 400 {
+		w.ResponseWriter.WriteHeader(status)
+		return
+	}
+	w.replaced = true
+	writeError(w.ResponseWriter, status, http.StatusText(status))
+}
+
+func (w *jsonErrorWriter) Write(b []byte) (int, error) {
+	if w.replaced {
+		return len(b), nil
+	}
+	return w.ResponseWriter.Write(b)
+}
