@@ -110,7 +110,11 @@ func loadConfig(args []string, getenv func(string) string, stderr io.Writer) (co
 	fs := flag.NewFlagSet("users", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.StringVar(&cfg.addr, "addr", cfg.addr, "listen `address` (env ADDR, or :$PORT)")
-	fs.StringVar(&cfg.databaseURL, "database-url", cfg.databaseURL, "PostgreSQL connection `URL` (env DATABASE_URL)")
+	// The URL's default is not shown in -h, since it may hold a password.
+	fs.Func("database-url", "PostgreSQL connection `URL` (env DATABASE_URL)", func(s string) error {
+		cfg.databaseURL = s
+		return nil
+	})
 	cost := fs.String("bcrypt-cost", strconv.Itoa(cfg.bcryptCost), "bcrypt `cost`, 10 to 15 (env BCRYPT_COST)")
 	if err := fs.Parse(args); err != nil {
 		return cfg, err

@@ -1,0 +1,209 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"database/sql"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"os"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/crypto/bcrypt"
+)
+
+// The tests run against a real PostgreSQL: TEST_DATABASE_URL, or the same
+// default the service uses. Each test gets a schema of its own in that
+// database, created through openStore as in production and dropped after.
+
+func testDatabaseURL() string {
+	if u := os.Getenv("TEST_DATABASE_URL"); u != "" {
+		return u
+	}
+	return defaultDatabaseURL
+}
+
+// adminDB creates and drops the tests' schemas. TestMain opens it.
+var adminDB *sql.DB
+
+func TestMain(m *testing.M) {
+	databaseURL := testDatabaseURL()
+	db, err := sql.Open("postgres", databaseURL)
+	if err == nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		err = db.PingContext(ctx)
+		cancel()
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "FAIL: these tests need PostgreSQL and none answers at %s (%v): set TEST_DATABASE_URL to a database where you may create schemas\n",
+			databaseAddr(databaseURL), redactURLError(err))
+		os.Exit(1)
+	}
+	adminDB = db
+	code := m.Run()
+	db.Close()
+	os.Exit(code)
+}
+
+// newSchema creates an empty schema that is dropped when the test ends, and
+// returns a connection URL whose search_path is that schema.
+func newSchema(t testing.TB) (databaseURL, schema string) {
+	t.Helper()
+	b := make([]byte, 8)
+	rand.Read(b)
+	schema = "test_" + hex.EncodeToString(b)
+	if _, err := adminDB.Exec(`CREATE SCHEMA ` + schema); err != nil {
+		t.Fatalf("create schema: %v", err)
+	}
+	t.Cleanup(func() {
+		if _, err := adminDB.Exec(`DROP SCHEMA ` + schema + ` CASCADE`); err != nil {
+			t.Errorf("drop schema %s: %v", schema, err)
+		}
+	})
+	return withParam(testDatabaseURL(), "search_path", schema), schema
+}
+
+// withParam adds a connection parameter to a URL or key=value DSN.
+func withParam(databaseURL, key, value string) string {
+	if u, err := url.Parse(databaseURL); err == nil && (u.Scheme == "postgres" || u.Scheme == "postgresql") {
+		q := u.Query()
+		q.Set(key, value)
+		u.RawQuery = q.Encode()
+		return u.String()
+	}
+	return databaseURL + " " + key + "=" + value
+}
+
+// testPool keeps each test's pool small, since tests run in parallel
+// against one server.
+var testPool = poolConfig{maxOpen: 8, maxIdle: 8, maxIdleTime: time.Minute}
+
+// newTestStore opens a store on a fresh schema.
+func newTestStore(t testing.TB) *store {
+	t.Helper()
+	databaseURL, _ := newSchema(t)
+	st, err := openStore(context.Background(), databaseURL, testPool, 5*time.Second)
+	if err != nil {
+		t.Fatalf("openStore: %v", err)
+	}
+	t.Cleanup(func() { st.Close() })
+	return st
+}
+
+// testEnv is the real handler on a real database, served over HTTP.
+type testEnv struct {
+	t      testing.TB
+	url    string
+	store  *store
+	hasher *hasher
+	logs   *syncBuffer
+}
+
+type envOption func(*envConfig)
+
+type envConfig struct {
+	apiToken string
+	hasher   *hasher
+	store    *store
+}
+
+func withToken(token string) envOption { return func(c *envConfig) { c.apiToken = token } }
+func withHasher(h *hasher) envOption   { return func(c *envConfig) { c.hasher = h } }
+func withStore(st *store) envOption    { return func(c *envConfig) { c.store = st } }
+
+// newTestEnv serves newServer on a fresh schema. Passwords are hashed at
+// bcrypt's minimum cost to keep the tests fast.
+func newTestEnv(t testing.TB, opts ...envOption) *testEnv {
+	t.Helper()
+	cfg := envConfig{}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	if cfg.store == nil {
+		cfg.store = newTestStore(t)
+	}
+	if cfg.hasher == nil {
+		cfg.hasher = newHasher(bcrypt.MinCost, runtime.GOMAXPROCS(0), 10*time.Second)
+	}
+	logs := &syncBuffer{}
+	logger := slog.New(slog.NewTextHandler(logs, nil))
+	srv := httptest.NewServer(newServer(logger, cfg.store, cfg.hasher, cfg.apiToken))
+	t.Cleanup(srv.Close)
+	return &testEnv{t: t, url: srv.URL, store: cfg.store, hasher: cfg.hasher, logs: logs}
+}
+
+// response is what came back from a request.
+type response struct {
+	status int
+	header http.Header
+	body   []byte
+	what   string // "METHOD path", for failure messages
+}
+
+func (r response) String() string {
+	return fmt.Sprintf("%s: %d %s", r.what, r.status, r.body)
+}
+
+// do sends a request with body (none if empty) and extra header lines
+// "Name: value".
+func (e *testEnv) do(method, path, body string, header ...string) response {
+	e.t.Helper()
+	var rd io.Reader
+	if body != "" {
+		rd = strings.NewReader(body)
+	}
+	req, err := http.NewRequest(method, e.url+path, rd)
+	if err != nil {
+		e.t.Fatalf("%s %s: %v", method, path, err)
+	}
+	if body != "" {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	for _, h := range header {
+		name, value, _ := strings.Cut(h, ":")
+		req.Header.Set(name, strings.TrimSpace(value))
+	}
+	resp, err := noRedirects.Do(req)
+	if err != nil {
+		e.t.Fatalf("%s %s: %v", method, path, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		e.t.Fatalf("%s %s: read body: %v", method, path, err)
+	}
+	return response{status: resp.StatusCode, header: resp.Header, body: b, what: method + " " + path}
+}
+
+// noRedirects shows a redirect as the answer it is, instead of following it.
+var noRedirects = &http.Client{
+	CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+}
+
+// syncBuffer is a bytes.Buffer that a logger and a test may share.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}

@@ -1,0 +1,196 @@
+package main
+
+import (
+	"context"
+	"io"
+	"net"
+	"net/http"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+)
+
+// startRun calls run as main does, with env for the environment, and waits
+// until it listens. It returns the address, the log and run's result.
+func startRun(t *testing.T, ctx context.Context, env map[string]string) (addr string, logs *syncBuffer, done <-chan error) {
+	t.Helper()
+	logs = &syncBuffer{}
+	result := make(chan error, 1)
+	go func() { result <- run(ctx, nil, func(k string) string { return env[k] }, logs, io.Discard) }()
+	listening := regexp.MustCompile(`msg=listening addr=(\S+)`)
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		if m := listening.FindStringSubmatch(logs.String()); m != nil {
+			return m[1], logs, result
+		}
+		select {
+		case err := <-result:
+			t.Fatalf("run returned before listening: %v", err)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	t.Fatalf("run did not listen within 10s; log:\n%s", logs)
+	return "", nil, nil
+}
+
+func TestRunServesAndStopsCleanly(t *testing.T) {
+	t.Parallel()
+	databaseURL, schema := newSchema(t)
+	// application_name marks the service's connections, to see them closed.
+	databaseURL = withParam(databaseURL, "application_name", schema)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	addr, logs, done := startRun(t, ctx, map[string]string{
+		"DATABASE_URL": databaseURL,
+		"ADDR":         "127.0.0.1:0",
+		"BCRYPT_COST":  "10",
+	})
+	e := &testEnv{t: t, url: "http://" + addr}
+	if r := e.do("GET", "/healthz", ""); r.status != http.StatusOK {
+		t.Fatalf("%s, want 200", r)
+	}
+	u := mustUser(t, e.do("POST", "/users", userBody("Ann", "Lee", "ann@example.com", "password1")), http.StatusCreated)
+	mustUser(t, e.do("GET", "/users/1", ""), http.StatusOK)
+
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("run after cancel = %v, want nil", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("run did not return within 10s of cancel")
+	}
+	if _, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
+		t.Errorf("%s still accepts connections after run returned", addr)
+	}
+	waitNoConnections(t, schema)
+	if !strings.Contains(logs.String(), "msg=stopped") {
+		t.Errorf("log has no stop line:\n%s", logs)
+	}
+	// What was created is stored with the configured cost.
+	st := newStoreAt(t, databaseURL)
+	if _, err := st.User(context.Background(), u.ID); err != nil {
+		t.Errorf("user %d after restart: %v", u.ID, err)
+	}
+	var hash string
+	st.db.QueryRow(`SELECT password FROM users WHERE id = $1`, u.ID).Scan(&hash)
+	if !strings.HasPrefix(hash, "$2a$10$") {
+		t.Errorf("stored hash %q, want cost 10 from BCRYPT_COST", hash)
+	}
+}
+
+// waitNoConnections waits until no connection with application_name is left.
+func waitNoConnections(t *testing.T, applicationName string) {
+	t.Helper()
+	var n int
+	for i := 0; i < 100; i++ {
+		if err := adminDB.QueryRow(`SELECT count(*) FROM pg_stat_activity WHERE application_name = $1`, applicationName).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		if n == 0 {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Errorf("%d database connections still open: the pool was not closed", n)
+}
+
+func newStoreAt(t *testing.T, databaseURL string) *store {
+	t.Helper()
+	st, err := openStore(context.Background(), databaseURL, testPool, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	return st
+}
+
+// closedAddr returns a loopback address where nothing listens.
+func closedAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	return addr
+}
+
+func TestRunRefusesBadConfiguration(t *testing.T) {
+	t.Parallel()
+	databaseURL, _ := newSchema(t)
+	down := closedAddr(t)
+	tests := []struct {
+		name  string
+		env   map[string]string
+		args  []string
+		wants []string // in the error
+	}{
+		{"cost not a number", map[string]string{"BCRYPT_COST": "twelve"}, nil, []string{"BCRYPT_COST", `"twelve"`}},
+		{"cost too low", map[string]string{"BCRYPT_COST": "9"}, nil, []string{"BCRYPT_COST", "10 to 15"}},
+		{"cost too high", map[string]string{"BCRYPT_COST": "16"}, nil, []string{"BCRYPT_COST", "10 to 15"}},
+		{"cost flag out of range", nil, []string{"-bcrypt-cost", "4"}, []string{"-bcrypt-cost", "10 to 15"}},
+		{"pool size", map[string]string{"DB_MAX_CONNS": "0"}, nil, []string{"DB_MAX_CONNS"}},
+		{"stray argument", nil, []string{"serve"}, []string{"unexpected arguments"}},
+		{"database down", map[string]string{"DATABASE_URL": "postgres://ann:hunter2@" + down + "/db?sslmode=disable"}, nil,
+			[]string{"DATABASE_URL", down}},
+		{"database URL unparsable", map[string]string{"DATABASE_URL": "postgres://ann:hunter2@host:port/db"}, nil,
+			[]string{"DATABASE_URL"}},
+		{"address taken", map[string]string{"DATABASE_URL": databaseURL, "ADDR": "127.0.0.1:-1"}, nil, []string{"ADDR"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			start := time.Now()
+			err := run(context.Background(), tt.args, func(k string) string { return tt.env[k] }, io.Discard, io.Discard)
+			if err == nil {
+				t.Fatal("run succeeded, want an error")
+			}
+			msg := err.Error()
+			for _, want := range tt.wants {
+				if !strings.Contains(msg, want) {
+					t.Errorf("error %q does not mention %q", msg, want)
+				}
+			}
+			if strings.Contains(msg, "\n") || strings.Contains(msg, "hunter2") {
+				t.Errorf("error %q is not one line free of the password", msg)
+			}
+			if d := time.Since(start); d > 6*time.Second {
+				t.Errorf("run took %v to fail, want a few seconds at most", d)
+			}
+		})
+	}
+}
+
+func TestLoadConfig(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name string
+		env  map[string]string
+		args []string
+		want config
+	}{
+		{"defaults", nil, nil, config{addr: "127.0.0.1:8000", databaseURL: defaultDatabaseURL, bcryptCost: 12}},
+		{"platform PORT", map[string]string{"PORT": "9000"}, nil, config{addr: ":9000", databaseURL: defaultDatabaseURL, bcryptCost: 12}},
+		{"ADDR wins over PORT", map[string]string{"PORT": "9000", "ADDR": "0.0.0.0:80"}, nil, config{addr: "0.0.0.0:80", databaseURL: defaultDatabaseURL, bcryptCost: 12}},
+		{"environment", map[string]string{"DATABASE_URL": "postgres://db/x", "BCRYPT_COST": "10", "API_TOKEN": "t"}, nil,
+			config{addr: "127.0.0.1:8000", databaseURL: "postgres://db/x", bcryptCost: 10, apiToken: "t"}},
+		{"flags win over environment", map[string]string{"ADDR": ":1", "DATABASE_URL": "postgres://a/", "BCRYPT_COST": "10"},
+			[]string{"-addr", ":2", "-database-url", "postgres://b/", "-bcrypt-cost", "15"},
+			config{addr: ":2", databaseURL: "postgres://b/", bcryptCost: 15}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := loadConfig(tt.args, func(k string) string { return tt.env[k] }, io.Discard)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got.pool = poolConfig{}
+			if got != tt.want {
+				t.Errorf("loadConfig = %+v, want %+v", got, tt.want)
+			}
+		})
+	}
+}

@@ -1,0 +1,844 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/crypto/bcrypt"
+)
+
+// userJSON is a user as the API sends it.
+type userJSON struct {
+	ID        int64  `json:"id"`
+	FirstName string `json:"first_name"`
+	LastName  string `json:"last_name"`
+	Email     string `json:"email"`
+	CreatedAt string `json:"created_at"`
+	UpdatedAt string `json:"updated_at"`
+}
+
+// errorJSON is an error as the API sends it.
+type errorJSON struct {
+	Detail string            `json:"detail"`
+	Errors map[string]string `json:"errors"`
+}
+
+// userBody returns a create body; fields set to "" are left out.
+func userBody(first, last, email, password string) string {
+	m := map[string]string{}
+	for k, v := range map[string]string{"first_name": first, "last_name": last, "email": email, "password": password} {
+		if v != "" {
+			m[k] = v
+		}
+	}
+	b, _ := json.Marshal(m)
+	return string(b)
+}
+
+// mustUser checks that r is status with a user body, and returns the user.
+func mustUser(t *testing.T, r response, status int) userJSON {
+	t.Helper()
+	if r.status != status {
+		t.Fatalf("%s, want %d", r, status)
+	}
+	if ct := r.header.Get("Content-Type"); ct != "application/json" {
+		t.Errorf("%s: Content-Type = %q, want application/json", r.what, ct)
+	}
+	var u userJSON
+	dec := json.NewDecoder(strings.NewReader(string(r.body)))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&u); err != nil {
+		t.Fatalf("%s: body %s: %v", r.what, r.body, err)
+	}
+	return u
+}
+
+// mustError checks that r is status with {"detail": detail}, and returns the
+// error body.
+func mustError(t *testing.T, r response, status int, detail string) errorJSON {
+	t.Helper()
+	if r.status != status {
+		t.Fatalf("%s, want %d %q", r, status, detail)
+	}
+	if ct := r.header.Get("Content-Type"); ct != "application/json" {
+		t.Errorf("%s: Content-Type = %q, want application/json", r.what, ct)
+	}
+	var e errorJSON
+	if err := json.Unmarshal(r.body, &e); err != nil {
+		t.Fatalf("%s: body %s: %v", r.what, r.body, err)
+	}
+	if e.Detail != detail {
+		t.Fatalf("%s: detail = %q, want %q", r.what, e.Detail, detail)
+	}
+	return e
+}
+
+// mustInvalid checks that r is 400 Invalid data naming field among errors.
+func mustInvalid(t *testing.T, r response, field string) {
+	t.Helper()
+	e := mustError(t, r, http.StatusBadRequest, "Invalid data")
+	if _, ok := e.Errors[field]; !ok {
+		t.Fatalf("%s: errors = %v, want an entry for %q", r.what, e.Errors, field)
+	}
+}
+
+func (e *testEnv) createUser(t *testing.T, first, last, email, password string) userJSON {
+	t.Helper()
+	return mustUser(t, e.do("POST", "/users/", userBody(first, last, email, password)), http.StatusCreated)
+}
+
+// storedSecret reads the password hash and salt stored for a user.
+func (e *testEnv) storedSecret(t *testing.T, id int64) (hash, salt string) {
+	t.Helper()
+	err := e.store.db.QueryRow(`SELECT password, salt FROM users WHERE id = $1`, id).Scan(&hash, &salt)
+	if err != nil {
+		t.Fatalf("read stored password of user %d: %v", id, err)
+	}
+	return hash, salt
+}
+
+// utcMicros is how the API writes timestamps: RFC 3339 in UTC, fractional
+// seconds only as far as PostgreSQL keeps them.
+var utcTimestamp = regexp.MustCompile(`^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?Z$`)
+
+func parseTimestamp(t *testing.T, s string) time.Time {
+	t.Helper()
+	if !utcTimestamp.MatchString(s) {
+		t.Fatalf("timestamp %q is not RFC 3339 in UTC", s)
+	}
+	ts, err := time.Parse(time.RFC3339Nano, s)
+	if err != nil {
+		t.Fatalf("timestamp %q: %v", s, err)
+	}
+	return ts
+}
+
+func TestCreateUser(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	before := time.Now()
+	r := e.do("POST", "/users/", `{"first_name":" Ann ","last_name":"Lee","email":" Ann.Lee@Example.COM ","password":"correct horse"}`)
+	u := mustUser(t, r, http.StatusCreated)
+
+	if u.ID <= 0 {
+		t.Errorf("id = %d, want a positive id", u.ID)
+	}
+	if got, want := r.header.Get("Location"), fmt.Sprintf("/users/%d", u.ID); got != want {
+		t.Errorf("Location = %q, want %q", got, want)
+	}
+	if u.FirstName != "Ann" || u.LastName != "Lee" {
+		t.Errorf("names = %q %q, want trimmed \"Ann\" \"Lee\"", u.FirstName, u.LastName)
+	}
+	if u.Email != "ann.lee@example.com" {
+		t.Errorf("email = %q, want it trimmed and lower-cased", u.Email)
+	}
+	created, updated := parseTimestamp(t, u.CreatedAt), parseTimestamp(t, u.UpdatedAt)
+	if !created.Equal(updated) {
+		t.Errorf("created_at %s != updated_at %s on a new user", u.CreatedAt, u.UpdatedAt)
+	}
+	if d := created.Sub(before); d < -time.Minute || d > time.Minute {
+		t.Errorf("created_at %s is %v away from now", u.CreatedAt, d)
+	}
+
+	// The fields come in the seed's order, and nothing else comes.
+	keys := regexp.MustCompile(`"([a-z_]+)":`).FindAllStringSubmatch(string(r.body), -1)
+	var order []string
+	for _, k := range keys {
+		order = append(order, k[1])
+	}
+	if got, want := strings.Join(order, ","), "id,first_name,last_name,email,created_at,updated_at"; got != want {
+		t.Errorf("body keys = %s, want %s", got, want)
+	}
+
+	got := mustUser(t, e.do("GET", r.header.Get("Location"), ""), http.StatusOK)
+	if got != u {
+		t.Errorf("GET after create = %+v, want %+v", got, u)
+	}
+}
+
+func TestCreateUserOnBothPaths(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	for i, path := range []string{"/users", "/users/"} {
+		email := fmt.Sprintf("user%d@example.com", i)
+		u := mustUser(t, e.do("POST", path, userBody("Ann", "Lee", email, "password1")), http.StatusCreated)
+		if u.Email != email {
+			t.Errorf("POST %s: email = %q, want %q", path, u.Email, email)
+		}
+		r := e.do("GET", path, "")
+		if r.status != http.StatusOK {
+			t.Errorf("%s, want 200", r)
+		}
+	}
+}
+
+func TestCreateUserValidation(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	valid := map[string]string{"first_name": "Ann", "last_name": "Lee", "password": "password1"}
+	n := 0
+	body := func(field, value string) string {
+		m := map[string]string{"email": fmt.Sprintf("v%d@example.com", n)}
+		n++
+		for k, v := range valid {
+			m[k] = v
+		}
+		m[field] = value
+		b, _ := json.Marshal(m)
+		return string(b)
+	}
+	email254 := strings.Repeat("a", 254-len("@example.com")) + "@example.com"
+	tests := []struct {
+		name, field, value string
+		ok                 bool
+	}{
+		{"name of 1 character", "first_name", "A", true},
+		{"name of 128 characters, 256 bytes", "first_name", strings.Repeat("é", 128), true},
+		{"name of 129 characters", "first_name", strings.Repeat("é", 129), false},
+		{"name of 129 ASCII characters", "last_name", strings.Repeat("a", 129), false},
+		{"name of 128 characters after trimming", "last_name", "  " + strings.Repeat("a", 128) + "  ", true},
+		{"empty name", "first_name", "", false},
+		{"blank name", "last_name", "   ", false},
+		{"name with a newline", "first_name", "Ann\nLee", false},
+		{"name with a NUL", "last_name", "Lee\x00", false},
+		{"name with a tab", "last_name", "Lee\tLee", false},
+		{"name with spaces, hyphen and apostrophe", "last_name", "O'Brien-Smith de la Cruz", true},
+		{"name in another script", "first_name", "李小龍", true},
+		{"right-to-left name", "first_name", "שָׁלוֹם", true},
+		{"email of 254 bytes", "email", email254, true},
+		{"email of 255 bytes", "email", "a" + email254, false},
+		{"email without @", "email", "ann.example.com", false},
+		{"email with display name", "email", "Ann <ann@example.com>", false},
+		{"email in angle brackets", "email", "<ann@example.com>", false},
+		{"two emails", "email", "ann@example.com, bob@example.com", false},
+		{"empty email", "email", "", false},
+		{"password of 7 characters", "password", "1234567", false},
+		{"password of 8 characters", "password", "12345678", true},
+		{"password of 7 characters in 14 bytes", "password", strings.Repeat("é", 7), false},
+		{"password of 72 bytes", "password", strings.Repeat("p", 72), true},
+		{"password of 73 bytes", "password", strings.Repeat("p", 73), false},
+		{"password of 24 characters in 72 bytes", "password", strings.Repeat("€", 24), true},
+		{"password of 25 characters in 75 bytes", "password", strings.Repeat("€", 25), false},
+		{"password of spaces only", "password", "        ", true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := e.do("POST", "/users/", body(tt.field, tt.value))
+			if !tt.ok {
+				mustInvalid(t, r, tt.field)
+				if strings.Contains(string(r.body), tt.value) && tt.value != "" {
+					t.Errorf("%s: the error repeats the rejected value", r.what)
+				}
+				return
+			}
+			u := mustUser(t, r, http.StatusCreated)
+			want := strings.TrimSpace(tt.value)
+			switch tt.field {
+			case "first_name":
+				if u.FirstName != want {
+					t.Errorf("first_name = %q, want %q", u.FirstName, want)
+				}
+			case "last_name":
+				if u.LastName != want {
+					t.Errorf("last_name = %q, want %q", u.LastName, want)
+				}
+			case "email":
+				if u.Email != strings.ToLower(want) {
+					t.Errorf("email = %q, want %q", u.Email, want)
+				}
+			case "password":
+				hash, _ := e.storedSecret(t, u.ID)
+				if err := bcrypt.CompareHashAndPassword([]byte(hash), []byte(tt.value)); err != nil {
+					t.Errorf("stored hash does not verify the password: %v", err)
+				}
+			}
+		})
+	}
+}
+
+func TestCreateUserRequiresEveryField(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	for _, field := range []string{"first_name", "last_name", "email", "password"} {
+		t.Run(field+" missing", func(t *testing.T) {
+			m := map[string]string{"first_name": "Ann", "last_name": "Lee", "email": "ann@example.com", "password": "password1"}
+			delete(m, field)
+			b, _ := json.Marshal(m)
+			mustInvalid(t, e.do("POST", "/users/", string(b)), field)
+		})
+		t.Run(field+" null", func(t *testing.T) {
+			m := map[string]any{"first_name": "Ann", "last_name": "Lee", "email": "ann@example.com", "password": "password1"}
+			m[field] = nil
+			b, _ := json.Marshal(m)
+			mustInvalid(t, e.do("POST", "/users/", string(b)), field)
+		})
+	}
+	mustError(t, e.do("GET", "/users/", ""), http.StatusNotFound, "No users found")
+}
+
+func TestMalformedBodies(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
+	okBody := `{"first_name":"Bob","last_name":"Lee","email":"bob@example.com","password":"password1"`
+	tests := []struct {
+		name, body, field string
+	}{
+		{"empty body", "", "body"},
+		{"not JSON", "first_name=Bob", "body"},
+		{"truncated JSON", okBody, "body"},
+		{"trailing JSON", okBody + `}{}`, "body"},
+		{"trailing garbage", okBody + `}x`, "body"},
+		{"array", `[` + okBody + `}]`, "body"},
+		{"string", `"hello"`, "body"},
+		{"null", `null`, "body"},
+		{"invalid UTF-8", `{"first_name":"B` + "\xff" + `b","last_name":"Lee","email":"bob@example.com","password":"password1"}`, "body"},
+		{"unknown field", okBody + `,"admin":true}`, "admin"},
+		{"field in another case", `{"First_Name":"Bob","last_name":"Lee","email":"bob@example.com","password":"password1"}`, "First_Name"},
+		{"number for a string", `{"first_name":1,"last_name":"Lee","email":"bob@example.com","password":"password1"}`, "first_name"},
+		{"object for a string", `{"first_name":"Bob","last_name":"Lee","email":{"a":1},"password":"password1"}`, "email"},
+		{"id is not writable", okBody + `,"id":7}`, "id"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			mustInvalid(t, e.do("POST", "/users/", tt.body), tt.field)
+			mustInvalid(t, e.do("PUT", fmt.Sprintf("/users/%d", u.ID), tt.body), tt.field)
+		})
+	}
+	t.Run("body over 1 MiB", func(t *testing.T) {
+		big := `{"first_name":"` + strings.Repeat("a", maxBodyBytes) + `"}`
+		mustError(t, e.do("POST", "/users/", big), http.StatusRequestEntityTooLarge, "Request body too large")
+		mustError(t, e.do("PUT", fmt.Sprintf("/users/%d", u.ID), big), http.StatusRequestEntityTooLarge, "Request body too large")
+	})
+	t.Run("body of exactly 1 MiB", func(t *testing.T) {
+		b := `{"first_name":"Bob","last_name":"Lee","email":"bob@example.com","password":"password1"}`
+		b += strings.Repeat(" ", maxBodyBytes-len(b))
+		mustUser(t, e.do("POST", "/users/", b), http.StatusCreated)
+	})
+	// Nothing above may have changed the first user or added another.
+	var count int
+	if err := e.store.db.QueryRow(`SELECT count(*) FROM users`).Scan(&count); err != nil {
+		t.Fatal(err)
+	}
+	if count != 2 {
+		t.Errorf("%d users stored, want 2", count)
+	}
+	if got := mustUser(t, e.do("GET", fmt.Sprintf("/users/%d", u.ID), ""), http.StatusOK); got != u {
+		t.Errorf("user after rejected updates = %+v, want %+v", got, u)
+	}
+}
+
+func TestDuplicateEmail(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	e.createUser(t, "Ann", "Lee", "Ann@Example.com", "password1")
+	for _, email := range []string{"ann@example.com", "ANN@EXAMPLE.COM", "  ann@example.com  "} {
+		mustError(t, e.do("POST", "/users/", userBody("Other", "Person", email, "password2")),
+			http.StatusBadRequest, "Email already registered")
+	}
+	if r := e.do("GET", "/users/", ""); strings.Count(string(r.body), `"id"`) != 1 {
+		t.Errorf("%s, want exactly one user", r)
+	}
+}
+
+func TestConcurrentCreatesOfOneEmail(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	const n = 20
+	statuses := make(chan response, n)
+	var wg sync.WaitGroup
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			// Different cases of one address, all at once.
+			email := "Same@Example.com"
+			if i%2 == 0 {
+				email = "same@example.COM"
+			}
+			statuses <- e.do("POST", "/users/", userBody("Ann", "Lee", email, "password1"))
+		}(i)
+	}
+	wg.Wait()
+	close(statuses)
+	created := 0
+	for r := range statuses {
+		switch {
+		case r.status == http.StatusCreated:
+			created++
+		case r.status == http.StatusBadRequest && strings.Contains(string(r.body), "Email already registered"):
+		default:
+			t.Errorf("%s, want 201 or 400 Email already registered", r)
+		}
+	}
+	if created != 1 {
+		t.Errorf("%d creates succeeded, want exactly 1", created)
+	}
+}
+
+// badIDs are user ids that are not positive integers fitting int64.
+var badIDs = []string{"abc", "0", "-1", "1.5", "+1", "1e3", "99999999999999999999", "9223372036854775808", "%20"}
+
+func TestUserIDs(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
+	for _, id := range badIDs {
+		for _, method := range []string{"GET", "PUT", "DELETE"} {
+			body := ""
+			if method == "PUT" {
+				body = `{"first_name":"Bob"}`
+			}
+			mustError(t, e.do(method, "/users/"+id, body), http.StatusNotFound, "User not found")
+		}
+	}
+	// The largest int64 is a valid id that nobody has.
+	mustError(t, e.do("GET", "/users/9223372036854775807", ""), http.StatusNotFound, "User not found")
+	mustError(t, e.do("GET", fmt.Sprintf("/users/%d", u.ID+1), ""), http.StatusNotFound, "User not found")
+	// Leading zeros still name the same user.
+	if got := mustUser(t, e.do("GET", fmt.Sprintf("/users/00%d", u.ID), ""), http.StatusOK); got.ID != u.ID {
+		t.Errorf("GET /users/00%d = user %d", u.ID, got.ID)
+	}
+}
+
+func TestUpdateUser(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
+	other := e.createUser(t, "Bob", "Ray", "bob@example.com", "password2")
+	path := fmt.Sprintf("/users/%d", u.ID)
+	hash0, salt0 := e.storedSecret(t, u.ID)
+
+	// Each field alone, leaving the others as they are.
+	steps := []struct {
+		body string
+		want userJSON
+	}{
+		{`{"first_name":"  Anna "}`, userJSON{FirstName: "Anna", LastName: "Lee", Email: "ann@example.com"}},
+		{`{"last_name":"Smith"}`, userJSON{FirstName: "Anna", LastName: "Smith", Email: "ann@example.com"}},
+		{`{"email":" Anna@Example.com"}`, userJSON{FirstName: "Anna", LastName: "Smith", Email: "anna@example.com"}},
+		{`{"first_name":null,"last_name":null,"email":"anna@example.com"}`, userJSON{FirstName: "Anna", LastName: "Smith", Email: "anna@example.com"}},
+	}
+	last := u
+	for _, step := range steps {
+		got := mustUser(t, e.do("PUT", path, step.body), http.StatusOK)
+		if got.FirstName != step.want.FirstName || got.LastName != step.want.LastName || got.Email != step.want.Email || got.ID != u.ID {
+			t.Fatalf("PUT %s %s = %+v, want %+v", path, step.body, got, step.want)
+		}
+		if got.CreatedAt != u.CreatedAt {
+			t.Errorf("PUT %s: created_at changed from %s to %s", step.body, u.CreatedAt, got.CreatedAt)
+		}
+		if mustUser(t, e.do("GET", path, ""), http.StatusOK) != got {
+			t.Errorf("GET after PUT %s does not show the update", step.body)
+		}
+		last = got
+	}
+
+	// A new password gets a new salt and hash; the old password stops working.
+	got := mustUser(t, e.do("PUT", path, `{"password":"new password"}`), http.StatusOK)
+	hash1, salt1 := e.storedSecret(t, u.ID)
+	if hash1 == hash0 || salt1 == salt0 {
+		t.Errorf("new password kept the old hash or salt")
+	}
+	if bcrypt.CompareHashAndPassword([]byte(hash1), []byte("new password")) != nil ||
+		bcrypt.CompareHashAndPassword([]byte(hash1), []byte("password1")) == nil {
+		t.Errorf("stored hash does not match the new password alone")
+	}
+	if !parseTimestamp(t, got.UpdatedAt).After(parseTimestamp(t, last.UpdatedAt)) {
+		t.Errorf("password change: updated_at %s did not move past %s", got.UpdatedAt, last.UpdatedAt)
+	}
+
+	// An email taken by someone else, in any case, is a conflict; one's own is not.
+	mustError(t, e.do("PUT", path, `{"email":"BOB@example.com"}`), http.StatusBadRequest, "Email already registered")
+	if got := mustUser(t, e.do("PUT", path, `{"email":"ANNA@EXAMPLE.COM"}`), http.StatusOK); got.Email != "anna@example.com" {
+		t.Errorf("changing email to its own value in upper case gave %q", got.Email)
+	}
+	if mustUser(t, e.do("GET", fmt.Sprintf("/users/%d", other.ID), ""), http.StatusOK) != other {
+		t.Errorf("the other user changed")
+	}
+
+	// Empty strings are invalid; a body with every field invalid changes nothing.
+	for _, field := range []string{"first_name", "last_name", "email", "password"} {
+		mustInvalid(t, e.do("PUT", path, fmt.Sprintf(`{%q:""}`, field)), field)
+	}
+	mustInvalid(t, e.do("PUT", path, `{"first_name":"`+strings.Repeat("x", 129)+`"}`), "first_name")
+	mustInvalid(t, e.do("PUT", path, `{"password":"`+strings.Repeat("x", 73)+`"}`), "password")
+	mustUser(t, e.do("PUT", path, `{"last_name":"`+strings.Repeat("x", 128)+`"}`), http.StatusOK)
+	mustUser(t, e.do("PUT", path, `{"password":"`+strings.Repeat("x", 72)+`"}`), http.StatusOK)
+
+	mustError(t, e.do("PUT", fmt.Sprintf("/users/%d", other.ID+100), `{"first_name":"X"}`), http.StatusNotFound, "User not found")
+}
+
+func TestUpdatedAtMovesOnlyOnChange(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
+	path := fmt.Sprintf("/users/%d", u.ID)
+
+	for _, body := range []string{`{}`, `{"first_name":"Ann"}`, `{"email":"ANN@example.com","last_name":" Lee "}`} {
+		got := mustUser(t, e.do("PUT", path, body), http.StatusOK)
+		if got != u {
+			t.Errorf("PUT %s changed nothing but answered %+v, want %+v", body, got, u)
+		}
+	}
+	prev := u
+	for i := 0; i < 5; i++ {
+		got := mustUser(t, e.do("PUT", path, fmt.Sprintf(`{"first_name":"Ann%d"}`, i)), http.StatusOK)
+		if !parseTimestamp(t, got.UpdatedAt).After(parseTimestamp(t, prev.UpdatedAt)) {
+			t.Errorf("update %d: updated_at %s did not move past %s", i, got.UpdatedAt, prev.UpdatedAt)
+		}
+		if got.CreatedAt != u.CreatedAt {
+			t.Errorf("update %d: created_at changed", i)
+		}
+		prev = got
+	}
+}
+
+func TestDeleteUser(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
+	keep := e.createUser(t, "Bob", "Ray", "bob@example.com", "password2")
+	path := fmt.Sprintf("/users/%d", u.ID)
+
+	r := e.do("DELETE", path, "")
+	if r.status != http.StatusNoContent || len(r.body) != 0 {
+		t.Fatalf("%s, want 204 with an empty body", r)
+	}
+	if ct := r.header.Get("Content-Type"); ct != "" {
+		t.Errorf("%s: Content-Type = %q on an empty body", r.what, ct)
+	}
+	mustError(t, e.do("GET", path, ""), http.StatusNotFound, "User not found")
+	mustError(t, e.do("DELETE", path, ""), http.StatusNotFound, "User not found")
+	mustError(t, e.do("PUT", path, `{"first_name":"X"}`), http.StatusNotFound, "User not found")
+	mustUser(t, e.do("GET", fmt.Sprintf("/users/%d", keep.ID), ""), http.StatusOK)
+	// The address is free again.
+	e.createUser(t, "Ann", "Again", "ann@example.com", "password1")
+}
+
+func TestListUsers(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	for _, path := range []string{"/users", "/users/"} {
+		mustError(t, e.do("GET", path, ""), http.StatusNotFound, "No users found")
+	}
+	var want []userJSON
+	for i := 0; i < 5; i++ {
+		want = append(want, e.createUser(t, "User", strconv.Itoa(i), fmt.Sprintf("u%d@example.com", i), "password1"))
+	}
+	e.do("DELETE", fmt.Sprintf("/users/%d", want[2].ID), "")
+	want = append(want[:2], want[3:]...)
+
+	for _, path := range []string{"/users", "/users/"} {
+		r := e.do("GET", path, "")
+		got := mustList(t, r)
+		if fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Errorf("%s = %v, want %v", r.what, got, want)
+		}
+		if r.header.Get("Link") != "" {
+			t.Errorf("%s: Link = %q on a full list", r.what, r.header.Get("Link"))
+		}
+	}
+}
+
+// mustList checks that r is 200 with a JSON array of users, and returns it.
+func mustList(t *testing.T, r response) []userJSON {
+	t.Helper()
+	if r.status != http.StatusOK {
+		t.Fatalf("%s, want 200", r)
+	}
+	if ct := r.header.Get("Content-Type"); ct != "application/json" {
+		t.Errorf("%s: Content-Type = %q, want application/json", r.what, ct)
+	}
+	var users []userJSON
+	dec := json.NewDecoder(strings.NewReader(string(r.body)))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&users); err != nil {
+		t.Fatalf("%s: body %.200s: %v", r.what, r.body, err)
+	}
+	if users == nil {
+		t.Fatalf("%s: body %s, want an array", r.what, r.body)
+	}
+	return users
+}
+
+// seedUsers inserts n users straight into the table, without bcrypt.
+func seedUsers(t testing.TB, st *store, n int) {
+	t.Helper()
+	_, err := st.db.Exec(`
+		INSERT INTO users (first_name, last_name, email, password, salt)
+		SELECT 'First' || i, 'Last' || i, 'user' || i || '@example.com', 'x', 'x'
+		FROM generate_series(1, $1) AS i`, n)
+	if err != nil {
+		t.Fatalf("seed %d users: %v", n, err)
+	}
+}
+
+func TestListStreamsEveryBatch(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	const n = 2*listBatchSize + 7
+	seedUsers(t, e.store, n)
+	users := mustList(t, e.do("GET", "/users/", ""))
+	if len(users) != n {
+		t.Fatalf("GET /users/ returned %d users, want %d", len(users), n)
+	}
+	for i := 1; i < len(users); i++ {
+		if users[i].ID <= users[i-1].ID {
+			t.Fatalf("users[%d].id = %d after %d: not ordered by id", i, users[i].ID, users[i-1].ID)
+		}
+	}
+	rest := mustList(t, e.do("GET", fmt.Sprintf("/users/?after_id=%d", users[listBatchSize].ID), ""))
+	if len(rest) != n-listBatchSize-1 || rest[0].ID != users[listBatchSize+1].ID {
+		t.Errorf("after_id=%d gave %d users starting at %d, want %d starting at %d",
+			users[listBatchSize].ID, len(rest), rest[0].ID, n-listBatchSize-1, users[listBatchSize+1].ID)
+	}
+}
+
+func TestListPagination(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	seedUsers(t, e.store, 25)
+	all := mustList(t, e.do("GET", "/users/", ""))
+
+	// Follow Link from the first page to the last.
+	var got []userJSON
+	path := "/users/?limit=10"
+	pages := 0
+	for path != "" {
+		r := e.do("GET", path, "")
+		page := mustList(t, r)
+		got = append(got, page...)
+		pages++
+		path = ""
+		if link := r.header.Get("Link"); link != "" {
+			m := regexp.MustCompile(`^<([^>]+)>; rel="next"$`).FindStringSubmatch(link)
+			if m == nil {
+				t.Fatalf("%s: Link = %q, want <...>; rel=\"next\"", r.what, link)
+			}
+			if len(page) != 10 {
+				t.Errorf("%s: Link on a page of %d", r.what, len(page))
+			}
+			path = m[1]
+		} else if len(page) == 10 {
+			t.Errorf("%s: no Link on a full page", r.what)
+		}
+	}
+	if pages != 3 || fmt.Sprint(got) != fmt.Sprint(all) {
+		t.Errorf("pages gave %d users in %d pages, want the %d of the full list in 3", len(got), pages, len(all))
+	}
+
+	// Exactly one full last page still links to the empty page past the end.
+	r := e.do("GET", fmt.Sprintf("/users?limit=5&after_id=%d", all[19].ID), "")
+	if page := mustList(t, r); len(page) != 5 || r.header.Get("Link") == "" {
+		t.Errorf("%s: %d users, Link %q; want 5 and a Link", r.what, len(page), r.header.Get("Link"))
+	}
+	if !strings.HasPrefix(r.header.Get("Link"), "</users?") {
+		t.Errorf("%s: Link = %q, want it on the path asked", r.what, r.header.Get("Link"))
+	}
+	for _, path := range []string{
+		fmt.Sprintf("/users/?limit=5&after_id=%d", all[24].ID),
+		fmt.Sprintf("/users/?after_id=%d", all[24].ID),
+	} {
+		r := e.do("GET", path, "")
+		if page := mustList(t, r); len(page) != 0 || string(r.body) != "[]\n" {
+			t.Errorf("%s past the end = %q, want []", r.what, r.body)
+		}
+	}
+	if page := mustList(t, e.do("GET", "/users/?limit=1000", "")); len(page) != 25 {
+		t.Errorf("limit=1000 gave %d users, want 25", len(page))
+	}
+	if page := mustList(t, e.do("GET", "/users/?limit=1&after_id=0", "")); len(page) != 1 || page[0] != all[0] {
+		t.Errorf("limit=1&after_id=0 gave %v, want the first user", page)
+	}
+
+	for _, q := range []string{"limit=0", "limit=1001", "limit=-1", "limit=abc", "limit=", "limit=1.5",
+		"after_id=-1", "after_id=x", "after_id=99999999999999999999", "limit=1&limit=2", "page=2", "limt=10"} {
+		e := mustError(t, e.do("GET", "/users/?"+q, ""), http.StatusBadRequest, "Invalid data")
+		if len(e.Errors) == 0 {
+			t.Errorf("GET /users/?%s: no errors listed", q)
+		}
+	}
+}
+
+func TestListOnEmptyTableWithParameters(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	for _, path := range []string{"/users/?limit=10", "/users/?after_id=0"} {
+		if page := mustList(t, e.do("GET", path, "")); len(page) != 0 {
+			t.Errorf("GET %s on an empty table = %v, want []", path, page)
+		}
+	}
+}
+
+func TestErrorsAreJSON(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	for _, path := range []string{"/", "/nope", "/users/1/extra", "/user"} {
+		mustError(t, e.do("GET", path, ""), http.StatusNotFound, "Not Found")
+	}
+	tests := []struct{ method, path, allow string }{
+		{"PATCH", "/users/1", "DELETE, GET, HEAD, PUT"},
+		{"DELETE", "/users/", "GET, HEAD, POST"},
+		{"PUT", "/users", "GET, HEAD, POST"},
+		{"POST", "/healthz", "GET, HEAD"},
+	}
+	for _, tt := range tests {
+		r := e.do(tt.method, tt.path, "")
+		mustError(t, r, http.StatusMethodNotAllowed, "Method Not Allowed")
+		if got := r.header.Get("Allow"); got != tt.allow {
+			t.Errorf("%s: Allow = %q, want %q", r.what, got, tt.allow)
+		}
+	}
+}
+
+func TestNoSecretsInResponses(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	const password = "s3cret-Passw0rd"
+	u := e.createUser(t, "Ann", "Lee", "ann@example.com", password)
+	hash, salt := e.storedSecret(t, u.ID)
+	responses := []response{
+		e.do("POST", "/users/", userBody("Bob", "Ray", "bob@example.com", password)),
+		e.do("POST", "/users/", userBody("Ann", "Lee", "ann@example.com", password)),
+		e.do("POST", "/users/", userBody("", "Lee", "x@example.com", password)),
+		e.do("GET", fmt.Sprintf("/users/%d", u.ID), ""),
+		e.do("GET", "/users/", ""),
+		e.do("GET", "/users/?limit=1", ""),
+		e.do("PUT", fmt.Sprintf("/users/%d", u.ID), `{"password":"`+password+`"}`),
+		e.do("PUT", fmt.Sprintf("/users/%d", u.ID), `{"password":"`+password+`","email":"bad"}`),
+	}
+	hash2, salt2 := e.storedSecret(t, u.ID)
+	for _, r := range responses {
+		for _, secret := range []string{password, hash, salt, hash2, salt2, `"password"`, `"salt"`} {
+			if strings.Contains(string(r.body), secret) || strings.Contains(fmt.Sprint(r.header), secret) {
+				t.Errorf("%s: response contains %q", r, secret)
+			}
+		}
+	}
+}
+
+func TestStoredPasswordIsBcrypt(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	a := e.createUser(t, "Ann", "Lee", "ann@example.com", "same password")
+	b := e.createUser(t, "Bob", "Ray", "bob@example.com", "same password")
+	hashA, saltA := e.storedSecret(t, a.ID)
+	hashB, saltB := e.storedSecret(t, b.ID)
+	for _, s := range []struct{ hash, salt string }{{hashA, saltA}, {hashB, saltB}} {
+		if err := bcrypt.CompareHashAndPassword([]byte(s.hash), []byte("same password")); err != nil {
+			t.Errorf("stored hash %q does not verify the submitted password: %v", s.hash, err)
+		}
+		if err := bcrypt.CompareHashAndPassword([]byte(s.hash), []byte("same passwore")); err == nil {
+			t.Errorf("stored hash verifies a wrong password")
+		}
+		if cost, err := bcrypt.Cost([]byte(s.hash)); err != nil || cost != e.hasher.cost {
+			t.Errorf("stored hash cost = %d (%v), want %d", cost, err, e.hasher.cost)
+		}
+		if len(s.salt) != 29 || !strings.HasPrefix(s.hash, s.salt) || !strings.HasPrefix(s.salt, "$2a$") {
+			t.Errorf("salt %q is not the 29-character prefix of hash %q", s.salt, s.hash)
+		}
+	}
+	if saltA == saltB || hashA == hashB {
+		t.Errorf("two users with one password share a salt or hash")
+	}
+}
+
+func TestHealthz(t *testing.T) {
+	t.Parallel()
+	st := newTestStore(t)
+	e := newTestEnv(t, withStore(st))
+	r := e.do("GET", "/healthz", "")
+	if r.status != http.StatusOK || string(r.body) != "{\"status\":\"ok\"}\n" {
+		t.Errorf("%s, want 200 {\"status\":\"ok\"}", r)
+	}
+	st.Close()
+	mustError(t, e.do("GET", "/healthz", ""), http.StatusServiceUnavailable, "Service unavailable")
+}
+
+func TestAccessLog(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	const password = "log-me-not-123"
+	u := e.createUser(t, "Ann", "Lee", "ann@example.com", password)
+	e.do("GET", fmt.Sprintf("/users/%d", u.ID), "")
+	e.do("GET", "/nowhere", "")
+	logs := e.logs.String()
+	lines := strings.Split(strings.TrimSpace(logs), "\n")
+	if len(lines) != 3 {
+		t.Fatalf("%d log lines for 3 requests, want 3:\n%s", len(lines), logs)
+	}
+	wants := []string{
+		`msg=request method=POST pattern="POST /users/{$}" status=201 duration=`,
+		`msg=request method=GET pattern="GET /users/{id}" status=200 duration=`,
+		`msg=request method=GET pattern="" status=404 duration=`,
+	}
+	for i, want := range wants {
+		if !strings.Contains(lines[i], want) {
+			t.Errorf("log line %d = %q, want it to contain %q", i, lines[i], want)
+		}
+	}
+	if strings.Contains(logs, password) || strings.Contains(logs, "ann@example.com") {
+		t.Errorf("the log holds a request body:\n%s", logs)
+	}
+}
+
+func TestSchemaIsIdempotentAndSafeForReplicas(t *testing.T) {
+	t.Parallel()
+	databaseURL, _ := newSchema(t)
+	// Several replicas boot at once on an empty database.
+	const replicas = 4
+	errs := make(chan error, replicas)
+	for i := 0; i < replicas; i++ {
+		go func() {
+			st, err := openStore(context.Background(), databaseURL, testPool, 5*time.Second)
+			if err == nil {
+				st.Close()
+			}
+			errs <- err
+		}()
+	}
+	for i := 0; i < replicas; i++ {
+		if err := <-errs; err != nil {
+			t.Fatalf("concurrent openStore: %v", err)
+		}
+	}
+	// A restart keeps what is stored.
+	st, err := openStore(context.Background(), databaseURL, testPool, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	seedUsers(t, st, 3)
+	st.Close()
+	st, err = openStore(context.Background(), databaseURL, testPool, 5*time.Second)
+	if err != nil {
+		t.Fatalf("openStore after a restart: %v", err)
+	}
+	defer st.Close()
+	users, err := st.Users(context.Background(), 0, 10)
+	if err != nil || len(users) != 3 {
+		t.Fatalf("after a restart: %d users (%v), want 3", len(users), err)
+	}
+}
+
+func TestStorePassesTheContext(t *testing.T) {
+	t.Parallel()
+	st := newTestStore(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := st.Users(ctx, 0, 10); !errors.Is(err, context.Canceled) {
+		t.Errorf("Users with a cancelled context: err = %v, want context.Canceled", err)
+	}
+	if _, err := st.User(ctx, 1); !errors.Is(err, context.Canceled) {
+		t.Errorf("User with a cancelled context: err = %v, want context.Canceled", err)
+	}
+}
