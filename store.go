@@ -143,6 +143,18 @@ func (s *store) User(ctx context.Context, id int64) (user, error) {
 	return u, dbError(err)
 }
 
+// userByEmailQuery finds a user by normalized email through the unique index.
+const userByEmailQuery = `SELECT ` + userColumns + ` FROM users WHERE email = $1`
+
+// UserByEmail returns the user with the given normalized email, or
+// errNotFound.
+func (s *store) UserByEmail(ctx context.Context, email string) (user, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	u, err := scanUser(s.db.QueryRowContext(ctx, userByEmailQuery, email))
+	return u, dbError(err)
+}
+
 // Users returns up to limit users whose id is greater than afterID, ordered
 // by id.
 func (s *store) Users(ctx context.Context, afterID int64, limit int) ([]user, error) {

@@ -2,8 +2,10 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"crypto/sha256"
 	"crypto/subtle"
+	_ "embed"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -52,6 +54,8 @@ type route struct {
 func (s *server) routes() []route {
 	return []route{
 		{"GET", "/healthz", s.health, true},
+		{"GET", "/openapi.json", serveOpenAPI, true},
+		{"GET", "/docs", serveDocs, true},
 		{"POST", "/users", s.createUser, false},
 		{"POST", "/users/{$}", s.createUser, false},
 		{"GET", "/users", s.listUsers, false},
@@ -149,6 +153,38 @@ func (s *server) health(w http.ResponseWriter, r *http.Request) {
 	encode(w, http.StatusOK, map[string]string{"status": "ok"})
 }
 
+// openAPI describes the API; openapi_test.go keeps it true to the code.
+//
+//go:embed openapi.json
+var openAPI []byte
+
+func serveOpenAPI(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Content-Type", "application/json")
+	w.Write(openAPI)
+}
+
+// docsPage renders /openapi.json with Swagger UI from a public CDN, as
+// FastAPI's /docs does.
+const docsPage = `<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>users API</title>
+<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css">
+</head>
+<body>
+<div id="swagger-ui"></div>
+<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
+<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
+</body>
+</html>
+`
+
+func serveDocs(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Content-Type", "text/html; charset=utf-8")
+	io.WriteString(w, docsPage)
+}
+
 func (s *server) createUser(w http.ResponseWriter, r *http.Request) {
 	in, ok := readUserInput(w, r, true)
 	if !ok {
@@ -235,6 +271,19 @@ func (s *server) listUsers(w http.ResponseWriter, r *http.Request) {
 		writeInvalid(w, problems)
 		return
 	}
+	if q.email != "" {
+		u, err := s.store.UserByEmail(r.Context(), q.email)
+		if errors.Is(err, errNotFound) {
+			writeError(w, http.StatusNotFound, "No users found")
+			return
+		}
+		if err != nil {
+			s.error(w, r, err)
+			return
+		}
+		encode(w, http.StatusOK, []user{u})
+		return
+	}
 	if q.limit > 0 {
 		page, err := s.store.Users(r.Context(), q.afterID, q.limit)
 		if err != nil {
@@ -264,7 +313,8 @@ func (s *server) listUsers(w http.ResponseWriter, r *http.Request) {
 	w.WriteHeader(http.StatusOK)
 	rc := http.NewResponseController(w)
 	bw := bufio.NewWriterSize(w, 32<<10)
-	enc := json.NewEncoder(bw)
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
 	bw.WriteByte('[')
 	for n := 0; ; {
 		for _, u := range batch {
@@ -272,9 +322,11 @@ func (s *server) listUsers(w http.ResponseWriter, r *http.Request) {
 				bw.WriteByte(',')
 			}
 			n++
+			buf.Reset()
 			if err := enc.Encode(u); err != nil {
 				panic(err) // a user always encodes
 			}
+			bw.Write(bytes.TrimSuffix(buf.Bytes(), []byte("\n")))
 		}
 		if len(batch) < listBatchSize {
 			break
@@ -292,11 +344,12 @@ func (s *server) listUsers(w http.ResponseWriter, r *http.Request) {
 	bw.Flush()
 }
 
-// listQuery is a parsed ?limit=&after_id= query.
+// listQuery is a parsed ?limit=&after_id= or ?email= query.
 type listQuery struct {
-	limit   int   // 0: no limit
-	afterID int64 // 0: from the start
-	given   bool  // whether any parameter was given
+	limit   int    // 0: no limit
+	afterID int64  // 0: from the start
+	email   string // normalized; "": no look-up by email
+	given   bool   // whether any parameter was given
 }
 
 func parseListQuery(v url.Values) (listQuery, map[string]string) {
@@ -320,9 +373,17 @@ func parseListQuery(v url.Values) (listQuery, map[string]string) {
 				problems[name] = "must be a non-negative integer"
 			}
 			q.afterID = n
+		case "email":
+			q.email = values[0]
+			if problem := cleanEmail(&q.email); problem != "" {
+				problems[name] = problem
+			}
 		default:
 			problems[name] = "unknown parameter"
 		}
+	}
+	if q.email != "" && (v.Has("limit") || v.Has("after_id")) {
+		problems["email"] = "cannot be combined with limit or after_id"
 	}
 	return q, problems
 }

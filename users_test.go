@@ -588,7 +588,11 @@ func TestListStreamsEveryBatch(t *testing.T) {
 	e := newTestEnv(t)
 	const n = 2*listBatchSize + 7
 	seedUsers(t, e.store, n)
-	users := mustList(t, e.do("GET", "/users/", ""))
+	r := e.do("GET", "/users/", "")
+	users := mustList(t, r)
+	if strings.Count(string(r.body), "\n") != 1 || !strings.HasSuffix(string(r.body), "}]\n") {
+		t.Errorf("streamed list is not one compact line like the pages")
+	}
 	if len(users) != n {
 		t.Fatalf("GET /users/ returned %d users, want %d", len(users), n)
 	}
@@ -840,5 +844,50 @@ func TestStorePassesTheContext(t *testing.T) {
 	}
 	if _, err := st.User(ctx, 1); !errors.Is(err, context.Canceled) {
 		t.Errorf("User with a cancelled context: err = %v, want context.Canceled", err)
+	}
+}
+
+func TestLookUpByEmail(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	ann := e.createUser(t, "Ann", "Lee", "Ann@Example.com", "password1")
+	e.createUser(t, "Bob", "Ray", "bob@example.com", "password1")
+	for _, q := range []string{"ann@example.com", "ANN@EXAMPLE.COM", "%20Ann@Example.com%20", "ann%40example.com"} {
+		r := e.do("GET", "/users/?email="+q, "")
+		if got := mustList(t, r); len(got) != 1 || got[0] != ann {
+			t.Errorf("%s = %v, want [%v]", r.what, got, ann)
+		}
+		if r.header.Get("Link") != "" {
+			t.Errorf("%s: Link on a look-up", r.what)
+		}
+	}
+	mustError(t, e.do("GET", "/users?email=nobody@example.com", ""), http.StatusNotFound, "No users found")
+	for _, q := range []string{"email=", "email=not-an-email", "email=Ann%20%3Cann@example.com%3E",
+		"email=ann@example.com&email=bob@example.com", "email=ann@example.com&limit=10",
+		"email=ann@example.com&after_id=0", "email=" + strings.Repeat("a", 250) + "@example.com"} {
+		mustInvalid(t, e.do("GET", "/users/?"+q, ""), "email")
+	}
+}
+
+func TestLookUpByEmailUsesTheUniqueIndex(t *testing.T) {
+	t.Parallel()
+	st := newTestStore(t)
+	seedUsers(t, st, 5000)
+	if _, err := st.db.Exec(`ANALYZE users`); err != nil {
+		t.Fatal(err)
+	}
+	rows, err := st.db.Query(`EXPLAIN `+userByEmailQuery, "user42@example.com")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	var plan strings.Builder
+	for rows.Next() {
+		var line string
+		rows.Scan(&line)
+		plan.WriteString(line + "\n")
+	}
+	if !strings.Contains(plan.String(), "Index Scan using users_email_key") {
+		t.Errorf("look-up by email does not use the unique index:\n%s", plan.String())
 	}
 }
