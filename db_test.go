@@ -112,14 +112,20 @@ type testEnv struct {
 type envOption func(*envConfig)
 
 type envConfig struct {
-	apiToken string
-	hasher   *hasher
-	store    *store
+	apiToken  string
+	hasher    *hasher
+	store     *store
+	configure func(*http.Server)
 }
 
 func withToken(token string) envOption { return func(c *envConfig) { c.apiToken = token } }
 func withHasher(h *hasher) envOption   { return func(c *envConfig) { c.hasher = h } }
 func withStore(st *store) envOption    { return func(c *envConfig) { c.store = st } }
+
+// withServer lets a test change the http.Server, such as its timeouts.
+func withServer(configure func(*http.Server)) envOption {
+	return func(c *envConfig) { c.configure = configure }
+}
 
 // newTestEnv serves newServer on a fresh schema. Passwords are hashed at
 // bcrypt's minimum cost to keep the tests fast.
@@ -137,7 +143,13 @@ func newTestEnv(t testing.TB, opts ...envOption) *testEnv {
 	}
 	logs := &syncBuffer{}
 	logger := slog.New(slog.NewTextHandler(logs, nil))
-	srv := httptest.NewServer(newServer(logger, cfg.store, cfg.hasher, cfg.apiToken))
+	// The production server, timeouts included, unless the test changes them.
+	srv := httptest.NewUnstartedServer(nil)
+	srv.Config = newHTTPServer(newServer(logger, cfg.store, cfg.hasher, cfg.apiToken), logger)
+	if cfg.configure != nil {
+		cfg.configure(srv.Config)
+	}
+	srv.Start()
 	t.Cleanup(srv.Close)
 	return &testEnv{t: t, url: srv.URL, store: cfg.store, hasher: cfg.hasher, logs: logs}
 }

@@ -166,15 +166,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 
 	h := newHasher(cfg.bcryptCost, runtime.GOMAXPROCS(0), hashWait)
-	srv := &http.Server{
-		Handler:           newServer(logger, st, h, cfg.apiToken),
-		ReadHeaderTimeout: readHeaderTimeout,
-		ReadTimeout:       readTimeout,
-		WriteTimeout:      writeTimeout,
-		IdleTimeout:       idleTimeout,
-		MaxHeaderBytes:    maxHeaderBytes,
-		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
-	}
+	srv := newHTTPServer(newServer(logger, st, h, cfg.apiToken), logger)
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()
 	logger.Info("listening", "addr", ln.Addr().String(), "bcrypt_cost", cfg.bcryptCost)
@@ -193,6 +185,20 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 	logger.Info("stopped")
 	return nil
+}
+
+// newHTTPServer returns the server for handler, with the service's timeouts
+// and limits.
+func newHTTPServer(handler http.Handler, logger *slog.Logger) *http.Server {
+	return &http.Server{
+		Handler:           handler,
+		ReadHeaderTimeout: readHeaderTimeout,
+		ReadTimeout:       readTimeout,
+		WriteTimeout:      writeTimeout,
+		IdleTimeout:       idleTimeout,
+		MaxHeaderBytes:    maxHeaderBytes,
+		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
+	}
 }
 
 // databaseAddr returns the host and port that databaseURL names, for error
