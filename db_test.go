@@ -51,6 +51,10 @@ func TestMain(m *testing.M) {
 	}
 	adminDB = db
 	code := m.Run()
+	// Only a full run that passed has produced every answer the tests make.
+	if code == 0 && fullRun() && !checkAnswersDocumented(os.Stderr) {
+		code = 1
+	}
 	db.Close()
 	os.Exit(code)
 }
@@ -194,7 +198,9 @@ func (e *testEnv) do(method, path, body string, header ...string) response {
 	if err != nil {
 		e.t.Fatalf("%s %s: read body: %v", method, path, err)
 	}
-	return response{status: resp.StatusCode, header: resp.Header, body: b, what: method + " " + path}
+	r := response{status: resp.StatusCode, header: resp.Header, body: b, what: method + " " + path}
+	e.checkAnswer(req, r)
+	return r
 }
 
 // noRedirects shows a redirect as the answer it is, instead of following it.

@@ -181,6 +181,23 @@ func TestCreateUserOnBothPaths(t *testing.T) {
 	}
 }
 
+// TestErrorsOnBothCollectionPaths checks that /users answers errors as
+// /users/ does, not only successes.
+func TestErrorsOnBothCollectionPaths(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	e.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
+	big := `{"first_name":"` + strings.Repeat("a", maxBodyBytes) + `"}`
+	for _, path := range []string{"/users", "/users/"} {
+		mustInvalid(t, e.do("POST", path, `{"first_name":"Bob"}`), "last_name")
+		mustError(t, e.do("POST", path, userBody("Ann", "Lee", "ANN@example.com", "password1")),
+			http.StatusBadRequest, "Email already registered")
+		mustError(t, e.do("POST", path, big), http.StatusRequestEntityTooLarge, "Request body too large")
+		mustInvalid(t, e.do("GET", path+"?limit=0", ""), "limit")
+		mustError(t, e.do("GET", path+"?email=bob@example.com", ""), http.StatusNotFound, "No users found")
+	}
+}
+
 func TestCreateUserValidation(t *testing.T) {
 	t.Parallel()
 	e := newTestEnv(t)
