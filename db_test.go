@@ -146,16 +146,27 @@ func newTestEnv(t testing.TB, opts ...envOption) *testEnv {
 		cfg.hasher = newHasher(bcrypt.MinCost, runtime.GOMAXPROCS(0), 10*time.Second)
 	}
 	logs := &syncBuffer{}
-	logger := slog.New(slog.NewTextHandler(logs, nil))
-	// The production server, timeouts included, unless the test changes them.
+	h := newServer(newTestLogger(logs), cfg.store, cfg.hasher, cfg.apiToken)
+	url := newTestHTTPServer(t, h, cfg.configure)
+	return &testEnv{t: t, url: url, store: cfg.store, hasher: cfg.hasher, logs: logs}
+}
+
+func newTestLogger(w io.Writer) *slog.Logger { return slog.New(slog.NewTextHandler(w, nil)) }
+
+// newTestHTTPServer serves h with the production http.Server, timeouts
+// included, after the configure functions change what a test needs. It
+// returns the server's URL.
+func newTestHTTPServer(t testing.TB, h http.Handler, configure ...func(*http.Server)) string {
 	srv := httptest.NewUnstartedServer(nil)
-	srv.Config = newHTTPServer(newServer(logger, cfg.store, cfg.hasher, cfg.apiToken), logger)
-	if cfg.configure != nil {
-		cfg.configure(srv.Config)
+	srv.Config = newHTTPServer(h, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	for _, c := range configure {
+		if c != nil {
+			c(srv.Config)
+		}
 	}
 	srv.Start()
 	t.Cleanup(srv.Close)
-	return &testEnv{t: t, url: srv.URL, store: cfg.store, hasher: cfg.hasher, logs: logs}
+	return srv.URL
 }
 
 // response is what came back from a request.

@@ -50,6 +50,7 @@ func openStore(ctx context.Context, databaseURL string, pool poolConfig, timeout
 	if err != nil {
 		return nil, err
 	}
+	connector.Dialer(silenceDialer{timeout: timeout})
 	db := sql.OpenDB(connector)
 	db.SetMaxOpenConns(pool.maxOpen)
 	db.SetMaxIdleConns(pool.maxIdle)
@@ -261,4 +262,46 @@ func isUnavailable(err error) bool {
 		errors.Is(err, driver.ErrBadConn) ||
 		errors.Is(err, io.EOF) ||
 		errors.Is(err, io.ErrUnexpectedEOF)
+}
+
+// silenceDialer dials database connections on which every read gives up
+// after timeout without data. lib/pq waits for the server's answer with no
+// deadline of its own: when a context ends it asks the server, over the
+// network, to cancel, and keeps waiting. If the network itself falls silent
+// (a partition, a stuck proxy), that wait would hold the request, and its
+// pooled connection, forever. lib/pq reads only while it expects an answer,
+// so an idle connection is never cut by this.
+type silenceDialer struct {
+	net.Dialer
+	timeout time.Duration
+}
+
+func (d silenceDialer) Dial(network, address string) (net.Conn, error) {
+	return d.DialContext(context.Background(), network, address)
+}
+
+func (d silenceDialer) DialTimeout(network, address string, timeout time.Duration) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	return d.DialContext(ctx, network, address)
+}
+
+func (d silenceDialer) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
+	c, err := d.Dialer.DialContext(ctx, network, address)
+	if err != nil {
+		return nil, err
+	}
+	return &silenceConn{Conn: c, timeout: d.timeout}, nil
+}
+
+type silenceConn struct {
+	net.Conn
+	timeout time.Duration
+}
+
+func (c *silenceConn) Read(b []byte) (int, error) {
+	if err := c.Conn.SetReadDeadline(time.Now().Add(c.timeout)); err != nil {
+		return 0, err
+	}
+	return c.Conn.Read(b)
 }
