@@ -209,6 +209,11 @@ func (e *testEnv) do(method, path, body string, header ...string) response {
 	if err != nil {
 		e.t.Fatalf("%s %s: read body: %v", method, path, err)
 	}
+	// Every answer, whatever it is, carries these.
+	if resp.Header.Get("Cache-Control") != "no-store" || resp.Header.Get("X-Content-Type-Options") != "nosniff" {
+		e.t.Errorf("%s %s: Cache-Control %q, X-Content-Type-Options %q; want no-store, nosniff",
+			method, path, resp.Header.Get("Cache-Control"), resp.Header.Get("X-Content-Type-Options"))
+	}
 	r := response{status: resp.StatusCode, header: resp.Header, body: b, what: method + " " + path}
 	e.checkAnswer(req, r)
 	return r

@@ -373,7 +373,9 @@ func TestDatabaseGoneAtStart(t *testing.T) {
 	env := map[string]string{"DATABASE_URL": "postgres://" + ln.Addr().String() + "/db?sslmode=disable", "ADDR": "127.0.0.1:0"}
 	done := make(chan error, 1)
 	start := time.Now()
-	go func() { done <- run(context.Background(), nil, func(k string) string { return env[k] }, io.Discard, io.Discard) }()
+	go func() {
+		done <- run(context.Background(), nil, func(k string) string { return env[k] }, io.Discard, io.Discard)
+	}()
 	select {
 	case err := <-done:
 		if err == nil || !strings.Contains(err.Error(), "DATABASE_URL") || !strings.Contains(err.Error(), ln.Addr().String()) {
@@ -429,7 +431,9 @@ func TestPanicIsRecovered(t *testing.T) {
 		http.NewResponseController(w).Flush()
 		panic("failed mid-stream")
 	})
-	mux.HandleFunc("GET /ok", func(w http.ResponseWriter, _ *http.Request) { encode(w, http.StatusOK, map[string]string{"status": "ok"}) })
+	mux.HandleFunc("GET /ok", func(w http.ResponseWriter, _ *http.Request) {
+		encode(w, http.StatusOK, map[string]string{"status": "ok"})
+	})
 	srv := newTestHTTPServer(t, s.wrap(mux))
 	e := &testEnv{t: t, url: srv}
 

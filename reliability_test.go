@@ -162,3 +162,131 @@ func TestHashingBusyAnswers503(t *testing.T) {
 		t.Errorf("%d users stored, want only the first", n)
 	}
 }
+
+// concurrently runs f(i) for i in [0, n) at once and returns the responses.
+func concurrently(n int, f func(i int) response) []response {
+	out := make([]response, n)
+	start := make(chan struct{})
+	var wg sync.WaitGroup
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			<-start
+			out[i] = f(i)
+		}(i)
+	}
+	close(start)
+	wg.Wait()
+	return out
+}
+
+func TestRaceToCreateOneEmail(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	for round := 0; round < 20; round++ {
+		email := fmt.Sprintf("race%d@example.com", round)
+		rs := concurrently(50, func(i int) response {
+			return e.do("POST", "/users/", userBody("Ann", "Lee", email, "password1"))
+		})
+		created := 0
+		for _, r := range rs {
+			switch {
+			case r.status == http.StatusCreated:
+				created++
+			case r.status == http.StatusBadRequest && strings.Contains(string(r.body), `"Email already registered"`):
+			default:
+				t.Errorf("round %d: %s, want 201 or 400 Email already registered", round, r)
+			}
+		}
+		if created != 1 {
+			t.Errorf("round %d: %d of 50 creates of one email succeeded, want 1", round, created)
+		}
+	}
+	if n := countUsers(t, e.store); n != 20 {
+		t.Errorf("%d users stored after 20 rounds, want 20", n)
+	}
+}
+
+func TestRaceToTakeOneEmail(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	var ids []int64
+	for i := 0; i < 20; i++ {
+		ids = append(ids, e.createUser(t, "User", "Racer", fmt.Sprintf("u%d@example.com", i), "password1").ID)
+	}
+	rs := concurrently(20, func(i int) response {
+		return e.do("PUT", fmt.Sprintf("/users/%d", ids[i]), `{"email":"Wanted@Example.com"}`)
+	})
+	changed := 0
+	for _, r := range rs {
+		switch {
+		case r.status == http.StatusOK:
+			changed++
+		case r.status == http.StatusBadRequest && strings.Contains(string(r.body), `"Email already registered"`):
+		default:
+			t.Errorf("%s, want 200 or 400 Email already registered", r)
+		}
+	}
+	var holders int
+	e.store.db.QueryRow(`SELECT count(*) FROM users WHERE email = 'wanted@example.com'`).Scan(&holders)
+	if changed > 1 || holders != changed {
+		t.Errorf("%d updates to one email succeeded and %d users hold it; want at most one, the same", changed, holders)
+	}
+}
+
+func TestRaceUpdateAndDelete(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	for round := 0; round < 10; round++ {
+		u := e.createUser(t, "Ann", "Lee", fmt.Sprintf("ann%d@example.com", round), "password1")
+		path := fmt.Sprintf("/users/%d", u.ID)
+		rs := concurrently(10, func(i int) response {
+			if i%2 == 0 {
+				return e.do("DELETE", path, "")
+			}
+			return e.do("PUT", path, fmt.Sprintf(`{"first_name":"Name%d"}`, i))
+		})
+		deleted := 0
+		for _, r := range rs {
+			switch {
+			case r.status == http.StatusNoContent:
+				deleted++
+			case r.status == http.StatusOK && strings.HasPrefix(r.what, "PUT"):
+			case r.status == http.StatusNotFound && strings.Contains(string(r.body), `"User not found"`):
+			default:
+				t.Errorf("round %d: %s, want 200, 204 or 404", round, r)
+			}
+		}
+		if deleted != 1 {
+			t.Errorf("round %d: %d deletes succeeded, want exactly 1", round, deleted)
+		}
+		mustError(t, e.do("GET", path, ""), http.StatusNotFound, "User not found")
+	}
+}
+
+func TestConcurrentUpdatesLoseNoField(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	for round := 0; round < 10; round++ {
+		u := e.createUser(t, "Ann", "Lee", fmt.Sprintf("ann%d@example.com", round), "password1")
+		path := fmt.Sprintf("/users/%d", u.ID)
+		bodies := []string{
+			`{"first_name":"First"}`,
+			`{"last_name":"Last"}`,
+			fmt.Sprintf(`{"email":"new%d@example.com"}`, round),
+			`{"password":"new password"}`,
+		}
+		for _, r := range concurrently(len(bodies), func(i int) response { return e.do("PUT", path, bodies[i]) }) {
+			mustUser(t, r, http.StatusOK)
+		}
+		got := mustUser(t, e.do("GET", path, ""), http.StatusOK)
+		if got.FirstName != "First" || got.LastName != "Last" || got.Email != fmt.Sprintf("new%d@example.com", round) {
+			t.Errorf("round %d: after concurrent updates of different fields: %+v", round, got)
+		}
+		hash, _ := e.storedSecret(t, u.ID)
+		if bcrypt.CompareHashAndPassword([]byte(hash), []byte("new password")) != nil {
+			t.Errorf("round %d: the password update was lost", round)
+		}
+	}
+}

@@ -507,8 +507,17 @@ func cleanName(s *string) string {
 		return fmt.Sprintf("must be at most %d characters", maxNameChars)
 	case strings.IndexFunc(*s, unicode.IsControl) >= 0:
 		return "must not contain control characters"
+	case strings.ContainsRune(*s, utf8.RuneError):
+		// What encoding/json makes of an unpaired surrogate escape.
+		return "must be valid Unicode text"
 	}
 	return ""
+}
+
+// invisible reports whether r is a control or formatting character, or the
+// replacement character: none belongs in an address a person types.
+func invisible(r rune) bool {
+	return unicode.In(r, unicode.Cc, unicode.Cf) || r == utf8.RuneError
 }
 
 // cleanEmail trims and lower-cases *s and reports what is wrong with it, if
@@ -520,7 +529,7 @@ func cleanEmail(s *string) string {
 	}
 	// A plain address: no display name, no angle brackets, no comments.
 	addr, err := mail.ParseAddress(*s)
-	if err != nil || addr.Name != "" || addr.Address != *s {
+	if err != nil || addr.Name != "" || addr.Address != *s || strings.IndexFunc(*s, invisible) >= 0 {
 		return "must be a plain email address such as ann@example.com"
 	}
 	*s = strings.ToLower(*s)

@@ -1,0 +1,137 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strconv"
+	"strings"
+	"testing"
+)
+
+// The fuzzers' seed corpora live in testdata/fuzz and run with every
+// go test. To search further: go test -run '^$' -fuzz FuzzUserBody -fuzztime 60s
+
+// FuzzUserBody feeds arbitrary bodies to the decoding and validation of
+// creates and updates: never a panic, and either an accepted, normalized
+// input or a 400 Invalid data (413 when too large) that says why.
+func FuzzUserBody(f *testing.F) {
+	f.Add([]byte(`{"first_name":"Ann","last_name":"Lee","email":"ann@example.com","password":"password1"}`), true)
+	f.Add([]byte(`{"email":null}`), false)
+	f.Fuzz(func(t *testing.T, body []byte, create bool) {
+		rec := httptest.NewRecorder()
+		in, ok := readUserInput(rec, httptest.NewRequest("POST", "/users/", bytes.NewReader(body)), create)
+		if ok {
+			if rec.Body.Len() != 0 {
+				t.Fatalf("accepted input, but an answer was written: %s", rec.Body)
+			}
+			if create && (in.FirstName == nil || in.LastName == nil || in.Email == nil || in.Password == nil) {
+				t.Fatalf("create accepted with a field missing: %+v", in)
+			}
+			// What was accepted is valid and already normalized.
+			again := copyInput(in)
+			if problems := again.validate(create); len(problems) > 0 {
+				t.Fatalf("accepted input fails validation again: %v", problems)
+			}
+			if !sameInput(in, again) {
+				t.Fatalf("accepted input was not normalized: %+v", in)
+			}
+			return
+		}
+		var e errorBody
+		if err := json.Unmarshal(rec.Body.Bytes(), &e); err != nil {
+			t.Fatalf("answer %d is not JSON: %q", rec.Code, rec.Body)
+		}
+		switch rec.Code {
+		case http.StatusBadRequest:
+			if e.Detail != "Invalid data" || len(e.Errors) == 0 {
+				t.Fatalf("400 without detail Invalid data and errors: %s", rec.Body)
+			}
+		case http.StatusRequestEntityTooLarge:
+			if len(body) <= maxBodyBytes {
+				t.Fatalf("413 for a body of %d bytes", len(body))
+			}
+		default:
+			t.Fatalf("answer %d to a body: %s", rec.Code, rec.Body)
+		}
+	})
+}
+
+func copyInput(in userInput) userInput {
+	cp := func(p *string) *string {
+		if p == nil {
+			return nil
+		}
+		s := *p
+		return &s
+	}
+	return userInput{cp(in.FirstName), cp(in.LastName), cp(in.Email), cp(in.Password)}
+}
+
+func sameInput(a, b userInput) bool {
+	eq := func(p, q *string) bool { return (p == nil) == (q == nil) && (p == nil || *p == *q) }
+	return eq(a.FirstName, b.FirstName) && eq(a.LastName, b.LastName) && eq(a.Email, b.Email) && eq(a.Password, b.Password)
+}
+
+// FuzzUserID checks the path id parser: only a positive decimal integer
+// that fits int64 is an id, and it is the number written.
+func FuzzUserID(f *testing.F) {
+	for _, s := range append(badIDs, "1", "007", "9223372036854775807") {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		id, ok := parseUserID(s)
+		if !ok {
+			return
+		}
+		if id <= 0 {
+			t.Fatalf("parseUserID(%q) = %d, a non-positive id", s, id)
+		}
+		if trimmed := strings.TrimLeft(s, "0"); trimmed != strconv.FormatInt(id, 10) {
+			t.Fatalf("parseUserID(%q) = %d, not the number written", s, id)
+		}
+	})
+}
+
+// FuzzRequest sends arbitrary requests to the real handler on a real
+// database: whatever comes in, the answer is never a 5xx, and every error
+// is JSON with a detail.
+func FuzzRequest(f *testing.F) {
+	e := newTestEnv(f)
+	f.Add("POST", "/users/", `{"first_name":"Ann","last_name":"Lee","email":"ann@example.com","password":"password1"}`)
+	f.Add("PUT", "/users/1", `{"email":"ANN@example.com"}`)
+	f.Add("GET", "/users/?limit=2&after_id=1", "")
+	f.Add("GET", "/users?email=ann@example.com", "")
+	f.Add("DELETE", "/users/1", "")
+	f.Fuzz(func(t *testing.T, method, path, body string) {
+		u, err := url.Parse(e.url + path)
+		if err != nil || !strings.HasPrefix(path, "/") {
+			return
+		}
+		req, err := http.NewRequest(method, u.String(), strings.NewReader(body))
+		if err != nil {
+			return // not a request a client could send
+		}
+		resp, err := noRedirects.Do(req)
+		if err != nil {
+			return
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode >= 500 {
+			t.Fatalf("%s %q: %d %s", method, path, resp.StatusCode, b)
+		}
+		if resp.StatusCode >= 400 && method != "HEAD" {
+			var eb errorBody
+			if err := json.Unmarshal(b, &eb); err != nil || eb.Detail == "" {
+				t.Fatalf("%s %q: %d with body %q, want JSON with a detail", method, path, resp.StatusCode, b)
+			}
+			if resp.StatusCode == http.StatusBadRequest && eb.Detail != "Invalid data" && eb.Detail != "Email already registered" {
+				t.Fatalf("%s %q: 400 %q", method, path, eb.Detail)
+			}
+		}
+	})
+}
