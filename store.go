@@ -41,6 +41,11 @@ type store struct {
 	// timeout bounds the database time of each call, so that a database
 	// that stops answering turns into errUnavailable instead of a hang.
 	timeout time.Duration
+	// The reads are prepared statements: a query with arguments costs lib/pq
+	// two round trips (parse, then execute), a prepared one costs one.
+	// database/sql prepares them on each connection the first time it
+	// runs them there.
+	userByID, userByEmail, usersAfter *sql.Stmt
 }
 
 // openStore connects to the database at databaseURL, checks that it answers
@@ -59,6 +64,19 @@ func openStore(ctx context.Context, databaseURL string, pool poolConfig, timeout
 	if err := s.migrate(ctx); err != nil {
 		db.Close()
 		return nil, err
+	}
+	for _, p := range []struct {
+		stmt  **sql.Stmt
+		query string
+	}{
+		{&s.userByID, userByIDQuery},
+		{&s.userByEmail, userByEmailQuery},
+		{&s.usersAfter, usersAfterQuery},
+	} {
+		if *p.stmt, err = db.PrepareContext(ctx, p.query); err != nil {
+			db.Close()
+			return nil, fmt.Errorf("prepare %q: %w", p.query, err)
+		}
 	}
 	return s, nil
 }
@@ -104,6 +122,14 @@ type user struct {
 // userColumns are the columns scanUser reads, in its order.
 const userColumns = `id, first_name, last_name, email, created_at, updated_at`
 
+const (
+	userByIDQuery = `SELECT ` + userColumns + ` FROM users WHERE id = $1`
+	// userByEmailQuery finds a user by normalized email through the unique
+	// index.
+	userByEmailQuery = `SELECT ` + userColumns + ` FROM users WHERE email = $1`
+	usersAfterQuery  = `SELECT ` + userColumns + ` FROM users WHERE id > $1 ORDER BY id LIMIT $2`
+)
+
 type scanner interface{ Scan(dest ...any) error }
 
 func scanUser(row scanner) (user, error) {
@@ -139,20 +165,16 @@ func (s *store) CreateUser(ctx context.Context, c userChange) (user, error) {
 func (s *store) User(ctx context.Context, id int64) (user, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
-	row := s.db.QueryRowContext(ctx, `SELECT `+userColumns+` FROM users WHERE id = $1`, id)
-	u, err := scanUser(row)
+	u, err := scanUser(s.userByID.QueryRowContext(ctx, id))
 	return u, dbError(err)
 }
-
-// userByEmailQuery finds a user by normalized email through the unique index.
-const userByEmailQuery = `SELECT ` + userColumns + ` FROM users WHERE email = $1`
 
 // UserByEmail returns the user with the given normalized email, or
 // errNotFound.
 func (s *store) UserByEmail(ctx context.Context, email string) (user, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
-	u, err := scanUser(s.db.QueryRowContext(ctx, userByEmailQuery, email))
+	u, err := scanUser(s.userByEmail.QueryRowContext(ctx, email))
 	return u, dbError(err)
 }
 
@@ -161,9 +183,7 @@ func (s *store) UserByEmail(ctx context.Context, email string) (user, error) {
 func (s *store) Users(ctx context.Context, afterID int64, limit int) ([]user, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
-	rows, err := s.db.QueryContext(ctx, `
-		SELECT `+userColumns+` FROM users
-		WHERE id > $1 ORDER BY id LIMIT $2`, afterID, limit)
+	rows, err := s.usersAfter.QueryContext(ctx, afterID, limit)
 	if err != nil {
 		return nil, dbError(err)
 	}
