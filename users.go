@@ -300,7 +300,9 @@ func (s *server) listUsers(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
-	batch, err := s.store.Users(r.Context(), q.afterID, listBatchSize)
+	// Each batch reads one user more than it sends, to learn whether another
+	// batch follows without asking the database for an empty one.
+	batch, err := s.store.Users(r.Context(), q.afterID, listBatchSize+1)
 	if err != nil {
 		s.error(w, r, err)
 		return
@@ -317,6 +319,10 @@ func (s *server) listUsers(w http.ResponseWriter, r *http.Request) {
 	enc := json.NewEncoder(&buf)
 	bw.WriteByte('[')
 	for n := 0; ; {
+		more := len(batch) > listBatchSize
+		if more {
+			batch = batch[:listBatchSize]
+		}
 		for _, u := range batch {
 			if n > 0 {
 				bw.WriteByte(',')
@@ -328,14 +334,14 @@ func (s *server) listUsers(w http.ResponseWriter, r *http.Request) {
 			}
 			bw.Write(bytes.TrimSuffix(buf.Bytes(), []byte("\n")))
 		}
-		if len(batch) < listBatchSize {
+		if !more {
 			break
 		}
 		// Each batch gets a fresh write deadline: a client that keeps
 		// reading may take as long as the list needs, one that stalls
 		// is cut off.
 		rc.SetWriteDeadline(time.Now().Add(writeTimeout))
-		if batch, err = s.store.Users(r.Context(), batch[len(batch)-1].ID, listBatchSize); err != nil {
+		if batch, err = s.store.Users(r.Context(), batch[len(batch)-1].ID, listBatchSize+1); err != nil {
 			s.logger.Error("list users: read next batch", "err", err)
 			panic(http.ErrAbortHandler) // the 200 is out: only cutting the stream says it failed
 		}

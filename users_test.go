@@ -602,6 +602,14 @@ func seedUsers(t testing.TB, st *store, n int) {
 
 func TestListStreamsEveryBatch(t *testing.T) {
 	t.Parallel()
+	t.Run("exactly one batch", func(t *testing.T) {
+		t.Parallel()
+		e := newTestEnv(t)
+		seedUsers(t, e.store, listBatchSize)
+		if got := mustList(t, e.do("GET", "/users/", "")); len(got) != listBatchSize {
+			t.Errorf("GET /users/ returned %d users, want %d", len(got), listBatchSize)
+		}
+	})
 	e := newTestEnv(t)
 	const n = 2*listBatchSize + 7
 	seedUsers(t, e.store, n)
