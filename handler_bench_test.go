@@ -1,0 +1,203 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"database/sql"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"runtime"
+	"strconv"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// benchHash is the bcrypt hash (cost 12) of benchPassword. Seeded users all
+// carry it, so that seeding a million rows costs no bcrypt at all.
+const (
+	benchPassword = "correct horse battery staple"
+	benchHash     = "$2a$12$39HUuk9X/zmfXFzzeU/24.vqftitBT9zuqoeLXvMN9ROGH/zTr/qK"
+)
+
+// seedSQL inserts $1 users with the ids that follow the table's, in one
+// statement.
+const seedSQL = `
+	INSERT INTO users (first_name, last_name, email, password, salt)
+	SELECT 'First' || i, 'Last' || i, 'user' || i || '@example.com', $2, $3
+	FROM generate_series(1, $1::bigint) AS i`
+
+// seedBenchUsers inserts n users through db and analyzes the table.
+func seedBenchUsers(ctx context.Context, db *sql.DB, n int) error {
+	if _, err := db.ExecContext(ctx, seedSQL, n, benchHash, benchHash[:bcryptSaltLen]); err != nil {
+		return fmt.Errorf("seed %d users: %w", n, err)
+	}
+	if _, err := db.ExecContext(ctx, `ANALYZE users`); err != nil {
+		return fmt.Errorf("analyze users: %w", err)
+	}
+	return nil
+}
+
+// newCeiling returns the thinnest handler the stack allows for the two read
+// paths, the baseline the load benchmark compares the service with: one
+// prepared statement per look-up, rows encoded one by one, no middleware, no
+// access log, no validation.
+func newCeiling(db *sql.DB) (http.Handler, error) {
+	byID, err := db.Prepare(`SELECT ` + userColumns + ` FROM users WHERE id = $1`)
+	if err != nil {
+		return nil, err
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /users/{id}", func(w http.ResponseWriter, r *http.Request) {
+		id, _ := strconv.ParseInt(r.PathValue("id"), 10, 64)
+		var u user
+		err := byID.QueryRowContext(r.Context(), id).Scan(&u.ID, &u.FirstName, &u.LastName, &u.Email, &u.CreatedAt, &u.UpdatedAt)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusNotFound)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(u)
+	})
+	mux.HandleFunc("GET /users/{$}", func(w http.ResponseWriter, r *http.Request) {
+		rows, err := db.QueryContext(r.Context(), `SELECT `+userColumns+` FROM users ORDER BY id`)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		defer rows.Close()
+		w.Header().Set("Content-Type", "application/json")
+		bw := bufio.NewWriterSize(w, 32<<10)
+		enc := json.NewEncoder(bw)
+		bw.WriteByte('[')
+		for n := 0; rows.Next(); n++ {
+			var u user
+			if err := rows.Scan(&u.ID, &u.FirstName, &u.LastName, &u.Email, &u.CreatedAt, &u.UpdatedAt); err != nil {
+				panic(http.ErrAbortHandler)
+			}
+			if n > 0 {
+				bw.WriteByte(',')
+			}
+			enc.Encode(u)
+		}
+		if rows.Err() != nil {
+			panic(http.ErrAbortHandler)
+		}
+		bw.WriteString("]\n")
+		bw.Flush()
+	})
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		if err := db.PingContext(r.Context()); err != nil {
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
+		}
+	})
+	return mux, nil
+}
+
+// benchPool is the service's default pool (DB_MAX_CONNS=16).
+var benchPool = poolConfig{maxOpen: 16, maxIdle: 16, maxIdleTime: 5 * time.Minute}
+
+// BenchmarkHandler serves the read paths in process, without a network or an
+// HTTP client, so that a CPU or allocation profile shows the handler's own
+// work:
+//
+//	go test -run '^$' -bench 'Handler/get/service$' -cpuprofile cpu.out
+//	go tool pprof -top cpu.out
+//
+// Beside the service it runs the ceiling handler and two variants of the
+// service that isolate a cost: "nolog" drops the access log (a logger whose
+// level hides Info), "binary_parameters" sets lib/pq's binary_parameters
+// connection option, which sends a parameterized query in one round trip
+// instead of two.
+func BenchmarkHandler(b *testing.B) {
+	ctx := context.Background()
+	databaseURL, _ := newSchema(b)
+	open := func(databaseURL string) *store {
+		st, err := openStore(ctx, databaseURL, benchPool, queryTimeout)
+		if err != nil {
+			b.Fatalf("openStore: %v", err)
+		}
+		b.Cleanup(func() { st.Close() })
+		return st
+	}
+	st := open(databaseURL)
+	if err := seedBenchUsers(ctx, st.db, 1000); err != nil {
+		b.Fatal(err)
+	}
+	stBinary := open(withParam(databaseURL, "binary_parameters", "yes"))
+
+	// The access log goes to a file, as the service's standard output
+	// usually does: one write(2) per line.
+	logFile, err := os.CreateTemp(b.TempDir(), "access-*.log")
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { logFile.Close() })
+	logger := slog.New(slog.NewTextHandler(logFile, nil))
+	quiet := slog.New(slog.NewTextHandler(io.Discard, &slog.HandlerOptions{Level: slog.LevelError}))
+	h := newHasher(defaultBcryptCost, runtime.GOMAXPROCS(0), hashWait)
+
+	ceilingDB, err := sql.Open("postgres", databaseURL)
+	if err != nil {
+		b.Fatal(err)
+	}
+	ceilingDB.SetMaxOpenConns(benchPool.maxOpen)
+	ceilingDB.SetMaxIdleConns(benchPool.maxIdle)
+	b.Cleanup(func() { ceilingDB.Close() })
+	ceiling, err := newCeiling(ceilingDB)
+	if err != nil {
+		b.Fatal(err)
+	}
+
+	handlers := []struct {
+		name string
+		h    http.Handler
+	}{
+		{"service", newServer(logger, st, h, "")},
+		{"service-nolog", newServer(quiet, st, h, "")},
+		{"service-binary_parameters", newServer(logger, stBinary, h, "")},
+		{"ceiling", ceiling},
+	}
+	paths := []struct {
+		name  string
+		path  func(n uint64) string
+		conns int
+	}{
+		{"get", func(n uint64) string { return "/users/" + strconv.FormatUint(n%1000+1, 10) }, 32},
+		{"list", func(uint64) string { return "/users/" }, 8},
+	}
+	for _, p := range paths {
+		for _, hd := range handlers {
+			b.Run(p.name+"/"+hd.name, func(b *testing.B) {
+				rec := httptest.NewRecorder()
+				hd.h.ServeHTTP(rec, httptest.NewRequest("GET", p.path(0), nil))
+				if rec.Code != http.StatusOK {
+					b.Fatalf("GET %s: status = %d, want 200; body: %.200s", p.path(0), rec.Code, rec.Body)
+				}
+				size := rec.Body.Len()
+				var next atomic.Uint64
+				b.SetParallelism((p.conns + runtime.GOMAXPROCS(0) - 1) / runtime.GOMAXPROCS(0))
+				b.ReportAllocs()
+				b.ResetTimer()
+				start := time.Now()
+				b.RunParallel(func(pb *testing.PB) {
+					for pb.Next() {
+						rec := httptest.NewRecorder()
+						hd.h.ServeHTTP(rec, httptest.NewRequest("GET", p.path(next.Add(1)), nil))
+						if rec.Code != http.StatusOK {
+							b.Errorf("GET: status = %d, want 200", rec.Code)
+							return
+						}
+					}
+				})
+				b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "req/s")
+				b.ReportMetric(float64(size), "B/resp")
+			})
+		}
+	}
+}
