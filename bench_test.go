@@ -1,0 +1,900 @@
+//go:build linux
+
+package main
+
+// The load benchmark: the real binary, on a database of its own, under load
+// from this process, compared with baselines measured in the same run. It
+// runs only when asked for (see README.md, Performance):
+//
+//	go test -run '^$' -bench Load -benchtime 1x -timeout 30m
+//
+// It needs Linux, for /proc/<pid>/status.
+
+import (
+	"bytes"
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"regexp"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"text/tabwriter"
+	"time"
+
+	"golang.org/x/crypto/bcrypt"
+)
+
+// The load. Every run of a generator has a warm-up whose results are thrown
+// away, then a fixed window that is measured.
+const (
+	benchConns     = 32 // GET by id, POST
+	benchListConns = 8  // GET list of 1,000
+	benchProbe     = 4  // GET by id beside the POST flood
+	benchRounds    = 3  // service and baseline alternate this many times; the median is reported
+	benchBigUsers  = 1_000_000
+	benchStarts    = 7 // starts measured for start-to-ready and idle RSS
+)
+
+// ceilingEnv names the database the ceiling serves when the test binary runs
+// as the ceiling's process (TestBenchCeilingProcess).
+const ceilingEnv = "USERS_BENCH_CEILING_DATABASE_URL"
+
+func BenchmarkLoad(b *testing.B) {
+	// The suite is one long measurement: b.N does not repeat it.
+	ctx := context.Background()
+	work := b.TempDir()
+	out := os.Stdout
+	progress := func(format string, args ...any) {
+		fmt.Fprintf(out, "  %s  "+format+"\n", append([]any{time.Now().Format("15:04:05")}, args...)...)
+	}
+
+	binary := filepath.Join(work, "users")
+	build := exec.Command("go", "build", "-o", binary, ".")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if msg, err := build.CombinedOutput(); err != nil {
+		b.Fatalf("go build: %v\n%s", err, msg)
+	}
+
+	small := newBenchDatabase(b, "users_bench_"+strconv.Itoa(os.Getpid()))
+	progress("database %s: %d users", small.name, 1000)
+	if err := seedBenchUsers(ctx, small.db, 1000); err != nil {
+		b.Fatal(err)
+	}
+	ids := small.ids(b)
+
+	var pgVersion string
+	small.db.QueryRow(`SHOW server_version`).Scan(&pgVersion)
+	fmt.Fprintf(out, "\nload benchmark: %d CPUs, %s %s/%s, PostgreSQL %s; every ratio is against a baseline measured in this run\n",
+		runtime.NumCPU(), runtime.Version(), runtime.GOOS, runtime.GOARCH, pgVersion)
+
+	procs := &benchProcs{dir: work}
+	b.Cleanup(procs.stopAll)
+	service := func(db *benchDatabase, cost int) *benchProc {
+		return procs.start(b, "service", binary, nil,
+			"DATABASE_URL="+db.url, "ADDR=127.0.0.1:0", "BCRYPT_COST="+strconv.Itoa(cost))
+	}
+	ceiling := func(db *benchDatabase) *benchProc {
+		return procs.start(b, "ceiling", os.Args[0], []string{"-test.run=^TestBenchCeilingProcess$", "-test.timeout=30m"},
+			ceilingEnv+"="+db.url)
+	}
+	var rows []benchRow
+
+	// 6. Start-to-ready and idle RSS, while nothing else runs.
+	progress("start-to-ready and idle RSS: %d starts", benchStarts)
+	var readies, idles []float64
+	for range benchStarts {
+		p := service(small, defaultBcryptCost)
+		time.Sleep(500 * time.Millisecond)
+		rss, err := readRSS(p.pid())
+		if err != nil {
+			b.Fatal(err)
+		}
+		readies = append(readies, ms(p.ready.Sub(p.started)))
+		idles = append(idles, mib(rss))
+		procs.stop(p)
+	}
+
+	// 1. GET by id, against the ceiling; then 3., the list of 1,000, against
+	// the thin list; then 5., GET by id beside a POST flood.
+	svc := service(small, defaultBcryptCost)
+	ceil := ceiling(small)
+	getByID := func(base string) func(int, int, *rand.Rand) *http.Request {
+		return func(_, _ int, rng *rand.Rand) *http.Request {
+			return mustRequest("GET", base+"/users/"+strconv.FormatInt(ids[rng.IntN(len(ids))], 10), "")
+		}
+	}
+	list := func(base string) func(int, int, *rand.Rand) *http.Request {
+		return func(int, int, *rand.Rand) *http.Request { return mustRequest("GET", base+"/users/", "") }
+	}
+	short := loadSpec{conns: benchConns, warmup: time.Second, window: 5 * time.Second, want: http.StatusOK}
+
+	var getSvc, getCeil []loadResult
+	for i := range benchRounds {
+		s := short
+		s.request = getByID(svc.url)
+		getSvc = append(getSvc, runLoad(s))
+		progress("GET by id, round %d: service %s", i+1, getSvc[i])
+		s.request = getByID(ceil.url)
+		getCeil = append(getCeil, runLoad(s))
+		progress("GET by id, round %d: ceiling %s", i+1, getCeil[i])
+	}
+
+	var listSvc, listThin []loadResult
+	for i := range benchRounds {
+		s := short
+		s.conns = benchListConns
+		s.request = list(svc.url)
+		listSvc = append(listSvc, runLoad(s))
+		progress("list of 1,000, round %d: service %s", i+1, listSvc[i])
+		s.request = list(ceil.url)
+		listThin = append(listThin, runLoad(s))
+		progress("list of 1,000, round %d: thin list %s", i+1, listThin[i])
+	}
+	procs.stop(ceil)
+
+	probe := loadSpec{conns: benchProbe, warmup: 3 * time.Second, window: 10 * time.Second, want: http.StatusOK, request: getByID(svc.url)}
+	quiet := runLoad(probe)
+	progress("GET by id, %d conns, alone: %s", benchProbe, quiet)
+	flood := loadSpec{conns: benchConns, warmup: probe.warmup, window: probe.window, want: http.StatusCreated, request: createUser(svc.url)}
+	var floodRes, busy loadResult
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() { defer wg.Done(); floodRes = runLoad(flood) }()
+	go func() { defer wg.Done(); busy = runLoad(probe) }()
+	wg.Wait()
+	progress("GET by id, %d conns, beside a POST flood: %s", benchProbe, busy)
+	progress("the POST flood: %s", floodRes)
+
+	// 2. POST at cost 12 (the service from above) and 10, against raw bcrypt.
+	for _, cost := range []int{12, 10} {
+		if cost != defaultBcryptCost {
+			procs.stop(svc)
+			svc = service(small, cost)
+		}
+		post := loadSpec{conns: benchConns, warmup: 3 * time.Second, window: 10 * time.Second, want: http.StatusCreated, request: createUser(svc.url)}
+		if cost < 12 {
+			post.warmup, post.window = 2*time.Second, 6*time.Second
+		}
+		var posts []loadResult
+		var raws []float64
+		for i := range benchRounds {
+			posts = append(posts, runLoad(post))
+			progress("POST cost %d, round %d: service %s", cost, i+1, posts[i])
+			raws = append(raws, bcryptRate(cost, time.Second, post.window))
+			progress("POST cost %d, round %d: raw bcrypt %.1f hash/s on %d goroutines", cost, i+1, raws[i], runtime.GOMAXPROCS(0))
+		}
+		rate, raw := median(rates(posts)), median(raws)
+		rows = append(rows,
+			benchRow{fmt.Sprintf("2. POST /users/, cost %d, %d conns", cost, benchConns), fmt.Sprintf("%.1f 201/s", rate),
+				fmt.Sprintf("%.1f hash/s raw bcrypt", raw), rate / raw, "≥ 0.90×", rate/raw >= 0.9},
+			benchRow{"   p50 / p99", p5099(posts), "", math.NaN(), "", nil},
+			benchRow{"   answers other than 201", otherStatuses(posts), "", math.NaN(), "", nil})
+		b.ReportMetric(rate/raw, fmt.Sprintf("post%d/bcrypt", cost))
+	}
+	procs.stop(svc)
+	postRows := rows
+	rows = nil
+
+	// 4. A list of 1,000,000, streamed by a fresh process, service and thin
+	// list in turn.
+	big := newBenchDatabase(b, "users_bench_"+strconv.Itoa(os.Getpid())+"_1m")
+	progress("database %s: seeding %d users", big.name, benchBigUsers)
+	if err := seedBenchUsers(ctx, big.db, benchBigUsers); err != nil {
+		b.Fatal(err)
+	}
+	var bigSvc, bigThin []streamResult
+	for i := range benchRounds {
+		p := service(big, defaultBcryptCost)
+		r, err := streamList(p)
+		if err != nil {
+			b.Fatal(err)
+		}
+		procs.stop(p)
+		bigSvc = append(bigSvc, r)
+		progress("list of 1,000,000, round %d: service %s", i+1, r)
+
+		p = ceiling(big)
+		r, err = streamList(p)
+		if err != nil {
+			b.Fatal(err)
+		}
+		procs.stop(p)
+		bigThin = append(bigThin, r)
+		progress("list of 1,000,000, round %d: thin list %s", i+1, r)
+	}
+
+	// The table, in the issue's order.
+	gr, cr := median(rates(getSvc)), median(rates(getCeil))
+	gp50, cp50 := medianPct(getSvc, 0.50), medianPct(getCeil, 0.50)
+	gp99, cp99 := medianPct(getSvc, 0.99), medianPct(getCeil, 0.99)
+	rows = append(rows,
+		benchRow{fmt.Sprintf("1. GET /users/{id}, %d conns", benchConns), fmt.Sprintf("%.0f req/s", gr),
+			fmt.Sprintf("%.0f req/s ceiling", cr), gr / cr, "≥ 0.85×", gr/cr >= 0.85},
+		benchRow{"   p50", fmtMS(gp50), fmtMS(cp50), ms(gp50) / ms(cp50), "", nil},
+		benchRow{"   p99", fmtMS(gp99), fmtMS(cp99), ms(gp99) / ms(cp99), "", nil},
+		benchRow{"   answers other than 200", otherStatuses(getSvc), otherStatuses(getCeil), math.NaN(), "", nil},
+	)
+	rows = append(rows, postRows...)
+	lr, tr := median(rates(listSvc)), median(rates(listThin))
+	lb, tb := median(byteRates(listSvc)), median(byteRates(listThin))
+	rows = append(rows,
+		benchRow{fmt.Sprintf("3. GET /users/ (1,000 users), %d conns", benchListConns), fmt.Sprintf("%.0f req/s", lr),
+			fmt.Sprintf("%.0f req/s thin list", tr), lr / tr, "≥ 0.90×", lr/tr >= 0.9},
+		benchRow{"   body bytes/s", fmt.Sprintf("%.1f MB/s", lb/1e6), fmt.Sprintf("%.1f MB/s", tb/1e6), lb / tb, "", nil},
+		benchRow{"   p50 / p99", p5099(listSvc), p5099(listThin), math.NaN(), "", nil},
+	)
+	bt, tt := medianOf(bigSvc, func(r streamResult) float64 { return r.elapsed.Seconds() }), medianOf(bigThin, func(r streamResult) float64 { return r.elapsed.Seconds() })
+	bg, tg := medianOf(bigSvc, func(r streamResult) float64 { return mib(r.growth()) }), medianOf(bigThin, func(r streamResult) float64 { return mib(r.growth()) })
+	rows = append(rows,
+		benchRow{"4. GET /users/ (1,000,000 users): time", fmt.Sprintf("%.2f s", bt), fmt.Sprintf("%.2f s thin list", tt), bt / tt, "", nil},
+		benchRow{"   peak RSS growth while streaming", fmt.Sprintf("%.1f MiB", bg), fmt.Sprintf("%.1f MiB", tg), math.NaN(), "< 16 MiB", bg < 16},
+	)
+	rows = append(rows,
+		benchRow{fmt.Sprintf("5. GET p99 beside a POST flood (%d+%d conns)", benchProbe, benchConns), fmtMS(busy.pct(0.99)),
+			fmtMS(quiet.pct(0.99)) + " alone", ms(busy.pct(0.99)) / ms(quiet.pct(0.99)), "< 20 ms", ms(busy.pct(0.99)) < 20},
+		benchRow{"   GET p50; GET req/s", fmt.Sprintf("%s; %.0f req/s", fmtMS(busy.pct(0.5)), busy.rate()),
+			fmt.Sprintf("%s; %.0f req/s", fmtMS(quiet.pct(0.5)), quiet.rate()), math.NaN(), "", nil},
+		benchRow{"   the flood: 201/s; other answers", fmt.Sprintf("%.1f; %s", floodRes.rate(), otherStatuses([]loadResult{floodRes})), "", math.NaN(), "", nil},
+	)
+	idle, ready := median(idles), median(readies)
+	rows = append(rows,
+		benchRow{"6. idle RSS after start", fmt.Sprintf("%.1f MiB", idle), "", math.NaN(), "< 20 MiB", idle < 20},
+		benchRow{"   start to first 200 on /healthz", fmt.Sprintf("%.1f ms", ready), "", math.NaN(), "< 100 ms", ready < 100},
+	)
+	fmt.Fprintln(out)
+	printTable(out, rows)
+	fmt.Fprintf(out, "(medians of %d rounds; start figures: median of %d starts, min %.1f ms, max %.1f ms)\n\n",
+		benchRounds, benchStarts, slices.Min(readies), slices.Max(readies))
+	if n := procs.logProblems(out); n > 0 {
+		fmt.Fprintln(out)
+	}
+
+	b.ReportMetric(gr/cr, "get/ceiling")
+	b.ReportMetric(lr/tr, "list/thin")
+	b.ReportMetric(bg, "1M-RSS-MiB")
+	b.ReportMetric(ms(busy.pct(0.99)), "flood-p99-ms")
+	b.ReportMetric(idle, "idle-RSS-MiB")
+	b.ReportMetric(ready, "ready-ms")
+}
+
+// TestBenchCeilingProcess is not a test: BenchmarkLoad runs the test binary
+// with it to serve the ceiling in a process of its own, as the service runs,
+// so that neither shares a Go runtime with the load generator.
+func TestBenchCeilingProcess(t *testing.T) {
+	databaseURL := os.Getenv(ceilingEnv)
+	if databaseURL == "" {
+		return
+	}
+	db, err := sql.Open("postgres", databaseURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	db.SetMaxOpenConns(benchPool.maxOpen)
+	db.SetMaxIdleConns(benchPool.maxIdle)
+	h, err := newCeiling(db)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: readHeaderTimeout, IdleTimeout: idleTimeout}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
+	defer stop()
+	go srv.Serve(ln)
+	fmt.Printf("msg=listening addr=%s\n", ln.Addr())
+	<-ctx.Done()
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+	defer cancel()
+	srv.Shutdown(shutdownCtx)
+}
+
+// benchDatabase is a database made for one run, dropped at its end.
+type benchDatabase struct {
+	name, url string
+	db        *sql.DB
+}
+
+func newBenchDatabase(b *testing.B, name string) *benchDatabase {
+	b.Helper()
+	if _, err := adminDB.Exec(`CREATE DATABASE ` + name); err != nil {
+		b.Fatalf("create database %s: %v", name, err)
+	}
+	b.Cleanup(func() {
+		if _, err := adminDB.Exec(`DROP DATABASE IF EXISTS ` + name + ` WITH (FORCE)`); err != nil {
+			b.Errorf("drop database %s: %v", name, err)
+		}
+	})
+	d := &benchDatabase{name: name, url: withDatabase(testDatabaseURL(), name)}
+	// The schema comes from the same code the service runs at start.
+	st, err := openStore(context.Background(), d.url, poolConfig{maxOpen: 2, maxIdle: 2, maxIdleTime: time.Minute}, time.Minute)
+	if err != nil {
+		b.Fatalf("openStore %s: %v", name, err)
+	}
+	b.Cleanup(func() { st.Close() })
+	d.db = st.db
+	return d
+}
+
+// ids returns every user id in the database.
+func (d *benchDatabase) ids(b *testing.B) []int64 {
+	rows, err := d.db.Query(`SELECT id FROM users ORDER BY id`)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer rows.Close()
+	var ids []int64
+	for rows.Next() {
+		var id int64
+		if err := rows.Scan(&id); err != nil {
+			b.Fatal(err)
+		}
+		ids = append(ids, id)
+	}
+	if err := rows.Err(); err != nil || len(ids) == 0 {
+		b.Fatalf("read ids: %v (%d ids)", err, len(ids))
+	}
+	return ids
+}
+
+// withDatabase returns databaseURL with its database name replaced.
+func withDatabase(databaseURL, name string) string {
+	if u, err := url.Parse(databaseURL); err == nil && (u.Scheme == "postgres" || u.Scheme == "postgresql") {
+		u.Path = "/" + name
+		return u.String()
+	}
+	return databaseURL + " dbname=" + name
+}
+
+// benchProc is a server process: the service or the ceiling.
+type benchProc struct {
+	name           string
+	cmd            *exec.Cmd
+	logPath        string
+	url            string // http://127.0.0.1:port
+	started, ready time.Time
+	exited         chan struct{}
+}
+
+func (p *benchProc) pid() int { return p.cmd.Process.Pid }
+
+// benchProcs starts server processes and stops those still running at the
+// end.
+type benchProcs struct {
+	dir     string
+	mu      sync.Mutex
+	n       int
+	running []*benchProc
+	logs    []string
+}
+
+var listeningLine = regexp.MustCompile(`msg=listening addr=(\S+)`)
+
+// start runs path with args, the environment of this process without the
+// service's own variables, and env; and waits until it answers 200 on
+// /healthz. Its output goes to a file, as a service's standard output
+// usually does.
+func (ps *benchProcs) start(b *testing.B, name, path string, args []string, env ...string) *benchProc {
+	b.Helper()
+	ps.mu.Lock()
+	ps.n++
+	logPath := filepath.Join(ps.dir, fmt.Sprintf("%s-%d.log", name, ps.n))
+	ps.logs = append(ps.logs, logPath)
+	ps.mu.Unlock()
+	logFile, err := os.Create(logPath)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer logFile.Close()
+
+	cmd := exec.Command(path, args...)
+	for _, kv := range os.Environ() {
+		switch k, _, _ := strings.Cut(kv, "="); k {
+		case "DATABASE_URL", "ADDR", "PORT", "BCRYPT_COST", "DB_MAX_CONNS", "API_TOKEN", ceilingEnv:
+		default:
+			cmd.Env = append(cmd.Env, kv)
+		}
+	}
+	cmd.Env = append(cmd.Env, env...)
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	// If this process dies without cleaning up (a -timeout panic), so
+	// does the server.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
+	p := &benchProc{name: name, cmd: cmd, logPath: logPath, exited: make(chan struct{})}
+	p.started = time.Now()
+	if err := cmd.Start(); err != nil {
+		b.Fatalf("start %s: %v", name, err)
+	}
+	go func() { cmd.Wait(); close(p.exited) }()
+	ps.mu.Lock()
+	ps.running = append(ps.running, p)
+	ps.mu.Unlock()
+
+	fail := func(format string, args ...any) {
+		b.Helper()
+		log, _ := os.ReadFile(logPath)
+		b.Fatalf("%s: %s; its output:\n%s", name, fmt.Sprintf(format, args...), log)
+	}
+	deadline := p.started.Add(10 * time.Second)
+	for p.url == "" {
+		if m := listeningLine.FindSubmatch(readHead(logPath)); m != nil {
+			p.url = "http://" + string(m[1])
+			break
+		}
+		select {
+		case <-p.exited:
+			fail("exited before listening")
+		case <-time.After(time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			fail("not listening after 10 s")
+		}
+	}
+	client := &http.Client{Timeout: 5 * time.Second}
+	for {
+		resp, err := client.Get(p.url + "/healthz")
+		if err == nil {
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				p.ready = time.Now()
+				break
+			}
+		}
+		if time.Now().After(deadline) {
+			fail("/healthz not 200 after 10 s: %v", err)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	client.CloseIdleConnections()
+	return p
+}
+
+// readHead returns the first 4 KiB of the file at path.
+func readHead(path string) []byte {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	buf := make([]byte, 4096)
+	n, _ := io.ReadFull(f, buf)
+	return buf[:n]
+}
+
+// stop sends p SIGTERM and waits for it to exit, killing it after 25 s.
+func (ps *benchProcs) stop(p *benchProc) {
+	ps.mu.Lock()
+	ps.running = slices.DeleteFunc(ps.running, func(q *benchProc) bool { return q == p })
+	ps.mu.Unlock()
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.exited:
+	case <-time.After(25 * time.Second):
+		p.cmd.Process.Kill()
+		<-p.exited
+	}
+}
+
+func (ps *benchProcs) stopAll() {
+	ps.mu.Lock()
+	running := slices.Clone(ps.running)
+	ps.mu.Unlock()
+	for _, p := range running {
+		ps.stop(p)
+	}
+}
+
+// logProblems prints the servers' warnings and errors, at most 10, and
+// returns how many there were.
+func (ps *benchProcs) logProblems(w io.Writer) int {
+	n := 0
+	for _, path := range ps.logs {
+		log, _ := os.ReadFile(path)
+		for _, line := range bytes.Split(log, []byte("\n")) {
+			if bytes.Contains(line, []byte("level=WARN")) || bytes.Contains(line, []byte("level=ERROR")) || bytes.Contains(line, []byte("panic")) {
+				if n < 10 {
+					fmt.Fprintf(w, "server log %s: %s\n", filepath.Base(path), line)
+				}
+				n++
+			}
+		}
+	}
+	if n > 0 {
+		fmt.Fprintf(w, "server logs: %d warnings and errors\n", n)
+	}
+	return n
+}
+
+// loadSpec is one run of the load generator: conns goroutines, each with a
+// connection of its own, send requests back to back for warmup + window;
+// only answers that arrive within the window count.
+type loadSpec struct {
+	conns          int
+	warmup, window time.Duration
+	want           int // the status that counts toward the rate
+	request        func(worker, seq int, rng *rand.Rand) *http.Request
+}
+
+type loadResult struct {
+	window   time.Duration
+	ok       int         // answers with the wanted status
+	bytes    int64       // their body bytes
+	statuses map[int]int // other answers by status; 0 is a transport error
+	lat      []float64   // latencies of all answers, ms, sorted
+	firstErr string      // the first transport error or unwanted answer
+}
+
+func (r loadResult) rate() float64     { return float64(r.ok) / r.window.Seconds() }
+func (r loadResult) byteRate() float64 { return float64(r.bytes) / r.window.Seconds() }
+
+// pct returns the p-quantile of the latencies, by nearest rank.
+func (r loadResult) pct(p float64) time.Duration {
+	if len(r.lat) == 0 {
+		return 0
+	}
+	i := int(math.Ceil(p*float64(len(r.lat)))) - 1
+	return time.Duration(r.lat[max(i, 0)] * float64(time.Millisecond))
+}
+
+func (r loadResult) String() string {
+	s := fmt.Sprintf("%.1f/s, p50 %s, p99 %s, %d answers", r.rate(), fmtMS(r.pct(0.5)), fmtMS(r.pct(0.99)), len(r.lat))
+	if r.bytes > 0 {
+		s += fmt.Sprintf(", %.1f MB/s", r.byteRate()/1e6)
+	}
+	if len(r.statuses) > 0 {
+		s += fmt.Sprintf(", others %v (first: %s)", r.statuses, r.firstErr)
+	}
+	return s
+}
+
+var runSeq atomic.Int64
+
+func runLoad(spec loadSpec) loadResult {
+	tr := &http.Transport{
+		MaxIdleConnsPerHost: spec.conns,
+		MaxConnsPerHost:     spec.conns,
+		DisableCompression:  true,
+		IdleConnTimeout:     30 * time.Second,
+	}
+	defer tr.CloseIdleConnections()
+	client := &http.Client{Transport: tr, Timeout: time.Minute}
+	start := time.Now()
+	from := start.Add(spec.warmup)
+	to := from.Add(spec.window)
+	run := uint64(runSeq.Add(1))
+
+	results := make([]loadResult, spec.conns)
+	var wg sync.WaitGroup
+	for w := range spec.conns {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r := &results[w]
+			r.statuses = map[int]int{}
+			rng := rand.New(rand.NewPCG(run, uint64(w)))
+			for seq := 0; seq < 10_000_000 && time.Now().Before(to); seq++ {
+				req := spec.request(w, seq, rng)
+				t0 := time.Now()
+				status, n, err := send(client, req)
+				t1 := time.Now()
+				if t1.Before(from) || t1.After(to) {
+					continue
+				}
+				r.lat = append(r.lat, ms(t1.Sub(t0)))
+				if status == spec.want {
+					r.ok++
+					r.bytes += n
+					continue
+				}
+				r.statuses[status]++
+				if r.firstErr == "" {
+					r.firstErr = fmt.Sprintf("%s %s: %d %v", req.Method, req.URL.Path, status, err)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	total := loadResult{window: spec.window, statuses: map[int]int{}}
+	for _, r := range results {
+		total.ok += r.ok
+		total.bytes += r.bytes
+		total.lat = append(total.lat, r.lat...)
+		for s, n := range r.statuses {
+			total.statuses[s] += n
+		}
+		if total.firstErr == "" {
+			total.firstErr = r.firstErr
+		}
+	}
+	if len(total.statuses) == 0 {
+		total.statuses = nil
+	}
+	slices.Sort(total.lat)
+	return total
+}
+
+// send sends req and reads the whole answer; status 0 is a transport error.
+// For an answer other than 200 or 201, err holds the start of its body.
+func send(client *http.Client, req *http.Request) (status int, n int64, err error) {
+	resp, err := client.Do(req)
+	if err != nil {
+		return 0, 0, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK && resp.StatusCode != http.StatusCreated {
+		head, _ := io.ReadAll(io.LimitReader(resp.Body, 200))
+		err = errors.New(strings.TrimSpace(string(head)))
+	}
+	n, rerr := io.Copy(io.Discard, resp.Body)
+	if rerr != nil {
+		return 0, n, rerr
+	}
+	return resp.StatusCode, n, err
+}
+
+func mustRequest(method, url, body string) *http.Request {
+	var rd io.Reader
+	if body != "" {
+		rd = strings.NewReader(body)
+	}
+	req, err := http.NewRequest(method, url, rd)
+	if err != nil {
+		panic(err)
+	}
+	if body != "" {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	return req
+}
+
+// userSeq numbers the users createUser makes.
+var userSeq atomic.Int64
+
+// createUser makes POST requests for users that do not exist yet.
+func createUser(base string) func(int, int, *rand.Rand) *http.Request {
+	return func(int, int, *rand.Rand) *http.Request {
+		body := fmt.Sprintf(`{"first_name": "Bench", "last_name": "User", "email": "bench-%d-%d@example.com", "password": %q}`,
+			os.Getpid(), userSeq.Add(1), benchPassword)
+		return mustRequest("POST", base+"/users/", body)
+	}
+}
+
+// bcryptRate returns how many bcrypt hashes at cost GOMAXPROCS goroutines
+// finish per second within window, after warmup.
+func bcryptRate(cost int, warmup, window time.Duration) float64 {
+	from := time.Now().Add(warmup)
+	to := from.Add(window)
+	var done atomic.Int64
+	var wg sync.WaitGroup
+	for range runtime.GOMAXPROCS(0) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < 1_000_000 && time.Now().Before(to); i++ {
+				bcrypt.GenerateFromPassword([]byte(benchPassword), cost)
+				if t := time.Now(); t.After(from) && t.Before(to) {
+					done.Add(1)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	return float64(done.Load()) / window.Seconds()
+}
+
+// streamResult is one GET of the whole list.
+type streamResult struct {
+	elapsed    time.Duration
+	bytes      int64
+	objects    int
+	rssBefore  int64 // bytes
+	rssPeak    int64 // highest VmRSS sampled while streaming
+	hwmGrowth  int64 // VmHWM after the stream minus VmRSS before it
+	sampleSize int
+}
+
+func (r streamResult) growth() int64 { return max(r.rssPeak-r.rssBefore, 0) }
+
+func (r streamResult) String() string {
+	return fmt.Sprintf("%d users, %.1f MB in %.2f s; RSS %.1f MiB before, peak growth %.1f MiB (%d samples; VmHWM growth %.1f MiB)",
+		r.objects, float64(r.bytes)/1e6, r.elapsed.Seconds(), mib(r.rssBefore), mib(r.growth()), r.sampleSize, mib(r.hwmGrowth))
+}
+
+// streamList reads GET /users/ from p whole, sampling p's RSS every 10 ms.
+func streamList(p *benchProc) (streamResult, error) {
+	var r streamResult
+	time.Sleep(300 * time.Millisecond) // let the start settle
+	var err error
+	if r.rssBefore, err = readRSS(p.pid()); err != nil {
+		return r, err
+	}
+	done := make(chan struct{})
+	sampled := make(chan struct{})
+	peak, samples := r.rssBefore, 0
+	go func() {
+		defer close(sampled)
+		tick := time.NewTicker(10 * time.Millisecond)
+		defer tick.Stop()
+		for i := 0; i < 60_000; i++ { // at most 10 minutes
+			select {
+			case <-done:
+				return
+			case <-tick.C:
+			}
+			if rss, err := readRSS(p.pid()); err == nil {
+				peak = max(peak, rss)
+				samples++
+			}
+		}
+	}()
+	client := &http.Client{Timeout: 10 * time.Minute}
+	start := time.Now()
+	resp, err := client.Get(p.url + "/users/")
+	if err == nil {
+		buf := make([]byte, 256<<10)
+		var last byte
+		for {
+			n, rerr := resp.Body.Read(buf)
+			r.bytes += int64(n)
+			r.objects += bytes.Count(buf[:n], []byte("{"))
+			if n > 0 {
+				last = buf[n-1]
+			}
+			if rerr != nil {
+				if rerr != io.EOF {
+					err = rerr
+				}
+				break
+			}
+		}
+		resp.Body.Close()
+		if err == nil && (resp.StatusCode != http.StatusOK || last != '\n') {
+			err = fmt.Errorf("status %d, last byte %q", resp.StatusCode, last)
+		}
+	}
+	r.elapsed = time.Since(start)
+	close(done)
+	<-sampled
+	r.rssPeak, r.sampleSize = peak, samples
+	if err != nil {
+		return r, fmt.Errorf("%s: GET /users/: %w", p.name, err)
+	}
+	if hwm, err := readStatus(p.pid(), "VmHWM:"); err == nil {
+		r.hwmGrowth = hwm - r.rssBefore
+	}
+	return r, nil
+}
+
+// readRSS returns the resident set size of process pid, in bytes.
+func readRSS(pid int) (int64, error) { return readStatus(pid, "VmRSS:") }
+
+// readStatus returns a "kB" field of /proc/<pid>/status, in bytes.
+func readStatus(pid int, field string) (int64, error) {
+	status, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(status), "\n") {
+		if rest, ok := strings.CutPrefix(line, field); ok {
+			kb, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(rest), "kB")), 10, 64)
+			return kb << 10, err
+		}
+	}
+	return 0, fmt.Errorf("no %s in /proc/%d/status", field, pid)
+}
+
+// benchRow is one line of the result table. A NaN ratio and a nil met are
+// left blank.
+type benchRow struct {
+	figure, value, baseline string
+	ratio                   float64
+	target                  string
+	met                     any // bool, or nil for no target
+}
+
+func printTable(w io.Writer, rows []benchRow) {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "figure\tservice\tbaseline\tratio\ttarget\t")
+	for _, r := range rows {
+		ratio := ""
+		if !math.IsNaN(r.ratio) {
+			ratio = fmt.Sprintf("%.2f×", r.ratio)
+		}
+		met := ""
+		switch r.met {
+		case true:
+			met = "met"
+		case false:
+			met = "MISSED"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", r.figure, r.value, r.baseline, ratio, r.target, met)
+	}
+	tw.Flush()
+}
+
+func rates(rs []loadResult) []float64 {
+	var out []float64
+	for _, r := range rs {
+		out = append(out, r.rate())
+	}
+	return out
+}
+
+func byteRates(rs []loadResult) []float64 {
+	var out []float64
+	for _, r := range rs {
+		out = append(out, r.byteRate())
+	}
+	return out
+}
+
+func medianPct(rs []loadResult, p float64) time.Duration {
+	var v []float64
+	for _, r := range rs {
+		v = append(v, float64(r.pct(p)))
+	}
+	return time.Duration(median(v))
+}
+
+func p5099(rs []loadResult) string {
+	return fmtMS(medianPct(rs, 0.5)) + " / " + fmtMS(medianPct(rs, 0.99))
+}
+
+// otherStatuses sums the unwanted answers of rs.
+func otherStatuses(rs []loadResult) string {
+	sum := map[int]int{}
+	for _, r := range rs {
+		for s, n := range r.statuses {
+			sum[s] += n
+		}
+	}
+	if len(sum) == 0 {
+		return "none"
+	}
+	return fmt.Sprint(sum)
+}
+
+func medianOf[T any](xs []T, f func(T) float64) float64 {
+	var v []float64
+	for _, x := range xs {
+		v = append(v, f(x))
+	}
+	return median(v)
+}
+
+func median(v []float64) float64 {
+	if len(v) == 0 {
+		return math.NaN()
+	}
+	s := slices.Clone(v)
+	slices.Sort(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+func mib(n int64) float64        { return float64(n) / (1 << 20) }
+
+func fmtMS(d time.Duration) string { return fmt.Sprintf("%.2f ms", ms(d)) }
