@@ -47,9 +47,12 @@ const (
 	benchConns     = 32 // GET by id, POST
 	benchListConns = 8  // GET list of 1,000
 	benchProbe     = 4  // GET by id beside the POST flood
-	benchRounds    = 3  // service and baseline alternate this many times; the median is reported
-	benchBigUsers  = 1_000_000
-	benchStarts    = 7 // starts measured for start-to-ready and idle RSS
+	// Service and baseline alternate this many times (a b, b a, a b, ...);
+	// figures are medians over the rounds.
+	benchRounds     = 5 // GET by id, list of 1,000
+	benchSlowRounds = 3 // POST, list of 1,000,000
+	benchBigUsers   = 1_000_000
+	benchStarts     = 7 // starts measured for start-to-ready and idle RSS
 )
 
 // ceilingEnv names the database the ceiling serves when the test binary runs
@@ -72,7 +75,10 @@ func BenchmarkLoad(b *testing.B) {
 		b.Fatalf("go build: %v\n%s", err, msg)
 	}
 
+	// Both databases are made first, so that their cleanups run after the
+	// servers' (cleanups run last in, first out).
 	small := newBenchDatabase(b, "users_bench_"+strconv.Itoa(os.Getpid()))
+	big := newBenchDatabase(b, "users_bench_"+strconv.Itoa(os.Getpid())+"_1m")
 	progress("database %s: %d users", small.name, 1000)
 	if err := seedBenchUsers(ctx, small.db, 1000); err != nil {
 		b.Fatal(err)
@@ -94,7 +100,6 @@ func BenchmarkLoad(b *testing.B) {
 		return procs.start(b, "ceiling", os.Args[0], []string{"-test.run=^TestBenchCeilingProcess$", "-test.timeout=30m"},
 			ceilingEnv+"="+db.url)
 	}
-	var rows []benchRow
 
 	// 6. Start-to-ready and idle RSS, while nothing else runs.
 	progress("start-to-ready and idle RSS: %d starts", benchStarts)
@@ -115,38 +120,41 @@ func BenchmarkLoad(b *testing.B) {
 	// the thin list; then 5., GET by id beside a POST flood.
 	svc := service(small, defaultBcryptCost)
 	ceil := ceiling(small)
-	getByID := func(base string) func(int, int, *rand.Rand) *http.Request {
-		return func(_, _ int, rng *rand.Rand) *http.Request {
+	getByID := func(base string) func(*rand.Rand) *http.Request {
+		return func(rng *rand.Rand) *http.Request {
 			return mustRequest("GET", base+"/users/"+strconv.FormatInt(ids[rng.IntN(len(ids))], 10), "")
 		}
 	}
-	list := func(base string) func(int, int, *rand.Rand) *http.Request {
-		return func(int, int, *rand.Rand) *http.Request { return mustRequest("GET", base+"/users/", "") }
+	list := func(base string) func(*rand.Rand) *http.Request {
+		return func(*rand.Rand) *http.Request { return mustRequest("GET", base+"/users/", "") }
 	}
 	short := loadSpec{conns: benchConns, warmup: time.Second, window: 5 * time.Second, want: http.StatusOK}
 
 	var getSvc, getCeil []loadResult
-	for i := range benchRounds {
+	alternate(benchRounds, func(i int) {
 		s := short
 		s.request = getByID(svc.url)
 		getSvc = append(getSvc, runLoad(s))
-		progress("GET by id, round %d: service %s", i+1, getSvc[i])
+		progress("GET by id, round %d: service %s", i+1, getSvc[len(getSvc)-1])
+	}, func(i int) {
+		s := short
 		s.request = getByID(ceil.url)
 		getCeil = append(getCeil, runLoad(s))
-		progress("GET by id, round %d: ceiling %s", i+1, getCeil[i])
-	}
+		progress("GET by id, round %d: ceiling %s", i+1, getCeil[len(getCeil)-1])
+	})
 
 	var listSvc, listThin []loadResult
-	for i := range benchRounds {
+	alternate(benchRounds, func(i int) {
 		s := short
-		s.conns = benchListConns
-		s.request = list(svc.url)
+		s.conns, s.request = benchListConns, list(svc.url)
 		listSvc = append(listSvc, runLoad(s))
-		progress("list of 1,000, round %d: service %s", i+1, listSvc[i])
-		s.request = list(ceil.url)
+		progress("list of 1,000, round %d: service %s", i+1, listSvc[len(listSvc)-1])
+	}, func(i int) {
+		s := short
+		s.conns, s.request = benchListConns, list(ceil.url)
 		listThin = append(listThin, runLoad(s))
-		progress("list of 1,000, round %d: thin list %s", i+1, listThin[i])
-	}
+		progress("list of 1,000, round %d: thin list %s", i+1, listThin[len(listThin)-1])
+	})
 	procs.stop(ceil)
 
 	probe := loadSpec{conns: benchProbe, warmup: 3 * time.Second, window: 10 * time.Second, want: http.StatusOK, request: getByID(svc.url)}
@@ -163,6 +171,7 @@ func BenchmarkLoad(b *testing.B) {
 	progress("the POST flood: %s", floodRes)
 
 	// 2. POST at cost 12 (the service from above) and 10, against raw bcrypt.
+	var postRows []benchRow
 	for _, cost := range []int{12, 10} {
 		if cost != defaultBcryptCost {
 			procs.stop(svc)
@@ -174,77 +183,73 @@ func BenchmarkLoad(b *testing.B) {
 		}
 		var posts []loadResult
 		var raws []float64
-		for i := range benchRounds {
+		alternate(benchSlowRounds, func(i int) {
 			posts = append(posts, runLoad(post))
-			progress("POST cost %d, round %d: service %s", cost, i+1, posts[i])
+			progress("POST cost %d, round %d: service %s", cost, i+1, posts[len(posts)-1])
+		}, func(i int) {
 			raws = append(raws, bcryptRate(cost, time.Second, post.window))
-			progress("POST cost %d, round %d: raw bcrypt %.1f hash/s on %d goroutines", cost, i+1, raws[i], runtime.GOMAXPROCS(0))
-		}
-		rate, raw := median(rates(posts)), median(raws)
-		rows = append(rows,
-			benchRow{fmt.Sprintf("2. POST /users/, cost %d, %d conns", cost, benchConns), fmt.Sprintf("%.1f 201/s", rate),
-				fmt.Sprintf("%.1f hash/s raw bcrypt", raw), rate / raw, "≥ 0.90×", rate/raw >= 0.9},
+			progress("POST cost %d, round %d: raw bcrypt %.1f hash/s on %d goroutines", cost, i+1, raws[len(raws)-1], runtime.GOMAXPROCS(0))
+		})
+		ratio := pairedRatio(rates(posts), raws)
+		postRows = append(postRows,
+			benchRow{fmt.Sprintf("2. POST /users/, cost %d, %d conns", cost, benchConns), fmt.Sprintf("%.1f 201/s", median(rates(posts))),
+				fmt.Sprintf("%.1f hash/s raw bcrypt", median(raws)), ratio, "≥ 0.90×", ratio >= 0.9},
 			benchRow{"   p50 / p99", p5099(posts), "", math.NaN(), "", nil},
 			benchRow{"   answers other than 201", otherStatuses(posts), "", math.NaN(), "", nil})
-		b.ReportMetric(rate/raw, fmt.Sprintf("post%d/bcrypt", cost))
+		b.ReportMetric(ratio, fmt.Sprintf("post%d/bcrypt", cost))
 	}
 	procs.stop(svc)
-	postRows := rows
-	rows = nil
 
 	// 4. A list of 1,000,000, streamed by a fresh process, service and thin
-	// list in turn.
-	big := newBenchDatabase(b, "users_bench_"+strconv.Itoa(os.Getpid())+"_1m")
+	// list in turn. Seeding it only now keeps its writes out of the other
+	// figures.
 	progress("database %s: seeding %d users", big.name, benchBigUsers)
 	if err := seedBenchUsers(ctx, big.db, benchBigUsers); err != nil {
 		b.Fatal(err)
 	}
 	var bigSvc, bigThin []streamResult
-	for i := range benchRounds {
-		p := service(big, defaultBcryptCost)
+	stream := func(name string, p *benchProc, into *[]streamResult, round int) {
 		r, err := streamList(p)
+		procs.stop(p)
 		if err != nil {
 			b.Fatal(err)
 		}
-		procs.stop(p)
-		bigSvc = append(bigSvc, r)
-		progress("list of 1,000,000, round %d: service %s", i+1, r)
-
-		p = ceiling(big)
-		r, err = streamList(p)
-		if err != nil {
-			b.Fatal(err)
-		}
-		procs.stop(p)
-		bigThin = append(bigThin, r)
-		progress("list of 1,000,000, round %d: thin list %s", i+1, r)
+		*into = append(*into, r)
+		progress("list of 1,000,000, round %d: %s %s", round+1, name, r)
 	}
+	alternate(benchSlowRounds, func(i int) {
+		stream("service", service(big, defaultBcryptCost), &bigSvc, i)
+	}, func(i int) {
+		stream("thin list", ceiling(big), &bigThin, i)
+	})
 
 	// The table, in the issue's order.
-	gr, cr := median(rates(getSvc)), median(rates(getCeil))
+	getRatio := pairedRatio(rates(getSvc), rates(getCeil))
 	gp50, cp50 := medianPct(getSvc, 0.50), medianPct(getCeil, 0.50)
 	gp99, cp99 := medianPct(getSvc, 0.99), medianPct(getCeil, 0.99)
-	rows = append(rows,
-		benchRow{fmt.Sprintf("1. GET /users/{id}, %d conns", benchConns), fmt.Sprintf("%.0f req/s", gr),
-			fmt.Sprintf("%.0f req/s ceiling", cr), gr / cr, "≥ 0.85×", gr/cr >= 0.85},
-		benchRow{"   p50", fmtMS(gp50), fmtMS(cp50), ms(gp50) / ms(cp50), "", nil},
-		benchRow{"   p99", fmtMS(gp99), fmtMS(cp99), ms(gp99) / ms(cp99), "", nil},
-		benchRow{"   answers other than 200", otherStatuses(getSvc), otherStatuses(getCeil), math.NaN(), "", nil},
-	)
+	rows := []benchRow{
+		{fmt.Sprintf("1. GET /users/{id}, %d conns", benchConns), fmt.Sprintf("%.0f req/s", median(rates(getSvc))),
+			fmt.Sprintf("%.0f req/s ceiling", median(rates(getCeil))), getRatio, "≥ 0.85×", getRatio >= 0.85},
+		{"   p50", fmtMS(gp50), fmtMS(cp50), ms(gp50) / ms(cp50), "", nil},
+		{"   p99", fmtMS(gp99), fmtMS(cp99), ms(gp99) / ms(cp99), "", nil},
+		{"   answers other than 200", otherStatuses(getSvc), otherStatuses(getCeil), math.NaN(), "", nil},
+	}
 	rows = append(rows, postRows...)
-	lr, tr := median(rates(listSvc)), median(rates(listThin))
+	listRatio := pairedRatio(rates(listSvc), rates(listThin))
 	lb, tb := median(byteRates(listSvc)), median(byteRates(listThin))
 	rows = append(rows,
-		benchRow{fmt.Sprintf("3. GET /users/ (1,000 users), %d conns", benchListConns), fmt.Sprintf("%.0f req/s", lr),
-			fmt.Sprintf("%.0f req/s thin list", tr), lr / tr, "≥ 0.90×", lr/tr >= 0.9},
-		benchRow{"   body bytes/s", fmt.Sprintf("%.1f MB/s", lb/1e6), fmt.Sprintf("%.1f MB/s", tb/1e6), lb / tb, "", nil},
+		benchRow{fmt.Sprintf("3. GET /users/ (1,000 users), %d conns", benchListConns), fmt.Sprintf("%.0f req/s", median(rates(listSvc))),
+			fmt.Sprintf("%.0f req/s thin list", median(rates(listThin))), listRatio, "≥ 0.90×", listRatio >= 0.9},
+		benchRow{"   body bytes/s", fmt.Sprintf("%.1f MB/s", lb/1e6), fmt.Sprintf("%.1f MB/s", tb/1e6), pairedRatio(byteRates(listSvc), byteRates(listThin)), "", nil},
 		benchRow{"   p50 / p99", p5099(listSvc), p5099(listThin), math.NaN(), "", nil},
 	)
-	bt, tt := medianOf(bigSvc, func(r streamResult) float64 { return r.elapsed.Seconds() }), medianOf(bigThin, func(r streamResult) float64 { return r.elapsed.Seconds() })
-	bg, tg := medianOf(bigSvc, func(r streamResult) float64 { return mib(r.growth()) }), medianOf(bigThin, func(r streamResult) float64 { return mib(r.growth()) })
+	seconds := func(r streamResult) float64 { return r.elapsed.Seconds() }
+	growth := func(r streamResult) float64 { return mib(r.growth()) }
+	bg := medianOf(bigSvc, growth)
 	rows = append(rows,
-		benchRow{"4. GET /users/ (1,000,000 users): time", fmt.Sprintf("%.2f s", bt), fmt.Sprintf("%.2f s thin list", tt), bt / tt, "", nil},
-		benchRow{"   peak RSS growth while streaming", fmt.Sprintf("%.1f MiB", bg), fmt.Sprintf("%.1f MiB", tg), math.NaN(), "< 16 MiB", bg < 16},
+		benchRow{"4. GET /users/ (1,000,000 users): time", fmt.Sprintf("%.2f s", medianOf(bigSvc, seconds)),
+			fmt.Sprintf("%.2f s thin list", medianOf(bigThin, seconds)), pairedRatio(mapOf(bigSvc, seconds), mapOf(bigThin, seconds)), "", nil},
+		benchRow{"   peak RSS growth while streaming", fmt.Sprintf("%.1f MiB", bg), fmt.Sprintf("%.1f MiB", medianOf(bigThin, growth)), math.NaN(), "< 16 MiB", bg < 16},
 	)
 	rows = append(rows,
 		benchRow{fmt.Sprintf("5. GET p99 beside a POST flood (%d+%d conns)", benchProbe, benchConns), fmtMS(busy.pct(0.99)),
@@ -260,14 +265,15 @@ func BenchmarkLoad(b *testing.B) {
 	)
 	fmt.Fprintln(out)
 	printTable(out, rows)
-	fmt.Fprintf(out, "(medians of %d rounds; start figures: median of %d starts, min %.1f ms, max %.1f ms)\n\n",
-		benchRounds, benchStarts, slices.Min(readies), slices.Max(readies))
+	fmt.Fprintf(out, "Figures are medians over rounds (%d for 1 and 3, %d for 2 and 4), in which service and baseline alternate;\n"+
+		"a ratio is the median of the rounds' ratios. Start: %d starts, %.1f to %.1f ms.\n\n",
+		benchRounds, benchSlowRounds, benchStarts, slices.Min(readies), slices.Max(readies))
 	if n := procs.logProblems(out); n > 0 {
 		fmt.Fprintln(out)
 	}
 
-	b.ReportMetric(gr/cr, "get/ceiling")
-	b.ReportMetric(lr/tr, "list/thin")
+	b.ReportMetric(getRatio, "get/ceiling")
+	b.ReportMetric(listRatio, "list/thin")
 	b.ReportMetric(bg, "1M-RSS-MiB")
 	b.ReportMetric(ms(busy.pct(0.99)), "flood-p99-ms")
 	b.ReportMetric(idle, "idle-RSS-MiB")
@@ -532,7 +538,7 @@ type loadSpec struct {
 	conns          int
 	warmup, window time.Duration
 	want           int // the status that counts toward the rate
-	request        func(worker, seq int, rng *rand.Rand) *http.Request
+	request        func(rng *rand.Rand) *http.Request
 }
 
 type loadResult struct {
@@ -593,7 +599,7 @@ func runLoad(spec loadSpec) loadResult {
 			r.statuses = map[int]int{}
 			rng := rand.New(rand.NewPCG(run, uint64(w)))
 			for seq := 0; seq < 10_000_000 && time.Now().Before(to); seq++ {
-				req := spec.request(w, seq, rng)
+				req := spec.request(rng)
 				t0 := time.Now()
 				status, n, err := send(client, req)
 				t1 := time.Now()
@@ -671,8 +677,8 @@ func mustRequest(method, url, body string) *http.Request {
 var userSeq atomic.Int64
 
 // createUser makes POST requests for users that do not exist yet.
-func createUser(base string) func(int, int, *rand.Rand) *http.Request {
-	return func(int, int, *rand.Rand) *http.Request {
+func createUser(base string) func(*rand.Rand) *http.Request {
+	return func(*rand.Rand) *http.Request {
 		body := fmt.Sprintf(`{"first_name": "Bench", "last_name": "User", "email": "bench-%d-%d@example.com", "password": %q}`,
 			os.Getpid(), userSeq.Add(1), benchPassword)
 		return mustRequest("POST", base+"/users/", body)
@@ -832,21 +838,8 @@ func printTable(w io.Writer, rows []benchRow) {
 	tw.Flush()
 }
 
-func rates(rs []loadResult) []float64 {
-	var out []float64
-	for _, r := range rs {
-		out = append(out, r.rate())
-	}
-	return out
-}
-
-func byteRates(rs []loadResult) []float64 {
-	var out []float64
-	for _, r := range rs {
-		out = append(out, r.byteRate())
-	}
-	return out
-}
+func rates(rs []loadResult) []float64     { return mapOf(rs, loadResult.rate) }
+func byteRates(rs []loadResult) []float64 { return mapOf(rs, loadResult.byteRate) }
 
 func medianPct(rs []loadResult, p float64) time.Duration {
 	var v []float64
@@ -874,13 +867,40 @@ func otherStatuses(rs []loadResult) string {
 	return fmt.Sprint(sum)
 }
 
-func medianOf[T any](xs []T, f func(T) float64) float64 {
+// alternate runs a and b rounds times each, in the order a b, b a, a b, ...,
+// so that drift during the run weighs on both alike.
+func alternate(rounds int, a, b func(round int)) {
+	for i := range rounds {
+		if i%2 == 0 {
+			a(i)
+			b(i)
+		} else {
+			b(i)
+			a(i)
+		}
+	}
+}
+
+// pairedRatio returns the median of x[i]/y[i]. The two figures of a round
+// were measured seconds apart, so drift cancels better in their ratio than
+// in the ratio of two medians.
+func pairedRatio(x, y []float64) float64 {
+	var r []float64
+	for i := range min(len(x), len(y)) {
+		r = append(r, x[i]/y[i])
+	}
+	return median(r)
+}
+
+func mapOf[T any](xs []T, f func(T) float64) []float64 {
 	var v []float64
 	for _, x := range xs {
 		v = append(v, f(x))
 	}
-	return median(v)
+	return v
 }
+
+func medianOf[T any](xs []T, f func(T) float64) float64 { return median(mapOf(xs, f)) }
 
 func median(v []float64) float64 {
 	if len(v) == 0 {
