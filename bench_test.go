@@ -55,9 +55,9 @@ const (
 	benchStarts     = 7 // starts measured for start-to-ready and idle RSS
 )
 
-// ceilingEnv names the database the ceiling serves when the test binary runs
+// benchCeilingEnv names the database the ceiling serves when the test binary runs
 // as the ceiling's process (TestBenchCeilingProcess).
-const ceilingEnv = "USERS_BENCH_CEILING_DATABASE_URL"
+const benchCeilingEnv = "USERS_BENCH_CEILING_DATABASE_URL"
 
 func BenchmarkLoad(b *testing.B) {
 	// The suite is one long measurement: b.N does not repeat it.
@@ -98,7 +98,7 @@ func BenchmarkLoad(b *testing.B) {
 	}
 	ceiling := func(db *benchDatabase) *benchProc {
 		return procs.start(b, "ceiling", os.Args[0], []string{"-test.run=^TestBenchCeilingProcess$", "-test.timeout=30m"},
-			ceilingEnv+"="+db.url)
+			benchCeilingEnv+"="+db.url)
 	}
 
 	// 6. Start-to-ready and idle RSS, while nothing else runs.
@@ -107,12 +107,12 @@ func BenchmarkLoad(b *testing.B) {
 	for range benchStarts {
 		p := service(small, defaultBcryptCost)
 		time.Sleep(500 * time.Millisecond)
-		rss, err := readRSS(p.pid())
+		rss, err := benchRSS(p.pid())
 		if err != nil {
 			b.Fatal(err)
 		}
-		readies = append(readies, ms(p.ready.Sub(p.started)))
-		idles = append(idles, mib(rss))
+		readies = append(readies, benchMS(p.ready.Sub(p.started)))
+		idles = append(idles, benchMiB(rss))
 		procs.stop(p)
 	}
 
@@ -122,50 +122,50 @@ func BenchmarkLoad(b *testing.B) {
 	ceil := ceiling(small)
 	getByID := func(base string) func(*rand.Rand) *http.Request {
 		return func(rng *rand.Rand) *http.Request {
-			return mustRequest("GET", base+"/users/"+strconv.FormatInt(ids[rng.IntN(len(ids))], 10), "")
+			return benchRequest("GET", base+"/users/"+strconv.FormatInt(ids[rng.IntN(len(ids))], 10), "")
 		}
 	}
 	list := func(base string) func(*rand.Rand) *http.Request {
-		return func(*rand.Rand) *http.Request { return mustRequest("GET", base+"/users/", "") }
+		return func(*rand.Rand) *http.Request { return benchRequest("GET", base+"/users/", "") }
 	}
-	short := loadSpec{conns: benchConns, warmup: time.Second, window: 5 * time.Second, want: http.StatusOK}
+	short := benchLoadSpec{conns: benchConns, warmup: time.Second, window: 5 * time.Second, want: http.StatusOK}
 
-	var getSvc, getCeil []loadResult
-	alternate(benchRounds, func(i int) {
+	var getSvc, getCeil []benchResult
+	benchAlternate(benchRounds, func(i int) {
 		s := short
 		s.request = getByID(svc.url)
-		getSvc = append(getSvc, runLoad(s))
+		getSvc = append(getSvc, runBenchLoad(s))
 		progress("GET by id, round %d: service %s", i+1, getSvc[len(getSvc)-1])
 	}, func(i int) {
 		s := short
 		s.request = getByID(ceil.url)
-		getCeil = append(getCeil, runLoad(s))
+		getCeil = append(getCeil, runBenchLoad(s))
 		progress("GET by id, round %d: ceiling %s", i+1, getCeil[len(getCeil)-1])
 	})
 
-	var listSvc, listThin []loadResult
-	alternate(benchRounds, func(i int) {
+	var listSvc, listThin []benchResult
+	benchAlternate(benchRounds, func(i int) {
 		s := short
 		s.conns, s.request = benchListConns, list(svc.url)
-		listSvc = append(listSvc, runLoad(s))
+		listSvc = append(listSvc, runBenchLoad(s))
 		progress("list of 1,000, round %d: service %s", i+1, listSvc[len(listSvc)-1])
 	}, func(i int) {
 		s := short
 		s.conns, s.request = benchListConns, list(ceil.url)
-		listThin = append(listThin, runLoad(s))
+		listThin = append(listThin, runBenchLoad(s))
 		progress("list of 1,000, round %d: thin list %s", i+1, listThin[len(listThin)-1])
 	})
 	procs.stop(ceil)
 
-	probe := loadSpec{conns: benchProbe, warmup: 3 * time.Second, window: 10 * time.Second, want: http.StatusOK, request: getByID(svc.url)}
-	quiet := runLoad(probe)
+	probe := benchLoadSpec{conns: benchProbe, warmup: 3 * time.Second, window: 10 * time.Second, want: http.StatusOK, request: getByID(svc.url)}
+	quiet := runBenchLoad(probe)
 	progress("GET by id, %d conns, alone: %s", benchProbe, quiet)
-	flood := loadSpec{conns: benchConns, warmup: probe.warmup, window: probe.window, want: http.StatusCreated, request: createUser(svc.url)}
-	var floodRes, busy loadResult
+	flood := benchLoadSpec{conns: benchConns, warmup: probe.warmup, window: probe.window, want: http.StatusCreated, request: benchCreates(svc.url)}
+	var floodRes, busy benchResult
 	var wg sync.WaitGroup
 	wg.Add(2)
-	go func() { defer wg.Done(); floodRes = runLoad(flood) }()
-	go func() { defer wg.Done(); busy = runLoad(probe) }()
+	go func() { defer wg.Done(); floodRes = runBenchLoad(flood) }()
+	go func() { defer wg.Done(); busy = runBenchLoad(probe) }()
 	wg.Wait()
 	progress("GET by id, %d conns, beside a POST flood: %s", benchProbe, busy)
 	progress("the POST flood: %s", floodRes)
@@ -177,25 +177,25 @@ func BenchmarkLoad(b *testing.B) {
 			procs.stop(svc)
 			svc = service(small, cost)
 		}
-		post := loadSpec{conns: benchConns, warmup: 3 * time.Second, window: 10 * time.Second, want: http.StatusCreated, request: createUser(svc.url)}
+		post := benchLoadSpec{conns: benchConns, warmup: 3 * time.Second, window: 10 * time.Second, want: http.StatusCreated, request: benchCreates(svc.url)}
 		if cost < 12 {
 			post.warmup, post.window = 2*time.Second, 6*time.Second
 		}
-		var posts []loadResult
+		var posts []benchResult
 		var raws []float64
-		alternate(benchSlowRounds, func(i int) {
-			posts = append(posts, runLoad(post))
+		benchAlternate(benchSlowRounds, func(i int) {
+			posts = append(posts, runBenchLoad(post))
 			progress("POST cost %d, round %d: service %s", cost, i+1, posts[len(posts)-1])
 		}, func(i int) {
-			raws = append(raws, bcryptRate(cost, time.Second, post.window))
+			raws = append(raws, benchBcryptRate(cost, time.Second, post.window))
 			progress("POST cost %d, round %d: raw bcrypt %.1f hash/s on %d goroutines", cost, i+1, raws[len(raws)-1], runtime.GOMAXPROCS(0))
 		})
-		ratio := pairedRatio(rates(posts), raws)
+		ratio := benchPairedRatio(benchRates(posts), raws)
 		postRows = append(postRows,
-			benchRow{fmt.Sprintf("2. POST /users/, cost %d, %d conns", cost, benchConns), fmt.Sprintf("%.1f 201/s", median(rates(posts))),
-				fmt.Sprintf("%.1f hash/s raw bcrypt", median(raws)), ratio, "≥ 0.90×", ratio >= 0.9},
-			benchRow{"   p50 / p99", p5099(posts), "", math.NaN(), "", nil},
-			benchRow{"   answers other than 201", otherStatuses(posts), "", math.NaN(), "", nil})
+			benchRow{fmt.Sprintf("2. POST /users/, cost %d, %d conns", cost, benchConns), fmt.Sprintf("%.1f 201/s", benchMedian(benchRates(posts))),
+				fmt.Sprintf("%.1f hash/s raw bcrypt", benchMedian(raws)), ratio, "≥ 0.90×", ratio >= 0.9},
+			benchRow{"   p50 / p99", benchP50P99(posts), "", math.NaN(), "", nil},
+			benchRow{"   answers other than 201", benchOthers(posts), "", math.NaN(), "", nil})
 		b.ReportMetric(ratio, fmt.Sprintf("post%d/bcrypt", cost))
 	}
 	procs.stop(svc)
@@ -207,9 +207,9 @@ func BenchmarkLoad(b *testing.B) {
 	if err := seedBenchUsers(ctx, big.db, benchBigUsers); err != nil {
 		b.Fatal(err)
 	}
-	var bigSvc, bigThin []streamResult
-	stream := func(name string, p *benchProc, into *[]streamResult, round int) {
-		r, err := streamList(p)
+	var bigSvc, bigThin []benchStream
+	stream := func(name string, p *benchProc, into *[]benchStream, round int) {
+		r, err := benchStreamList(p)
 		procs.stop(p)
 		if err != nil {
 			b.Fatal(err)
@@ -217,54 +217,54 @@ func BenchmarkLoad(b *testing.B) {
 		*into = append(*into, r)
 		progress("list of 1,000,000, round %d: %s %s", round+1, name, r)
 	}
-	alternate(benchSlowRounds, func(i int) {
+	benchAlternate(benchSlowRounds, func(i int) {
 		stream("service", service(big, defaultBcryptCost), &bigSvc, i)
 	}, func(i int) {
 		stream("thin list", ceiling(big), &bigThin, i)
 	})
 
 	// The table, in the issue's order.
-	getRatio := pairedRatio(rates(getSvc), rates(getCeil))
-	gp50, cp50 := medianPct(getSvc, 0.50), medianPct(getCeil, 0.50)
-	gp99, cp99 := medianPct(getSvc, 0.99), medianPct(getCeil, 0.99)
+	getRatio := benchPairedRatio(benchRates(getSvc), benchRates(getCeil))
+	gp50, cp50 := benchMedianPct(getSvc, 0.50), benchMedianPct(getCeil, 0.50)
+	gp99, cp99 := benchMedianPct(getSvc, 0.99), benchMedianPct(getCeil, 0.99)
 	rows := []benchRow{
-		{fmt.Sprintf("1. GET /users/{id}, %d conns", benchConns), fmt.Sprintf("%.0f req/s", median(rates(getSvc))),
-			fmt.Sprintf("%.0f req/s ceiling", median(rates(getCeil))), getRatio, "≥ 0.85×", getRatio >= 0.85},
-		{"   p50", fmtMS(gp50), fmtMS(cp50), ms(gp50) / ms(cp50), "", nil},
-		{"   p99", fmtMS(gp99), fmtMS(cp99), ms(gp99) / ms(cp99), "", nil},
-		{"   answers other than 200", otherStatuses(getSvc), otherStatuses(getCeil), math.NaN(), "", nil},
+		{fmt.Sprintf("1. GET /users/{id}, %d conns", benchConns), fmt.Sprintf("%.0f req/s", benchMedian(benchRates(getSvc))),
+			fmt.Sprintf("%.0f req/s ceiling", benchMedian(benchRates(getCeil))), getRatio, "≥ 0.85×", getRatio >= 0.85},
+		{"   p50", benchFmtMS(gp50), benchFmtMS(cp50), benchMS(gp50) / benchMS(cp50), "", nil},
+		{"   p99", benchFmtMS(gp99), benchFmtMS(cp99), benchMS(gp99) / benchMS(cp99), "", nil},
+		{"   answers other than 200", benchOthers(getSvc), benchOthers(getCeil), math.NaN(), "", nil},
 	}
 	rows = append(rows, postRows...)
-	listRatio := pairedRatio(rates(listSvc), rates(listThin))
-	lb, tb := median(byteRates(listSvc)), median(byteRates(listThin))
+	listRatio := benchPairedRatio(benchRates(listSvc), benchRates(listThin))
+	lb, tb := benchMedian(benchByteRates(listSvc)), benchMedian(benchByteRates(listThin))
 	rows = append(rows,
-		benchRow{fmt.Sprintf("3. GET /users/ (1,000 users), %d conns", benchListConns), fmt.Sprintf("%.0f req/s", median(rates(listSvc))),
-			fmt.Sprintf("%.0f req/s thin list", median(rates(listThin))), listRatio, "≥ 0.90×", listRatio >= 0.9},
-		benchRow{"   body bytes/s", fmt.Sprintf("%.1f MB/s", lb/1e6), fmt.Sprintf("%.1f MB/s", tb/1e6), pairedRatio(byteRates(listSvc), byteRates(listThin)), "", nil},
-		benchRow{"   p50 / p99", p5099(listSvc), p5099(listThin), math.NaN(), "", nil},
+		benchRow{fmt.Sprintf("3. GET /users/ (1,000 users), %d conns", benchListConns), fmt.Sprintf("%.0f req/s", benchMedian(benchRates(listSvc))),
+			fmt.Sprintf("%.0f req/s thin list", benchMedian(benchRates(listThin))), listRatio, "≥ 0.90×", listRatio >= 0.9},
+		benchRow{"   body bytes/s", fmt.Sprintf("%.1f MB/s", lb/1e6), fmt.Sprintf("%.1f MB/s", tb/1e6), benchPairedRatio(benchByteRates(listSvc), benchByteRates(listThin)), "", nil},
+		benchRow{"   p50 / p99", benchP50P99(listSvc), benchP50P99(listThin), math.NaN(), "", nil},
 	)
-	seconds := func(r streamResult) float64 { return r.elapsed.Seconds() }
-	growth := func(r streamResult) float64 { return mib(r.growth()) }
-	bg := medianOf(bigSvc, growth)
+	seconds := func(r benchStream) float64 { return r.elapsed.Seconds() }
+	growth := func(r benchStream) float64 { return benchMiB(r.growth()) }
+	bg := benchMedianOf(bigSvc, growth)
 	rows = append(rows,
-		benchRow{"4. GET /users/ (1,000,000 users): time", fmt.Sprintf("%.2f s", medianOf(bigSvc, seconds)),
-			fmt.Sprintf("%.2f s thin list", medianOf(bigThin, seconds)), pairedRatio(mapOf(bigSvc, seconds), mapOf(bigThin, seconds)), "", nil},
-		benchRow{"   peak RSS growth while streaming", fmt.Sprintf("%.1f MiB", bg), fmt.Sprintf("%.1f MiB", medianOf(bigThin, growth)), math.NaN(), "< 16 MiB", bg < 16},
+		benchRow{"4. GET /users/ (1,000,000 users): time", fmt.Sprintf("%.2f s", benchMedianOf(bigSvc, seconds)),
+			fmt.Sprintf("%.2f s thin list", benchMedianOf(bigThin, seconds)), benchPairedRatio(benchMap(bigSvc, seconds), benchMap(bigThin, seconds)), "", nil},
+		benchRow{"   peak RSS growth while streaming", fmt.Sprintf("%.1f MiB", bg), fmt.Sprintf("%.1f MiB", benchMedianOf(bigThin, growth)), math.NaN(), "< 16 MiB", bg < 16},
 	)
 	rows = append(rows,
-		benchRow{fmt.Sprintf("5. GET p99 beside a POST flood (%d+%d conns)", benchProbe, benchConns), fmtMS(busy.pct(0.99)),
-			fmtMS(quiet.pct(0.99)) + " alone", ms(busy.pct(0.99)) / ms(quiet.pct(0.99)), "< 20 ms", ms(busy.pct(0.99)) < 20},
-		benchRow{"   GET p50; GET req/s", fmt.Sprintf("%s; %.0f req/s", fmtMS(busy.pct(0.5)), busy.rate()),
-			fmt.Sprintf("%s; %.0f req/s", fmtMS(quiet.pct(0.5)), quiet.rate()), math.NaN(), "", nil},
-		benchRow{"   the flood: 201/s; other answers", fmt.Sprintf("%.1f; %s", floodRes.rate(), otherStatuses([]loadResult{floodRes})), "", math.NaN(), "", nil},
+		benchRow{fmt.Sprintf("5. GET p99 beside a POST flood (%d+%d conns)", benchProbe, benchConns), benchFmtMS(busy.pct(0.99)),
+			benchFmtMS(quiet.pct(0.99)) + " alone", benchMS(busy.pct(0.99)) / benchMS(quiet.pct(0.99)), "< 20 ms", benchMS(busy.pct(0.99)) < 20},
+		benchRow{"   GET p50; GET req/s", fmt.Sprintf("%s; %.0f req/s", benchFmtMS(busy.pct(0.5)), busy.rate()),
+			fmt.Sprintf("%s; %.0f req/s", benchFmtMS(quiet.pct(0.5)), quiet.rate()), math.NaN(), "", nil},
+		benchRow{"   the flood: 201/s; other answers", fmt.Sprintf("%.1f; %s", floodRes.rate(), benchOthers([]benchResult{floodRes})), "", math.NaN(), "", nil},
 	)
-	idle, ready := median(idles), median(readies)
+	idle, ready := benchMedian(idles), benchMedian(readies)
 	rows = append(rows,
 		benchRow{"6. idle RSS after start", fmt.Sprintf("%.1f MiB", idle), "", math.NaN(), "< 20 MiB", idle < 20},
 		benchRow{"   start to first 200 on /healthz", fmt.Sprintf("%.1f ms", ready), "", math.NaN(), "< 100 ms", ready < 100},
 	)
 	fmt.Fprintln(out)
-	printTable(out, rows)
+	printBenchTable(out, rows)
 	fmt.Fprintf(out, "Figures are medians over rounds (%d for 1 and 3, %d for 2 and 4), in which service and baseline alternate;\n"+
 		"a ratio is the median of the rounds' ratios. Start: %d starts, %.1f to %.1f ms.\n\n",
 		benchRounds, benchSlowRounds, benchStarts, slices.Min(readies), slices.Max(readies))
@@ -275,7 +275,7 @@ func BenchmarkLoad(b *testing.B) {
 	b.ReportMetric(getRatio, "get/ceiling")
 	b.ReportMetric(listRatio, "list/thin")
 	b.ReportMetric(bg, "1M-RSS-MiB")
-	b.ReportMetric(ms(busy.pct(0.99)), "flood-p99-ms")
+	b.ReportMetric(benchMS(busy.pct(0.99)), "flood-p99-ms")
 	b.ReportMetric(idle, "idle-RSS-MiB")
 	b.ReportMetric(ready, "ready-ms")
 }
@@ -284,7 +284,7 @@ func BenchmarkLoad(b *testing.B) {
 // with it to serve the ceiling in a process of its own, as the service runs,
 // so that neither shares a Go runtime with the load generator.
 func TestBenchCeilingProcess(t *testing.T) {
-	databaseURL := os.Getenv(ceilingEnv)
+	databaseURL := os.Getenv(benchCeilingEnv)
 	if databaseURL == "" {
 		return
 	}
@@ -295,7 +295,7 @@ func TestBenchCeilingProcess(t *testing.T) {
 	defer db.Close()
 	db.SetMaxOpenConns(benchPool.maxOpen)
 	db.SetMaxIdleConns(benchPool.maxIdle)
-	h, err := newCeiling(db)
+	h, err := newBenchCeiling(db)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -330,7 +330,7 @@ func newBenchDatabase(b *testing.B, name string) *benchDatabase {
 			b.Errorf("drop database %s: %v", name, err)
 		}
 	})
-	d := &benchDatabase{name: name, url: withDatabase(testDatabaseURL(), name)}
+	d := &benchDatabase{name: name, url: benchWithDatabase(testDatabaseURL(), name)}
 	// The schema comes from the same code the service runs at start.
 	st, err := openStore(context.Background(), d.url, poolConfig{maxOpen: 2, maxIdle: 2, maxIdleTime: time.Minute}, time.Minute)
 	if err != nil {
@@ -362,8 +362,8 @@ func (d *benchDatabase) ids(b *testing.B) []int64 {
 	return ids
 }
 
-// withDatabase returns databaseURL with its database name replaced.
-func withDatabase(databaseURL, name string) string {
+// benchWithDatabase returns databaseURL with its database name replaced.
+func benchWithDatabase(databaseURL, name string) string {
 	if u, err := url.Parse(databaseURL); err == nil && (u.Scheme == "postgres" || u.Scheme == "postgresql") {
 		u.Path = "/" + name
 		return u.String()
@@ -393,7 +393,7 @@ type benchProcs struct {
 	logs    []string
 }
 
-var listeningLine = regexp.MustCompile(`msg=listening addr=(\S+)`)
+var benchListening = regexp.MustCompile(`msg=listening addr=(\S+)`)
 
 // start runs path with args, the environment of this process without the
 // service's own variables, and env; and waits until it answers 200 on
@@ -415,7 +415,7 @@ func (ps *benchProcs) start(b *testing.B, name, path string, args []string, env 
 	cmd := exec.Command(path, args...)
 	for _, kv := range os.Environ() {
 		switch k, _, _ := strings.Cut(kv, "="); k {
-		case "DATABASE_URL", "ADDR", "PORT", "BCRYPT_COST", "DB_MAX_CONNS", "API_TOKEN", ceilingEnv:
+		case "DATABASE_URL", "ADDR", "PORT", "BCRYPT_COST", "DB_MAX_CONNS", "API_TOKEN", benchCeilingEnv:
 		default:
 			cmd.Env = append(cmd.Env, kv)
 		}
@@ -442,7 +442,7 @@ func (ps *benchProcs) start(b *testing.B, name, path string, args []string, env 
 	}
 	deadline := p.started.Add(10 * time.Second)
 	for p.url == "" {
-		if m := listeningLine.FindSubmatch(readHead(logPath)); m != nil {
+		if m := benchListening.FindSubmatch(benchReadHead(logPath)); m != nil {
 			p.url = "http://" + string(m[1])
 			break
 		}
@@ -475,8 +475,8 @@ func (ps *benchProcs) start(b *testing.B, name, path string, args []string, env 
 	return p
 }
 
-// readHead returns the first 4 KiB of the file at path.
-func readHead(path string) []byte {
+// benchReadHead returns the first 4 KiB of the file at path.
+func benchReadHead(path string) []byte {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil
@@ -531,17 +531,17 @@ func (ps *benchProcs) logProblems(w io.Writer) int {
 	return n
 }
 
-// loadSpec is one run of the load generator: conns goroutines, each with a
+// benchLoadSpec is one run of the load generator: conns goroutines, each with a
 // connection of its own, send requests back to back for warmup + window;
 // only answers that arrive within the window count.
-type loadSpec struct {
+type benchLoadSpec struct {
 	conns          int
 	warmup, window time.Duration
 	want           int // the status that counts toward the rate
 	request        func(rng *rand.Rand) *http.Request
 }
 
-type loadResult struct {
+type benchResult struct {
 	window   time.Duration
 	ok       int         // answers with the wanted status
 	bytes    int64       // their body bytes
@@ -550,11 +550,11 @@ type loadResult struct {
 	firstErr string      // the first transport error or unwanted answer
 }
 
-func (r loadResult) rate() float64     { return float64(r.ok) / r.window.Seconds() }
-func (r loadResult) byteRate() float64 { return float64(r.bytes) / r.window.Seconds() }
+func (r benchResult) rate() float64     { return float64(r.ok) / r.window.Seconds() }
+func (r benchResult) byteRate() float64 { return float64(r.bytes) / r.window.Seconds() }
 
 // pct returns the p-quantile of the latencies, by nearest rank.
-func (r loadResult) pct(p float64) time.Duration {
+func (r benchResult) pct(p float64) time.Duration {
 	if len(r.lat) == 0 {
 		return 0
 	}
@@ -562,8 +562,8 @@ func (r loadResult) pct(p float64) time.Duration {
 	return time.Duration(r.lat[max(i, 0)] * float64(time.Millisecond))
 }
 
-func (r loadResult) String() string {
-	s := fmt.Sprintf("%.1f/s, p50 %s, p99 %s, %d answers", r.rate(), fmtMS(r.pct(0.5)), fmtMS(r.pct(0.99)), len(r.lat))
+func (r benchResult) String() string {
+	s := fmt.Sprintf("%.1f/s, p50 %s, p99 %s, %d answers", r.rate(), benchFmtMS(r.pct(0.5)), benchFmtMS(r.pct(0.99)), len(r.lat))
 	if r.bytes > 0 {
 		s += fmt.Sprintf(", %.1f MB/s", r.byteRate()/1e6)
 	}
@@ -573,9 +573,9 @@ func (r loadResult) String() string {
 	return s
 }
 
-var runSeq atomic.Int64
+var benchRunSeq atomic.Int64
 
-func runLoad(spec loadSpec) loadResult {
+func runBenchLoad(spec benchLoadSpec) benchResult {
 	tr := &http.Transport{
 		MaxIdleConnsPerHost: spec.conns,
 		MaxConnsPerHost:     spec.conns,
@@ -587,9 +587,9 @@ func runLoad(spec loadSpec) loadResult {
 	start := time.Now()
 	from := start.Add(spec.warmup)
 	to := from.Add(spec.window)
-	run := uint64(runSeq.Add(1))
+	run := uint64(benchRunSeq.Add(1))
 
-	results := make([]loadResult, spec.conns)
+	results := make([]benchResult, spec.conns)
 	var wg sync.WaitGroup
 	for w := range spec.conns {
 		wg.Add(1)
@@ -601,12 +601,12 @@ func runLoad(spec loadSpec) loadResult {
 			for seq := 0; seq < 10_000_000 && time.Now().Before(to); seq++ {
 				req := spec.request(rng)
 				t0 := time.Now()
-				status, n, err := send(client, req)
+				status, n, err := benchSend(client, req)
 				t1 := time.Now()
 				if t1.Before(from) || t1.After(to) {
 					continue
 				}
-				r.lat = append(r.lat, ms(t1.Sub(t0)))
+				r.lat = append(r.lat, benchMS(t1.Sub(t0)))
 				if status == spec.want {
 					r.ok++
 					r.bytes += n
@@ -620,7 +620,7 @@ func runLoad(spec loadSpec) loadResult {
 		}()
 	}
 	wg.Wait()
-	total := loadResult{window: spec.window, statuses: map[int]int{}}
+	total := benchResult{window: spec.window, statuses: map[int]int{}}
 	for _, r := range results {
 		total.ok += r.ok
 		total.bytes += r.bytes
@@ -639,9 +639,9 @@ func runLoad(spec loadSpec) loadResult {
 	return total
 }
 
-// send sends req and reads the whole answer; status 0 is a transport error.
+// benchSend sends req and reads the whole answer; status 0 is a transport error.
 // For an answer other than 200 or 201, err holds the start of its body.
-func send(client *http.Client, req *http.Request) (status int, n int64, err error) {
+func benchSend(client *http.Client, req *http.Request) (status int, n int64, err error) {
 	resp, err := client.Do(req)
 	if err != nil {
 		return 0, 0, err
@@ -658,7 +658,7 @@ func send(client *http.Client, req *http.Request) (status int, n int64, err erro
 	return resp.StatusCode, n, err
 }
 
-func mustRequest(method, url, body string) *http.Request {
+func benchRequest(method, url, body string) *http.Request {
 	var rd io.Reader
 	if body != "" {
 		rd = strings.NewReader(body)
@@ -673,21 +673,21 @@ func mustRequest(method, url, body string) *http.Request {
 	return req
 }
 
-// userSeq numbers the users createUser makes.
-var userSeq atomic.Int64
+// benchUserSeq numbers the users benchCreates makes.
+var benchUserSeq atomic.Int64
 
-// createUser makes POST requests for users that do not exist yet.
-func createUser(base string) func(*rand.Rand) *http.Request {
+// benchCreates makes POST requests for users that do not exist yet.
+func benchCreates(base string) func(*rand.Rand) *http.Request {
 	return func(*rand.Rand) *http.Request {
 		body := fmt.Sprintf(`{"first_name": "Bench", "last_name": "User", "email": "bench-%d-%d@example.com", "password": %q}`,
-			os.Getpid(), userSeq.Add(1), benchPassword)
-		return mustRequest("POST", base+"/users/", body)
+			os.Getpid(), benchUserSeq.Add(1), benchPassword)
+		return benchRequest("POST", base+"/users/", body)
 	}
 }
 
-// bcryptRate returns how many bcrypt hashes at cost GOMAXPROCS goroutines
+// benchBcryptRate returns how many bcrypt hashes at cost GOMAXPROCS goroutines
 // finish per second within window, after warmup.
-func bcryptRate(cost int, warmup, window time.Duration) float64 {
+func benchBcryptRate(cost int, warmup, window time.Duration) float64 {
 	from := time.Now().Add(warmup)
 	to := from.Add(window)
 	var done atomic.Int64
@@ -708,8 +708,8 @@ func bcryptRate(cost int, warmup, window time.Duration) float64 {
 	return float64(done.Load()) / window.Seconds()
 }
 
-// streamResult is one GET of the whole list.
-type streamResult struct {
+// benchStream is one GET of the whole list.
+type benchStream struct {
 	elapsed    time.Duration
 	bytes      int64
 	objects    int
@@ -719,19 +719,19 @@ type streamResult struct {
 	sampleSize int
 }
 
-func (r streamResult) growth() int64 { return max(r.rssPeak-r.rssBefore, 0) }
+func (r benchStream) growth() int64 { return max(r.rssPeak-r.rssBefore, 0) }
 
-func (r streamResult) String() string {
+func (r benchStream) String() string {
 	return fmt.Sprintf("%d users, %.1f MB in %.2f s; RSS %.1f MiB before, peak growth %.1f MiB (%d samples; VmHWM growth %.1f MiB)",
-		r.objects, float64(r.bytes)/1e6, r.elapsed.Seconds(), mib(r.rssBefore), mib(r.growth()), r.sampleSize, mib(r.hwmGrowth))
+		r.objects, float64(r.bytes)/1e6, r.elapsed.Seconds(), benchMiB(r.rssBefore), benchMiB(r.growth()), r.sampleSize, benchMiB(r.hwmGrowth))
 }
 
-// streamList reads GET /users/ from p whole, sampling p's RSS every 10 ms.
-func streamList(p *benchProc) (streamResult, error) {
-	var r streamResult
+// benchStreamList reads GET /users/ from p whole, sampling p's RSS every 10 ms.
+func benchStreamList(p *benchProc) (benchStream, error) {
+	var r benchStream
 	time.Sleep(300 * time.Millisecond) // let the start settle
 	var err error
-	if r.rssBefore, err = readRSS(p.pid()); err != nil {
+	if r.rssBefore, err = benchRSS(p.pid()); err != nil {
 		return r, err
 	}
 	done := make(chan struct{})
@@ -747,7 +747,7 @@ func streamList(p *benchProc) (streamResult, error) {
 				return
 			case <-tick.C:
 			}
-			if rss, err := readRSS(p.pid()); err == nil {
+			if rss, err := benchRSS(p.pid()); err == nil {
 				peak = max(peak, rss)
 				samples++
 			}
@@ -785,17 +785,17 @@ func streamList(p *benchProc) (streamResult, error) {
 	if err != nil {
 		return r, fmt.Errorf("%s: GET /users/: %w", p.name, err)
 	}
-	if hwm, err := readStatus(p.pid(), "VmHWM:"); err == nil {
+	if hwm, err := benchProcStatus(p.pid(), "VmHWM:"); err == nil {
 		r.hwmGrowth = hwm - r.rssBefore
 	}
 	return r, nil
 }
 
-// readRSS returns the resident set size of process pid, in bytes.
-func readRSS(pid int) (int64, error) { return readStatus(pid, "VmRSS:") }
+// benchRSS returns the resident set size of process pid, in bytes.
+func benchRSS(pid int) (int64, error) { return benchProcStatus(pid, "VmRSS:") }
 
-// readStatus returns a "kB" field of /proc/<pid>/status, in bytes.
-func readStatus(pid int, field string) (int64, error) {
+// benchProcStatus returns a "kB" field of /proc/<pid>/status, in bytes.
+func benchProcStatus(pid int, field string) (int64, error) {
 	status, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
 	if err != nil {
 		return 0, err
@@ -818,7 +818,7 @@ type benchRow struct {
 	met                     any // bool, or nil for no target
 }
 
-func printTable(w io.Writer, rows []benchRow) {
+func printBenchTable(w io.Writer, rows []benchRow) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "figure\tservice\tbaseline\tratio\ttarget\t")
 	for _, r := range rows {
@@ -838,23 +838,23 @@ func printTable(w io.Writer, rows []benchRow) {
 	tw.Flush()
 }
 
-func rates(rs []loadResult) []float64     { return mapOf(rs, loadResult.rate) }
-func byteRates(rs []loadResult) []float64 { return mapOf(rs, loadResult.byteRate) }
+func benchRates(rs []benchResult) []float64     { return benchMap(rs, benchResult.rate) }
+func benchByteRates(rs []benchResult) []float64 { return benchMap(rs, benchResult.byteRate) }
 
-func medianPct(rs []loadResult, p float64) time.Duration {
+func benchMedianPct(rs []benchResult, p float64) time.Duration {
 	var v []float64
 	for _, r := range rs {
 		v = append(v, float64(r.pct(p)))
 	}
-	return time.Duration(median(v))
+	return time.Duration(benchMedian(v))
 }
 
-func p5099(rs []loadResult) string {
-	return fmtMS(medianPct(rs, 0.5)) + " / " + fmtMS(medianPct(rs, 0.99))
+func benchP50P99(rs []benchResult) string {
+	return benchFmtMS(benchMedianPct(rs, 0.5)) + " / " + benchFmtMS(benchMedianPct(rs, 0.99))
 }
 
-// otherStatuses sums the unwanted answers of rs.
-func otherStatuses(rs []loadResult) string {
+// benchOthers sums the unwanted answers of rs.
+func benchOthers(rs []benchResult) string {
 	sum := map[int]int{}
 	for _, r := range rs {
 		for s, n := range r.statuses {
@@ -867,9 +867,9 @@ func otherStatuses(rs []loadResult) string {
 	return fmt.Sprint(sum)
 }
 
-// alternate runs a and b rounds times each, in the order a b, b a, a b, ...,
+// benchAlternate runs a and b rounds times each, in the order a b, b a, a b, ...,
 // so that drift during the run weighs on both alike.
-func alternate(rounds int, a, b func(round int)) {
+func benchAlternate(rounds int, a, b func(round int)) {
 	for i := range rounds {
 		if i%2 == 0 {
 			a(i)
@@ -881,18 +881,18 @@ func alternate(rounds int, a, b func(round int)) {
 	}
 }
 
-// pairedRatio returns the median of x[i]/y[i]. The two figures of a round
+// benchPairedRatio returns the median of x[i]/y[i]. The two figures of a round
 // were measured seconds apart, so drift cancels better in their ratio than
 // in the ratio of two medians.
-func pairedRatio(x, y []float64) float64 {
+func benchPairedRatio(x, y []float64) float64 {
 	var r []float64
 	for i := range min(len(x), len(y)) {
 		r = append(r, x[i]/y[i])
 	}
-	return median(r)
+	return benchMedian(r)
 }
 
-func mapOf[T any](xs []T, f func(T) float64) []float64 {
+func benchMap[T any](xs []T, f func(T) float64) []float64 {
 	var v []float64
 	for _, x := range xs {
 		v = append(v, f(x))
@@ -900,9 +900,9 @@ func mapOf[T any](xs []T, f func(T) float64) []float64 {
 	return v
 }
 
-func medianOf[T any](xs []T, f func(T) float64) float64 { return median(mapOf(xs, f)) }
+func benchMedianOf[T any](xs []T, f func(T) float64) float64 { return benchMedian(benchMap(xs, f)) }
 
-func median(v []float64) float64 {
+func benchMedian(v []float64) float64 {
 	if len(v) == 0 {
 		return math.NaN()
 	}
@@ -914,7 +914,7 @@ func median(v []float64) float64 {
 	return (s[len(s)/2-1] + s[len(s)/2]) / 2
 }
 
-func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
-func mib(n int64) float64        { return float64(n) / (1 << 20) }
+func benchMS(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+func benchMiB(n int64) float64        { return float64(n) / (1 << 20) }
 
-func fmtMS(d time.Duration) string { return fmt.Sprintf("%.2f ms", ms(d)) }
+func benchFmtMS(d time.Duration) string { return fmt.Sprintf("%.2f ms", benchMS(d)) }

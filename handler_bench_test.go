@@ -25,16 +25,16 @@ const (
 	benchHash     = "$2a$12$39HUuk9X/zmfXFzzeU/24.vqftitBT9zuqoeLXvMN9ROGH/zTr/qK"
 )
 
-// seedSQL inserts $1 users with the ids that follow the table's, in one
+// benchSeedSQL inserts $1 users with the ids that follow the table's, in one
 // statement.
-const seedSQL = `
+const benchSeedSQL = `
 	INSERT INTO users (first_name, last_name, email, password, salt)
 	SELECT 'First' || i, 'Last' || i, 'user' || i || '@example.com', $2, $3
 	FROM generate_series(1, $1::bigint) AS i`
 
 // seedBenchUsers inserts n users through db and analyzes the table.
 func seedBenchUsers(ctx context.Context, db *sql.DB, n int) error {
-	if _, err := db.ExecContext(ctx, seedSQL, n, benchHash, benchHash[:bcryptSaltLen]); err != nil {
+	if _, err := db.ExecContext(ctx, benchSeedSQL, n, benchHash, benchHash[:bcryptSaltLen]); err != nil {
 		return fmt.Errorf("seed %d users: %w", n, err)
 	}
 	if _, err := db.ExecContext(ctx, `ANALYZE users`); err != nil {
@@ -43,11 +43,11 @@ func seedBenchUsers(ctx context.Context, db *sql.DB, n int) error {
 	return nil
 }
 
-// newCeiling returns the thinnest handler the stack allows for the two read
+// newBenchCeiling returns the thinnest handler the stack allows for the two read
 // paths, the baseline the load benchmark compares the service with: one
 // prepared statement per look-up, rows encoded one by one, no middleware, no
 // access log, no validation.
-func newCeiling(db *sql.DB) (http.Handler, error) {
+func newBenchCeiling(db *sql.DB) (http.Handler, error) {
 	byID, err := db.Prepare(`SELECT ` + userColumns + ` FROM users WHERE id = $1`)
 	if err != nil {
 		return nil, err
@@ -106,30 +106,23 @@ var benchPool = poolConfig{maxOpen: 16, maxIdle: 16, maxIdleTime: 5 * time.Minut
 // HTTP client, so that a CPU or allocation profile shows the handler's own
 // work:
 //
-//	go test -run '^$' -bench 'Handler/get/service$' -cpuprofile cpu.out
-//	go tool pprof -top cpu.out
+//	go test -run '^$' -bench 'Handler/get/service$' -cpuprofile cpu.prof
+//	go tool pprof -top users.test cpu.prof
 //
-// Beside the service it runs the ceiling handler and two variants of the
-// service that isolate a cost: "nolog" drops the access log (a logger whose
-// level hides Info), "binary_parameters" sets lib/pq's binary_parameters
-// connection option, which sends a parameterized query in one round trip
-// instead of two.
+// Beside the service it runs the ceiling handler, and the service without
+// its access log ("nolog": a logger whose level hides Info), which isolates
+// the log's cost.
 func BenchmarkHandler(b *testing.B) {
 	ctx := context.Background()
 	databaseURL, _ := newSchema(b)
-	open := func(databaseURL string) *store {
-		st, err := openStore(ctx, databaseURL, benchPool, queryTimeout)
-		if err != nil {
-			b.Fatalf("openStore: %v", err)
-		}
-		b.Cleanup(func() { st.Close() })
-		return st
+	st, err := openStore(ctx, databaseURL, benchPool, queryTimeout)
+	if err != nil {
+		b.Fatalf("openStore: %v", err)
 	}
-	st := open(databaseURL)
+	b.Cleanup(func() { st.Close() })
 	if err := seedBenchUsers(ctx, st.db, 1000); err != nil {
 		b.Fatal(err)
 	}
-	stBinary := open(withParam(databaseURL, "binary_parameters", "yes"))
 
 	// The access log goes to a file, as the service's standard output
 	// usually does: one write(2) per line.
@@ -149,7 +142,7 @@ func BenchmarkHandler(b *testing.B) {
 	ceilingDB.SetMaxOpenConns(benchPool.maxOpen)
 	ceilingDB.SetMaxIdleConns(benchPool.maxIdle)
 	b.Cleanup(func() { ceilingDB.Close() })
-	ceiling, err := newCeiling(ceilingDB)
+	ceiling, err := newBenchCeiling(ceilingDB)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -160,7 +153,6 @@ func BenchmarkHandler(b *testing.B) {
 	}{
 		{"service", newServer(logger, st, h, "")},
 		{"service-nolog", newServer(quiet, st, h, "")},
-		{"service-binary_parameters", newServer(logger, stBinary, h, "")},
 		{"ceiling", ceiling},
 	}
 	paths := []struct {
