@@ -55,6 +55,10 @@ const (
 )
 
 func main() {
+	// One P more than the runtime would take: run gives bcrypt every P but
+	// one, so on this machine every core can hash and a flood of creates
+	// still leaves a P to serve reads (see run).
+	runtime.GOMAXPROCS(runtime.GOMAXPROCS(0) + 1)
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr)
 	stop()
@@ -165,7 +169,11 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		logger.Warn("API_TOKEN is not set: anyone who can reach this address can read and change users", "addr", ln.Addr().String())
 	}
 
-	h := newHasher(cfg.bcryptCost, runtime.GOMAXPROCS(0), hashWait)
+	// Hashes may run on every P but one. A hash holds its P for a long
+	// time, and the Go scheduler takes it back only every 10 ms: were every
+	// P hashing, each step of a read would wait that long for one.
+	hashSlots := max(1, runtime.GOMAXPROCS(0)-1)
+	h := newHasher(cfg.bcryptCost, hashSlots, hashWait)
 	srv := newHTTPServer(newServer(logger, st, h, cfg.apiToken), logger)
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()
