@@ -200,14 +200,18 @@ func (e *testEnv) do(method, path, body string, header ...string) response {
 		name, value, _ := strings.Cut(h, ":")
 		req.Header.Set(name, strings.TrimSpace(value))
 	}
+	// Errorf, not Fatalf: tests call do from goroutines too. A failed
+	// request comes back as status 0, which no check accepts.
 	resp, err := noRedirects.Do(req)
 	if err != nil {
-		e.t.Fatalf("%s %s: %v", method, path, err)
+		e.t.Errorf("%s %s: %v", method, path, err)
+		return response{what: method + " " + path}
 	}
 	defer resp.Body.Close()
 	b, err := io.ReadAll(resp.Body)
 	if err != nil {
-		e.t.Fatalf("%s %s: read body: %v", method, path, err)
+		e.t.Errorf("%s %s: read body: %v", method, path, err)
+		return response{what: method + " " + path}
 	}
 	// Every answer, whatever it is, carries these.
 	if resp.Header.Get("Cache-Control") != "no-store" || resp.Header.Get("X-Content-Type-Options") != "nosniff" {
@@ -220,8 +224,11 @@ func (e *testEnv) do(method, path, body string, header ...string) response {
 }
 
 // noRedirects shows a redirect as the answer it is, instead of following it.
+// Its timeout is far beyond any bound the service sets itself, so that a
+// hang fails the test instead of stalling it.
 var noRedirects = &http.Client{
 	CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+	Timeout:       30 * time.Second,
 }
 
 // syncBuffer is a bytes.Buffer that a logger and a test may share.

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"strings"
@@ -262,6 +263,21 @@ func TestGracefulShutdownUnderLoad(t *testing.T) {
 		}(i)
 	}
 	go func() { results <- e.do("GET", "/users/?limit=5", "") }()
+	// One create is surely in flight: its body is only half sent when the
+	// shutdown begins, and the rest follows after.
+	slowBody, rest := io.Pipe()
+	slow := make(chan int, 1)
+	go func() {
+		resp, err := noRedirects.Post(e.url+"/users/", "application/json", slowBody)
+		if err != nil {
+			t.Errorf("POST with a slow body: %v", err)
+			slow <- 0
+			return
+		}
+		resp.Body.Close()
+		slow <- resp.StatusCode
+	}()
+	rest.Write([]byte(`{"first_name":"Slow","last_name":"Body",`))
 	time.Sleep(150 * time.Millisecond) // the requests are in; the hashes are not done
 	cancel()
 
@@ -278,6 +294,16 @@ func TestGracefulShutdownUnderLoad(t *testing.T) {
 	}
 	if !refused {
 		t.Error("new connections were still accepted 1s after shutdown began")
+	}
+	select {
+	case status := <-slow:
+		t.Fatalf("the slow create answered %d before its body was complete", status)
+	default:
+	}
+	rest.Write([]byte(`"email":"slow@example.com","password":"password1"}`))
+	rest.Close()
+	if status := <-slow; status != http.StatusCreated {
+		t.Errorf("the create whose body came during shutdown answered %d, want 201", status)
 	}
 	created := 0
 	for i := 0; i < creates+1; i++ {

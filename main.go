@@ -58,7 +58,9 @@ func main() {
 	// One P more than the runtime would take: run gives bcrypt every P but
 	// one, so on this machine every core can hash and a flood of creates
 	// still leaves a P to serve reads (see run).
-	runtime.GOMAXPROCS(runtime.GOMAXPROCS(0) + 1)
+	if os.Getenv("GOMAXPROCS") == "" {
+		runtime.GOMAXPROCS(runtime.GOMAXPROCS(0) + 1)
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr)
 	stop()
@@ -88,6 +90,9 @@ func loadConfig(args []string, getenv func(string) string, stderr io.Writer) (co
 		pool:        poolConfig{maxOpen: 16, maxIdle: 16, maxIdleTime: 5 * time.Minute},
 	}
 	if port := getenv("PORT"); port != "" {
+		if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+			return cfg, fmt.Errorf("PORT: must be a port number from 1 to 65535, got %q", port)
+		}
 		cfg.addr = ":" + port
 	}
 	if addr := getenv("ADDR"); addr != "" {
@@ -112,7 +117,8 @@ func loadConfig(args []string, getenv func(string) string, stderr io.Writer) (co
 	}
 
 	fs := flag.NewFlagSet("users", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	// Errors come back as one line; the usage is printed only for -h.
+	fs.SetOutput(io.Discard)
 	fs.StringVar(&cfg.addr, "addr", cfg.addr, "listen `address` (env ADDR, or :$PORT)")
 	// The URL's default is not shown in -h, since it may hold a password.
 	fs.Func("database-url", "PostgreSQL connection `URL` (env DATABASE_URL)", func(s string) error {
@@ -121,6 +127,10 @@ func loadConfig(args []string, getenv func(string) string, stderr io.Writer) (co
 	})
 	cost := fs.String("bcrypt-cost", strconv.Itoa(cfg.bcryptCost), "bcrypt `cost`, 10 to 15 (env BCRYPT_COST)")
 	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			fs.SetOutput(stderr)
+			fs.Usage()
+		}
 		return cfg, err
 	}
 	if fs.NArg() > 0 {

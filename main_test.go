@@ -135,6 +135,9 @@ func TestRunRefusesBadConfiguration(t *testing.T) {
 		{"cost flag out of range", nil, []string{"-bcrypt-cost", "4"}, []string{"-bcrypt-cost", "10 to 15"}},
 		{"pool size", map[string]string{"DB_MAX_CONNS": "0"}, nil, []string{"DB_MAX_CONNS"}},
 		{"stray argument", nil, []string{"serve"}, []string{"unexpected arguments"}},
+		{"unknown flag", nil, []string{"-nope"}, []string{"-nope"}},
+		{"port not a number", map[string]string{"PORT": "http"}, nil, []string{"PORT", `"http"`}},
+		{"port out of range", map[string]string{"PORT": "65536"}, nil, []string{"PORT"}},
 		{"database down", map[string]string{"DATABASE_URL": "postgres://ann:hunter2@" + down + "/db?sslmode=disable"}, nil,
 			[]string{"DATABASE_URL", down}},
 		{"database URL unparsable", map[string]string{"DATABASE_URL": "postgres://ann:hunter2@host:port/db"}, nil,
@@ -144,7 +147,11 @@ func TestRunRefusesBadConfiguration(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			start := time.Now()
-			err := run(context.Background(), tt.args, func(k string) string { return tt.env[k] }, io.Discard, io.Discard)
+			var stderr syncBuffer
+			err := run(context.Background(), tt.args, func(k string) string { return tt.env[k] }, io.Discard, &stderr)
+			if stderr.String() != "" {
+				t.Errorf("run wrote to stderr besides its error: %q", stderr.String())
+			}
 			if err == nil {
 				t.Fatal("run succeeded, want an error")
 			}
@@ -192,5 +199,28 @@ func TestLoadConfig(t *testing.T) {
 				t.Errorf("loadConfig = %+v, want %+v", got, tt.want)
 			}
 		})
+	}
+}
+
+func TestServerTimeouts(t *testing.T) {
+	t.Parallel()
+	// The slow-client tests shorten these to run quickly; this one holds the
+	// values the service runs with, which the README documents.
+	srv := newHTTPServer(http.NotFoundHandler(), newTestLogger(io.Discard))
+	for _, tt := range []struct {
+		name      string
+		got, want time.Duration
+	}{
+		{"ReadHeaderTimeout", srv.ReadHeaderTimeout, 5 * time.Second},
+		{"ReadTimeout", srv.ReadTimeout, 16 * time.Second},
+		{"WriteTimeout", srv.WriteTimeout, 30 * time.Second},
+		{"IdleTimeout", srv.IdleTimeout, 60 * time.Second},
+	} {
+		if tt.got != tt.want {
+			t.Errorf("%s = %v, want %v", tt.name, tt.got, tt.want)
+		}
+	}
+	if srv.MaxHeaderBytes != 64<<10 {
+		t.Errorf("MaxHeaderBytes = %d, want 64 KiB", srv.MaxHeaderBytes)
 	}
 }

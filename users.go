@@ -266,7 +266,12 @@ func (s *server) deleteUser(w http.ResponseWriter, r *http.Request) {
 // user (after ?after_id=, if given), reading the table in keyset batches so
 // that no connection is held while a slow client reads.
 func (s *server) listUsers(w http.ResponseWriter, r *http.Request) {
-	q, problems := parseListQuery(r.URL.Query())
+	values, err := url.ParseQuery(r.URL.RawQuery)
+	if err != nil {
+		writeInvalid(w, map[string]string{"query": "is not a valid query string"})
+		return
+	}
+	q, problems := parseListQuery(values)
 	if len(problems) > 0 {
 		writeInvalid(w, problems)
 		return
@@ -337,12 +342,19 @@ func (s *server) listUsers(w http.ResponseWriter, r *http.Request) {
 		if !more {
 			break
 		}
+		// A client that stopped reading, or left, gets nothing more.
+		if err := bw.Flush(); err != nil {
+			s.logger.Info("list users: client stopped reading", "err", err)
+			panic(http.ErrAbortHandler)
+		}
 		// Each batch gets a fresh write deadline: a client that keeps
 		// reading may take as long as the list needs, one that stalls
 		// is cut off.
 		rc.SetWriteDeadline(time.Now().Add(writeTimeout))
 		if batch, err = s.store.Users(r.Context(), batch[len(batch)-1].ID, listBatchSize+1); err != nil {
-			s.logger.Error("list users: read next batch", "err", err)
+			if r.Context().Err() == nil {
+				s.logger.Error("list users: read next batch", "err", err)
+			}
 			panic(http.ErrAbortHandler) // the 200 is out: only cutting the stream says it failed
 		}
 	}
@@ -538,7 +550,10 @@ func cleanEmail(s *string) string {
 	if err != nil || addr.Name != "" || addr.Address != *s || strings.IndexFunc(*s, invisible) >= 0 {
 		return "must be a plain email address such as ann@example.com"
 	}
-	*s = strings.ToLower(*s)
+	// Lower case can take more bytes than upper case (Ⱥ, ⱥ): check again.
+	if *s = strings.ToLower(*s); len(*s) > maxEmailBytes {
+		return fmt.Sprintf("must be at most %d bytes", maxEmailBytes)
+	}
 	return ""
 }
 

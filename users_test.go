@@ -233,6 +233,7 @@ func TestCreateUserValidation(t *testing.T) {
 		{"right-to-left name", "first_name", "שָׁלוֹם", true},
 		{"email of 254 bytes", "email", email254, true},
 		{"email of 255 bytes", "email", "a" + email254, false},
+		{"email of 254 bytes that grows in lower case", "email", "Ⱥ" + email254[2:], false},
 		{"email without @", "email", "ann.example.com", false},
 		{"email with display name", "email", "Ann <ann@example.com>", false},
 		{"email in angle brackets", "email", "<ann@example.com>", false},
@@ -691,7 +692,8 @@ func TestListPagination(t *testing.T) {
 	}
 
 	for _, q := range []string{"limit=0", "limit=1001", "limit=-1", "limit=abc", "limit=", "limit=1.5",
-		"after_id=-1", "after_id=x", "after_id=99999999999999999999", "limit=1&limit=2", "page=2", "limt=10"} {
+		"after_id=-1", "after_id=x", "after_id=99999999999999999999", "limit=1&limit=2", "page=2", "limt=10",
+		"limit=1;x", "limit=%zz"} {
 		e := mustError(t, e.do("GET", "/users/?"+q, ""), http.StatusBadRequest, "Invalid data")
 		if len(e.Errors) == 0 {
 			t.Errorf("GET /users/?%s: no errors listed", q)
