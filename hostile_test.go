@@ -319,13 +319,6 @@ func TestGracefulShutdownUnderLoad(t *testing.T) {
 	if created != creates {
 		t.Errorf("%d of %d creates in flight completed", created, creates)
 	}
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Errorf("run = %v, want nil", err)
-		}
-	case <-time.After(30 * time.Second):
-		t.Fatal("run did not return")
-	}
+	waitStopped(t, done)
 	waitNoConnections(t, schema)
 }

@@ -54,14 +54,7 @@ func TestRunServesAndStopsCleanly(t *testing.T) {
 	mustUser(t, e.do("GET", "/users/1", ""), http.StatusOK)
 
 	cancel()
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatalf("run after cancel = %v, want nil", err)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("run did not return within 10s of cancel")
-	}
+	waitStopped(t, done)
 	if _, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
 		t.Errorf("%s still accepts connections after run returned", addr)
 	}
@@ -78,6 +71,19 @@ func TestRunServesAndStopsCleanly(t *testing.T) {
 	st.db.QueryRow(`SELECT password FROM users WHERE id = $1`, u.ID).Scan(&hash)
 	if !strings.HasPrefix(hash, "$2a$10$") {
 		t.Errorf("stored hash %q, want cost 10 from BCRYPT_COST", hash)
+	}
+}
+
+// waitStopped waits for run, cancelled, to return nil.
+func waitStopped(t *testing.T, done <-chan error) {
+	t.Helper()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("run after cancel = %v, want nil", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("run did not return within 30s of cancel")
 	}
 }
 

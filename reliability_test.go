@@ -64,9 +64,7 @@ func TestTokenWarningOnOpenAddress(t *testing.T) {
 		ctx, cancel := context.WithCancel(context.Background())
 		_, logs, done := startRun(t, ctx, map[string]string{"DATABASE_URL": databaseURL, "ADDR": tt.addr, "API_TOKEN": tt.token})
 		cancel()
-		if err := <-done; err != nil {
-			t.Fatal(err)
-		}
+		waitStopped(t, done)
 		if got := strings.Contains(logs.String(), "API_TOKEN is not set"); got != tt.warn {
 			t.Errorf("ADDR=%s API_TOKEN=%q: warning logged = %v, want %v\n%s", tt.addr, tt.token, got, tt.warn, logs)
 		}
