@@ -431,7 +431,7 @@ func TestPanicIsRecovered(t *testing.T) {
 		w.Header().Set("Content-Type", "application/json")
 		w.WriteHeader(http.StatusOK)
 		w.Write([]byte(`[{"id":1},`))
-		http.NewResponseController(w).Flush()
+		w.(http.Flusher).Flush()
 		panic("failed mid-stream")
 	})
 	mux.HandleFunc("GET /ok", func(w http.ResponseWriter, _ *http.Request) {

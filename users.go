@@ -640,6 +640,14 @@ func (rec *statusRecorder) Write(b []byte) (int, error) {
 // Unwrap lets http.ResponseController reach the connection's writer.
 func (rec *statusRecorder) Unwrap() http.ResponseWriter { return rec.ResponseWriter }
 
+// Flush keeps the wrapped writer an http.Flusher for handlers that ask.
+func (rec *statusRecorder) Flush() {
+	if rec.status == 0 {
+		rec.status = http.StatusOK
+	}
+	http.NewResponseController(rec.ResponseWriter).Flush()
+}
+
 // jsonErrorWriter replaces the plain-text body of an error answer with
 // {"detail": "<status text>"}, keeping its status and headers.
 type jsonErrorWriter struct {
