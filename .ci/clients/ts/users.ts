@@ -47,8 +47,8 @@ const listUsers = (base: string, query: ListQuery) =>
 // nextPage returns the query of a Link header's rel="next" address, or
 // undefined if there is no Link.
 function nextPage(link: string | null): ListQuery | undefined {
-  const m = link?.match(/^<([^>]*)>;\s*rel="next"$/);
   if (!link) return undefined;
+  const m = link.match(/^<([^>]*)>;\s*rel="next"$/);
   if (!m) throw new Error(`the Link header ${link}: not one rel="next" address`);
   const q = new URL(m[1], "http://x").searchParams;
   return { limit: Number(q.get("limit")), after_id: Number(q.get("after_id")) };
