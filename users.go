@@ -12,7 +12,6 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
-	"net/mail"
 	"net/url"
 	"runtime/debug"
 	"strconv"
@@ -532,12 +531,6 @@ func cleanName(s *string) string {
 	return ""
 }
 
-// invisible reports whether r is a control or formatting character, or the
-// replacement character: none belongs in an address a person types.
-func invisible(r rune) bool {
-	return unicode.In(r, unicode.Cc, unicode.Cf) || r == utf8.RuneError
-}
-
 // cleanEmail trims and lower-cases *s and reports what is wrong with it, if
 // anything. Addresses are compared, stored and unique in lower case.
 func cleanEmail(s *string) string {
@@ -545,16 +538,77 @@ func cleanEmail(s *string) string {
 	if len(*s) > maxEmailBytes {
 		return fmt.Sprintf("must be at most %d bytes", maxEmailBytes)
 	}
-	// A plain address: no display name, no angle brackets, no comments.
-	addr, err := mail.ParseAddress(*s)
-	if err != nil || addr.Name != "" || addr.Address != *s || strings.IndexFunc(*s, invisible) >= 0 {
-		return "must be a plain email address such as ann@example.com"
-	}
 	// Lower case can take more bytes than upper case (Ⱥ, ⱥ): check again.
 	if *s = strings.ToLower(*s); len(*s) > maxEmailBytes {
 		return fmt.Sprintf("must be at most %d bytes", maxEmailBytes)
 	}
+	if !validEmail(*s) {
+		return "must be a plain email address such as ann@example.com"
+	}
 	return ""
+}
+
+// validEmail reports whether s is an address as python-email-validator
+// accepts it by default, which is what strict clients expect of an email:
+//
+//   - a local part of 1 to 64 bytes, dot-separated atoms of ASCII atext or
+//     non-ASCII letters and digits; no quoted strings, no comments;
+//   - a domain of at most 253 bytes and at least two labels, each 1 to 63
+//     bytes of letters, digits and hyphens (non-ASCII letters and digits
+//     too), not starting or ending with a hyphen; the last label is not all
+//     digits, and there are no IP literals.
+//
+// Combining marks are allowed after the first character of an atom or a
+// label, since many scripts (and decomposed accents) need them.
+func validEmail(s string) bool {
+	local, domain, ok := strings.Cut(s, "@")
+	if !ok || len(local) > 64 || len(domain) > 253 {
+		return false
+	}
+	for _, atom := range strings.Split(local, ".") {
+		if !emailWord(atom, isAtext) {
+			return false
+		}
+	}
+	labels := strings.Split(domain, ".")
+	if len(labels) < 2 {
+		return false
+	}
+	for _, label := range labels {
+		if len(label) > 63 || !emailWord(label, isLabelASCII) || label[0] == '-' || label[len(label)-1] == '-' {
+			return false
+		}
+	}
+	return strings.Trim(labels[len(labels)-1], "0123456789") != ""
+}
+
+// emailWord reports whether s, an atom or a label, is not empty and holds
+// only ASCII characters that ascii allows, non-ASCII letters and digits,
+// and combining marks after its first character.
+func emailWord(s string, ascii func(rune) bool) bool {
+	for i, r := range s {
+		switch {
+		case r < utf8.RuneSelf:
+			if !ascii(r) {
+				return false
+			}
+		case unicode.IsLetter(r) || unicode.IsDigit(r):
+		case unicode.IsMark(r) && i > 0:
+		default:
+			return false
+		}
+	}
+	return s != ""
+}
+
+// isAtext reports whether r is an RFC 5322 atext character.
+func isAtext(r rune) bool {
+	return isLabelASCII(r) || strings.ContainsRune("!#$%&'*+/=?^_`{|}~", r)
+}
+
+// isLabelASCII reports whether r is an ASCII letter, digit or hyphen.
+func isLabelASCII(r rune) bool {
+	return 'a' <= r && r <= 'z' || 'A' <= r && r <= 'Z' || '0' <= r && r <= '9' || r == '-'
 }
 
 // checkPassword reports what is wrong with a password, if anything. There
