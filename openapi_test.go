@@ -349,8 +349,8 @@ func (e *testEnv) checkAnswer(req *http.Request, r response) {
 		return // served by the GET route, and not in openapi.json
 	}
 	_, pattern := routeMux().Handler(req)
-	if pattern == "" {
-		return // no route: the mux's own 404 or 405
+	if pattern == "" || !isCleanPath(req.URL.EscapedPath()) {
+		return // no route: the mux's own 404 or 405, or an unclean path's 404
 	}
 	method, path, _ := strings.Cut(pattern, " ")
 	answered.Lock()

@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/url"
+	"path"
 	"runtime/debug"
 	"strconv"
 	"strings"
@@ -86,6 +87,13 @@ func (s *server) wrap(mux *http.ServeMux) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
 		_, pattern := mux.Handler(r)
+		// The mux would answer a path that is not clean (//users,
+		// /users/./1) with an HTML redirect, which a client would follow
+		// for a POST as a GET without its body. No route has such a path.
+		unclean := !isCleanPath(r.URL.EscapedPath())
+		if unclean {
+			pattern = ""
+		}
 		rec := &statusRecorder{ResponseWriter: w}
 		rec.Header().Set("Cache-Control", "no-store")
 		rec.Header().Set("X-Content-Type-Options", "nosniff")
@@ -109,6 +117,9 @@ func (s *server) wrap(mux *http.ServeMux) http.Handler {
 				status = http.StatusOK
 			}
 			attrs := []any{"method", r.Method, "pattern", pattern, "status", status, "duration", time.Since(start)}
+			if pattern == "" {
+				attrs = append(attrs, "path", logPath(r.URL.Path))
+			}
 			if abort {
 				s.logger.Info("request", append(attrs, "aborted", true)...)
 				panic(http.ErrAbortHandler)
@@ -116,6 +127,10 @@ func (s *server) wrap(mux *http.ServeMux) http.Handler {
 			s.logger.Info("request", attrs...)
 		}()
 
+		if unclean {
+			writeError(rec, http.StatusNotFound, "Not Found")
+			return
+		}
 		if pattern == "" {
 			// The mux answers 404 or 405 (with Allow) in plain text.
 			mux.ServeHTTP(&jsonErrorWriter{rec, false}, r)
@@ -123,6 +138,36 @@ func (s *server) wrap(mux *http.ServeMux) http.Handler {
 		}
 		mux.ServeHTTP(rec, r)
 	})
+}
+
+// isCleanPath reports whether p, a request's escaped path, is in the form
+// the mux serves without a redirect: rooted, with no empty, "." or ".."
+// segment (a final slash aside).
+func isCleanPath(p string) bool {
+	if !strings.HasPrefix(p, "/") {
+		return false
+	}
+	clean := path.Clean(p)
+	if strings.HasSuffix(p, "/") && clean != "/" {
+		clean += "/"
+	}
+	return clean == p
+}
+
+// maxLogPath is how much of a path the access log keeps.
+const maxLogPath = 200
+
+// logPath returns p cut to at most maxLogPath bytes, at a character's start,
+// for the access log: a client chooses the path, and the log's size.
+func logPath(p string) string {
+	if len(p) <= maxLogPath {
+		return p
+	}
+	n := maxLogPath
+	for n > 0 && !utf8.RuneStart(p[n]) {
+		n--
+	}
+	return p[:n]
 }
 
 // requireToken lets a request through only if it carries the API token as a

@@ -1010,3 +1010,81 @@ func TestEmailRules(t *testing.T) {
 		mustInvalid(t, e.do("POST", "/users/", userBody("Ann", "Lee", email, "password1")), "email")
 	}
 }
+
+// TestUncleanPathsAreJSON404 checks that a path the mux would redirect to
+// its clean form is answered like any unknown path: a redirect would make a
+// client re-send a POST as a GET without its body, and in HTML.
+func TestUncleanPathsAreJSON404(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	e.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
+	for _, tt := range []struct{ method, path string }{
+		{"GET", "//users"},
+		{"POST", "//users"},
+		{"GET", "/users//"},
+		{"GET", "/users/./1"},
+		{"PUT", "/users/../users/1"},
+		{"DELETE", "/users//1"},
+		{"GET", "/users/1/."},
+		{"GET", "//nope"},
+		{"GET", "/healthz/.."},
+	} {
+		r := e.do(tt.method, tt.path, "")
+		mustError(t, r, http.StatusNotFound, "Not Found")
+		if loc := r.header.Get("Location"); loc != "" {
+			t.Errorf("%s: Location = %q, want none", r.what, loc)
+		}
+	}
+	if r := e.do("GET", "/users/1", ""); r.status != http.StatusOK {
+		t.Errorf("%s, want 200: the user is still there", r)
+	}
+}
+
+func TestIsCleanPath(t *testing.T) {
+	t.Parallel()
+	for _, tt := range []struct {
+		path string
+		ok   bool
+	}{
+		{"/", true}, {"/users", true}, {"/users/", true}, {"/users/1", true}, {"/users/%2F1", true},
+		{"", false}, {"users", false}, {"//", false}, {"//users", false}, {"/users//", false},
+		{"/users/./1", false}, {"/users/../1", false}, {"/users/.", false}, {"/users/..", false}, {"/users/1/./", false},
+	} {
+		if got := isCleanPath(tt.path); got != tt.ok {
+			t.Errorf("isCleanPath(%q) = %v, want %v", tt.path, got, tt.ok)
+		}
+	}
+}
+
+// TestAccessLogPath checks that a request no route serves is logged with
+// its path, cut at 200 bytes, and that one a route serves is not.
+func TestAccessLogPath(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	long := "/" + strings.Repeat("x", 198) + "éé"
+	e.do("GET", "/nowhere", "")
+	e.do("PATCH", "/users/1", "")
+	e.do("GET", "/users//1", "")
+	e.do("GET", long, "")
+	e.do("GET", "/users/1", "")
+	lines := strings.Split(strings.TrimSpace(e.logs.String()), "\n")
+	wants := []string{
+		`method=GET pattern="" status=404 duration=`, ` path=/nowhere`,
+		`method=PATCH pattern="" status=405 duration=`, ` path=/users/1`,
+		`method=GET pattern="" status=404 duration=`, ` path=/users//1`,
+		`method=GET pattern="" status=404 duration=`, ` path=` + long[:199] + "\n",
+		`method=GET pattern="GET /users/{id}" status=404 duration=`, "",
+	}
+	if len(lines) != len(wants)/2 {
+		t.Fatalf("%d log lines for %d requests:\n%s", len(lines), len(wants)/2, e.logs)
+	}
+	for i, line := range lines {
+		line += "\n"
+		if !strings.Contains(line, wants[2*i]) || !strings.Contains(line, wants[2*i+1]) {
+			t.Errorf("log line %d = %q, want %q and %q", i, line, wants[2*i], wants[2*i+1])
+		}
+		if wants[2*i+1] == "" && strings.Contains(line, " path=") {
+			t.Errorf("log line %d = %q: a routed request's path is logged", i, line)
+		}
+	}
+}
