@@ -208,17 +208,21 @@ func serveOpenAPI(w http.ResponseWriter, r *http.Request) {
 }
 
 // docsPage renders /openapi.json with Swagger UI from a public CDN, as
-// FastAPI's /docs does.
+// FastAPI's /docs does. The files are pinned to one release and to their
+// SHA-384 hashes (Subresource Integrity): changed files, on the CDN or in
+// the package, would otherwise run on this origin and see any token typed
+// into Authorize. To move to another release, change the version and the
+// hashes together; .ci/run checks the hashes against the npm package.
 const docsPage = `<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <title>users API</title>
-<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css">
+<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5.35.0/swagger-ui.css" integrity="sha384-WlYgdmXYOOBWL5apwjDEZwN+U3HmXSSu5R6V5aGxEcf7z+KuRNwBhoxKVN1i3D5I" crossorigin="anonymous">
 </head>
 <body>
 <div id="swagger-ui"></div>
-<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
+<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5.35.0/swagger-ui-bundle.js" integrity="sha384-gjRm0bEPMeTmMh5jT2cHccIwCUZSTd8YC+j0d0sXw0MdGEfScduGpSyF3ZSSLkX9" crossorigin="anonymous"></script>
 <script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
 </body>
 </html>

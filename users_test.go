@@ -1088,3 +1088,26 @@ func TestAccessLogPath(t *testing.T) {
 		}
 	}
 }
+
+// TestDocsPinsItsScripts checks that every file /docs loads from elsewhere
+// names an exact release and carries its hash: .ci/run checks the hashes.
+func TestDocsPinsItsScripts(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	r := e.do("GET", "/docs", "")
+	tags := regexp.MustCompile(`<(?:script|link)\b[^>]*>`).FindAllString(string(r.body), -1)
+	pinned := regexp.MustCompile(`(?:src|href)="https://cdn\.jsdelivr\.net/npm/swagger-ui-dist@\d+\.\d+\.\d+/[\w.-]+" integrity="sha384-[A-Za-z0-9+/]{64}" crossorigin="anonymous"`)
+	external := 0
+	for _, tag := range tags {
+		if !strings.Contains(tag, "://") {
+			continue
+		}
+		external++
+		if !pinned.MatchString(tag) {
+			t.Errorf("%s: %s is not pinned to a release and a sha384 hash, with crossorigin", r.what, tag)
+		}
+	}
+	if external != 2 {
+		t.Errorf("%s: %d files from elsewhere, want 2 (the stylesheet and the script):\n%s", r.what, external, r.body)
+	}
+}
