@@ -1111,3 +1111,13 @@ func TestDocsPinsItsScripts(t *testing.T) {
 		t.Errorf("%s: %d files from elsewhere, want 2 (the stylesheet and the script):\n%s", r.what, external, r.body)
 	}
 }
+
+// TestUnparsableQueryNamesQuery checks the errors key openapi.json names
+// for a query string that cannot be parsed at all.
+func TestUnparsableQueryNamesQuery(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	for _, q := range []string{"limit=%zz", "limit=1;x", "email=a%"} {
+		mustInvalid(t, e.do("GET", "/users/?"+q, ""), "query")
+	}
+}
