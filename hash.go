@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"time"
 
@@ -25,16 +26,25 @@ type hasher struct {
 	// generate is bcrypt.GenerateFromPassword; tests wrap it to watch the
 	// concurrency bound.
 	generate func(password []byte, cost int) ([]byte, error)
+	// dummy is a hash at cost of a random password, made at start. A check
+	// for an address no user has compares with it, so that it takes as long
+	// as a check of a wrong password.
+	dummy []byte
 }
 
 // newHasher returns a hasher that hashes at cost, running at most
 // concurrency hashes at once.
 func newHasher(cost, concurrency int, maxWait time.Duration) *hasher {
+	dummy, err := bcrypt.GenerateFromPassword([]byte(rand.Text()), cost)
+	if err != nil {
+		panic(err) // a short password at a valid cost always hashes
+	}
 	return &hasher{
 		cost:     cost,
 		slots:    make(chan struct{}, concurrency),
 		maxWait:  maxWait,
 		generate: bcrypt.GenerateFromPassword,
+		dummy:    dummy,
 	}
 }
 
@@ -42,21 +52,60 @@ func newHasher(cost, concurrency int, maxWait time.Duration) *hasher {
 // for it, which is the hash's prefix. It returns errBusy if no slot frees up
 // within maxWait, and ctx's error if ctx ends first.
 func (h *hasher) hash(ctx context.Context, password string) (hash, salt string, err error) {
+	release, err := h.acquire(ctx)
+	if err != nil {
+		return "", "", err
+	}
+	defer release()
+	return h.hashHeld(password)
+}
+
+// acquire takes a hashing slot, which the caller must give back by calling
+// release. It returns errBusy if no slot frees up within maxWait, and ctx's
+// error if ctx ends first.
+func (h *hasher) acquire(ctx context.Context) (release func(), err error) {
 	wait := time.NewTimer(h.maxWait)
 	defer wait.Stop()
 	select {
 	case h.slots <- struct{}{}:
+		return func() { <-h.slots }, nil
 	case <-wait.C:
-		return "", "", errBusy
+		return nil, errBusy
 	case <-ctx.Done():
-		return "", "", ctx.Err()
+		return nil, ctx.Err()
 	}
-	defer func() { <-h.slots }()
+}
 
+// hashHeld is hash for a caller that holds a slot.
+func (h *hasher) hashHeld(password string) (hash, salt string, err error) {
 	b, err := h.generate([]byte(password), h.cost)
 	if err != nil {
 		return "", "", err
 	}
 	hash = string(b)
 	return hash, hash[:bcryptSaltLen], nil
+}
+
+// matches reports whether password is the one that the stored hash was made
+// from, for a caller that holds a slot. Every call does one bcrypt
+// comparison, even when it cannot match: with stored empty (no such user)
+// it compares with the dummy hash, and a password longer than bcrypt reads
+// is compared cut short and then refused.
+func (h *hasher) matches(stored, password string) bool {
+	hash, pw := []byte(stored), []byte(password)
+	if stored == "" {
+		hash = h.dummy
+	}
+	if len(pw) > maxPasswordBytes {
+		pw = pw[:maxPasswordBytes]
+	}
+	err := bcrypt.CompareHashAndPassword(hash, pw)
+	return err == nil && stored != "" && len(password) <= maxPasswordBytes
+}
+
+// outdated reports whether a stored hash was made at a cost other than the
+// hasher's.
+func (h *hasher) outdated(stored string) bool {
+	cost, err := bcrypt.Cost([]byte(stored))
+	return err == nil && cost != h.cost
 }

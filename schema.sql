@@ -15,3 +15,16 @@ CREATE TABLE IF NOT EXISTS users (
     created_at timestamptz NOT NULL DEFAULT now(),
     updated_at timestamptz NOT NULL DEFAULT now()
 );
+
+-- Consecutive failed checks of POST /users/authenticate, per normalized email
+-- address, whether or not a user has it. Every replica reads and counts the
+-- same rows. A success deletes its row; a row whose last failure is 24 hours
+-- old is forgotten, and deleted by a later failure (up to ten old rows each,
+-- oldest first through this index), so a flood of random addresses cannot
+-- grow the table beyond the last day's failures.
+CREATE TABLE IF NOT EXISTS auth_failures (
+    email     text        PRIMARY KEY,
+    failures  integer     NOT NULL,
+    failed_at timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS auth_failures_failed_at ON auth_failures (failed_at);

@@ -46,6 +46,10 @@ type store struct {
 	// database/sql prepares them on each connection the first time it
 	// runs them there.
 	userByID, userByEmail, usersAfter *sql.Stmt
+	// now, if set, replaces the database's clock for the sign-in throttle:
+	// tests set it to walk through the schedule. In production every
+	// replica reads the one clock of the database.
+	now func() time.Time
 }
 
 // openStore connects to the database at databaseURL, checks that it answers
@@ -244,6 +248,134 @@ func (s *store) DeleteUser(ctx context.Context, id int64) error {
 		return errNotFound
 	}
 	return nil
+}
+
+// Credentials returns the user with the given normalized email and the
+// password hash stored for it, or errNotFound.
+func (s *store) Credentials(ctx context.Context, email string) (user, string, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	var hash string
+	row := s.db.QueryRowContext(ctx, `SELECT `+userColumns+`, password FROM users WHERE email = $1`, email)
+	var u user
+	err := row.Scan(&u.ID, &u.FirstName, &u.LastName, &u.Email, &u.CreatedAt, &u.UpdatedAt, &hash)
+	u.CreatedAt = u.CreatedAt.UTC()
+	u.UpdatedAt = u.UpdatedAt.UTC()
+	return u, hash, dbError(err)
+}
+
+// RehashPassword replaces the password hash and salt of the user with the
+// given id, but only if the stored hash is still old: a password change that
+// landed meanwhile wins. It reports whether the hash was replaced. The user's
+// updated_at stays as it is, since nothing the API shows changed.
+func (s *store) RehashPassword(ctx context.Context, id int64, old, hash, salt string) (bool, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	res, err := s.db.ExecContext(ctx, `UPDATE users SET password = $3, salt = $4 WHERE id = $1 AND password = $2`, id, old, hash, salt)
+	if err != nil {
+		return false, dbError(err)
+	}
+	n, err := res.RowsAffected()
+	return n == 1, dbError(err)
+}
+
+// The sign-in throttle counts consecutive failed checks per normalized email
+// address in the table auth_failures. The first five failures are free; from
+// the fifth on, the next attempt must wait 1 second after the last failure,
+// doubling with each further failure up to 15 minutes. A count is forgotten
+// 24 hours after its last failure. Times are the database's (or store.now's),
+// so that replicas whose clocks differ still agree.
+const (
+	// authClock is the throttle's "now".
+	authClock = `COALESCE($2::timestamptz, now())`
+	// authMemory is how long a count is kept after its last failure.
+	authMemory = `interval '24 hours'`
+	// authNextAttempt is when the next attempt is allowed, for a row of
+	// auth_failures named f.
+	authNextAttempt = `f.failed_at + CASE WHEN f.failures < 5 THEN interval '0'
+		ELSE LEAST(interval '1 second' * power(2, LEAST(f.failures - 5, 10)), interval '15 minutes') END`
+)
+
+// authWaitQuery returns how long, in microseconds, an attempt for $1 must
+// still wait, and no row if none.
+const authWaitQuery = `
+	SELECT (extract(epoch FROM (` + authNextAttempt + `) - ` + authClock + `) * 1000000)::bigint
+	FROM auth_failures f
+	WHERE f.email = $1 AND f.failed_at > ` + authClock + ` - ` + authMemory + `
+		AND ` + authNextAttempt + ` > ` + authClock
+
+// authFailQuery counts a failure for $1 unless the attempt is early, and
+// returns no row if it is. It also deletes up to ten forgotten rows of other
+// addresses, skipping any that another replica is deleting.
+const authFailQuery = `
+	WITH forgotten AS (
+		DELETE FROM auth_failures WHERE email IN (
+			SELECT email FROM auth_failures
+			WHERE failed_at <= ` + authClock + ` - ` + authMemory + ` AND email <> $1
+			ORDER BY failed_at LIMIT 10
+			FOR UPDATE SKIP LOCKED))
+	INSERT INTO auth_failures AS f (email, failures, failed_at)
+	VALUES ($1, 1, ` + authClock + `)
+	ON CONFLICT (email) DO UPDATE SET
+		failures = CASE WHEN f.failed_at <= excluded.failed_at - ` + authMemory + ` THEN 1 ELSE f.failures + 1 END,
+		failed_at = excluded.failed_at
+	WHERE ` + authNextAttempt + ` <= excluded.failed_at
+	RETURNING f.failures`
+
+// clock is the time the throttle's queries take as $2: nil for the
+// database's own.
+func (s *store) clock() any {
+	if s.now == nil {
+		return nil
+	}
+	return s.now()
+}
+
+// AuthWait returns how long an attempt to sign in as the normalized email
+// must still wait, or 0 if it may go ahead now.
+func (s *store) AuthWait(ctx context.Context, email string) (time.Duration, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	var micros int64
+	err := s.db.QueryRowContext(ctx, authWaitQuery, email, s.clock()).Scan(&micros)
+	if errors.Is(err, sql.ErrNoRows) {
+		return 0, nil
+	}
+	return time.Duration(micros) * time.Microsecond, dbError(err)
+}
+
+// CountAuthFailure counts an attempt to sign in as the normalized email as a
+// failure, before its password is checked, so that attempts made at once
+// cannot all pass while the count is low; ResetAuthFailures undoes it on a
+// success. If the attempt is early it counts nothing and returns how long
+// it must still wait. Concurrent calls for one address are all counted.
+func (s *store) CountAuthFailure(ctx context.Context, email string) (time.Duration, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	// An early attempt leaves the row alone, and so returns none; its wait
+	// is read after. If the wait ended or the row went in between, the
+	// attempt is tried again.
+	for {
+		var failures int
+		err := s.db.QueryRowContext(ctx, authFailQuery, email, s.clock()).Scan(&failures)
+		if !errors.Is(err, sql.ErrNoRows) {
+			return 0, dbError(err)
+		}
+		var micros int64
+		err = s.db.QueryRowContext(ctx, authWaitQuery, email, s.clock()).Scan(&micros)
+		if !errors.Is(err, sql.ErrNoRows) {
+			return time.Duration(micros) * time.Microsecond, dbError(err)
+		}
+	}
+}
+
+// ResetAuthFailures forgets the failures counted for the normalized email,
+// after a success.
+func (s *store) ResetAuthFailures(ctx context.Context, email string) error {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	_, err := s.db.ExecContext(ctx, `DELETE FROM auth_failures WHERE email = $1`, email)
+	return dbError(err)
 }
 
 // dbError translates a driver error into the store's sentinels, keeping the

@@ -63,6 +63,7 @@ func (s *server) routes() []route {
 		{"GET", "/users/{id}", s.getUser, false},
 		{"PUT", "/users/{id}", s.updateUser, false},
 		{"DELETE", "/users/{id}", s.deleteUser, false},
+		{"POST", "/users/authenticate", s.authenticate, false},
 	}
 }
 
@@ -310,6 +311,75 @@ func (s *server) deleteUser(w http.ResponseWriter, r *http.Request) {
 	w.WriteHeader(http.StatusNoContent)
 }
 
+// authenticate checks an email and password. Wrong passwords and unknown
+// addresses get one answer after the same work, and both are throttled per
+// address (see CountAuthFailure). A success with a hash at another cost
+// than the configured one stores a new hash.
+func (s *server) authenticate(w http.ResponseWriter, r *http.Request) {
+	in, ok := readCredentials(w, r)
+	if !ok {
+		return
+	}
+	// An early attempt is turned away before it queues for a hashing slot.
+	if wait, err := s.store.AuthWait(r.Context(), in.email); err != nil || wait > 0 {
+		s.throttled(w, r, wait, err)
+		return
+	}
+	u, stored, err := s.store.Credentials(r.Context(), in.email)
+	if err != nil && !errors.Is(err, errNotFound) {
+		s.error(w, r, err)
+		return
+	}
+	release, err := s.hasher.acquire(r.Context())
+	if err != nil {
+		s.error(w, r, err)
+		return
+	}
+	// Counted with the slot held, so that a 503 for a busy hasher counts
+	// nothing, and checked again, since the wait may have begun meanwhile.
+	if wait, err := s.store.CountAuthFailure(r.Context(), in.email); err != nil || wait > 0 {
+		release()
+		s.throttled(w, r, wait, err)
+		return
+	}
+	match := s.hasher.matches(stored, in.password)
+	var newHash, newSalt string
+	var rehashErr error
+	if match && s.hasher.outdated(stored) {
+		newHash, newSalt, rehashErr = s.hasher.hashHeld(in.password)
+	}
+	release()
+	if !match {
+		writeError(w, http.StatusBadRequest, "Invalid email or password")
+		return
+	}
+	if err := s.store.ResetAuthFailures(r.Context(), in.email); err != nil {
+		s.error(w, r, err)
+		return
+	}
+	// The rehash is a chance taken, not a promise: if it fails, the next
+	// success tries again.
+	if newHash != "" {
+		_, rehashErr = s.store.RehashPassword(r.Context(), u.ID, stored, newHash, newSalt)
+	}
+	if rehashErr != nil {
+		s.logger.Warn("rehash password", "user_id", u.ID, "err", rehashErr)
+	}
+	encode(w, http.StatusOK, u)
+}
+
+// throttled answers an attempt to sign in that must wait, or whose
+// throttle could not be read.
+func (s *server) throttled(w http.ResponseWriter, r *http.Request, wait time.Duration, err error) {
+	if err != nil {
+		s.error(w, r, err)
+		return
+	}
+	seconds := (wait + time.Second - 1) / time.Second
+	w.Header().Set("Retry-After", strconv.FormatInt(int64(seconds), 10))
+	writeError(w, http.StatusTooManyRequests, "Too many failed attempts")
+}
+
 // listUsers answers one page if ?limit= is given, and otherwise streams every
 // user (after ?after_id=, if given), reading the table in keyset batches so
 // that no connection is held while a slow client reads.
@@ -480,24 +550,8 @@ type userInput struct {
 // is not acceptable it answers the request itself and returns false.
 func readUserInput(w http.ResponseWriter, r *http.Request, create bool) (userInput, bool) {
 	var in userInput
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBodyBytes))
-	var tooLarge *http.MaxBytesError
-	switch {
-	case errors.As(err, &tooLarge):
-		writeError(w, http.StatusRequestEntityTooLarge, "Request body too large")
-		return in, false
-	case err != nil:
-		writeInvalid(w, map[string]string{"body": "could not be read"})
-		return in, false
-	}
-	// encoding/json would quietly turn invalid UTF-8 into U+FFFD.
-	if !utf8.Valid(body) {
-		writeInvalid(w, map[string]string{"body": "must be valid UTF-8"})
-		return in, false
-	}
-	var fields map[string]json.RawMessage
-	if err := json.Unmarshal(body, &fields); err != nil || fields == nil {
-		writeInvalid(w, map[string]string{"body": "must be one JSON object"})
+	fields, ok := readObject(w, r)
+	if !ok {
 		return in, false
 	}
 	problems := in.decode(fields)
@@ -511,6 +565,33 @@ func readUserInput(w http.ResponseWriter, r *http.Request, create bool) (userInp
 		return in, false
 	}
 	return in, true
+}
+
+// readObject reads the request body, which must be one JSON object, and
+// returns its fields. If the body is not acceptable it answers the request
+// itself and returns false.
+func readObject(w http.ResponseWriter, r *http.Request) (map[string]json.RawMessage, bool) {
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBodyBytes))
+	var tooLarge *http.MaxBytesError
+	switch {
+	case errors.As(err, &tooLarge):
+		writeError(w, http.StatusRequestEntityTooLarge, "Request body too large")
+		return nil, false
+	case err != nil:
+		writeInvalid(w, map[string]string{"body": "could not be read"})
+		return nil, false
+	}
+	// encoding/json would quietly turn invalid UTF-8 into U+FFFD.
+	if !utf8.Valid(body) {
+		writeInvalid(w, map[string]string{"body": "must be valid UTF-8"})
+		return nil, false
+	}
+	var fields map[string]json.RawMessage
+	if err := json.Unmarshal(body, &fields); err != nil || fields == nil {
+		writeInvalid(w, map[string]string{"body": "must be one JSON object"})
+		return nil, false
+	}
+	return fields, true
 }
 
 // decode fills in from the fields of a JSON object and reports what is
@@ -561,6 +642,53 @@ func (in *userInput) validate(create bool) map[string]string {
 	check("email", in.Email, cleanEmail)
 	check("password", in.Password, checkPassword)
 	return problems
+}
+
+// credentials is the body of POST /users/authenticate, with the email
+// normalized.
+type credentials struct{ email, password string }
+
+// readCredentials reads and decodes the body of POST /users/authenticate.
+// Both fields are required strings. The password has no length rule: a
+// wrong one of any length gets the same answer as any other. If the body
+// is not acceptable it answers the request itself and returns false.
+func readCredentials(w http.ResponseWriter, r *http.Request) (credentials, bool) {
+	fields, ok := readObject(w, r)
+	if !ok {
+		return credentials{}, false
+	}
+	var email, password *string
+	problems := make(map[string]string)
+	for name, value := range fields {
+		var dst **string
+		switch name {
+		case "email":
+			dst = &email
+		case "password":
+			dst = &password
+		default:
+			problems[name] = "unknown field"
+			continue
+		}
+		if err := json.Unmarshal(value, dst); err != nil {
+			problems[name] = "must be a string"
+		}
+	}
+	if _, ok := problems["email"]; !ok {
+		if email == nil {
+			problems["email"] = "required"
+		} else if problem := cleanEmail(email); problem != "" {
+			problems["email"] = problem
+		}
+	}
+	if _, ok := problems["password"]; !ok && password == nil {
+		problems["password"] = "required"
+	}
+	if len(problems) > 0 {
+		writeInvalid(w, problems)
+		return credentials{}, false
+	}
+	return credentials{email: *email, password: *password}, true
 }
 
 // cleanName trims *s and reports what is wrong with it, if anything.
