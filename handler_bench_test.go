@@ -193,3 +193,16 @@ func BenchmarkHandler(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkAuthenticate times a wrong-password check and an unknown-email
+// check at the default bcrypt cost, b.N rounds of each, and reports their
+// medians and ratio:
+//
+//	go test -run '^$' -bench Authenticate -benchtime 15x .
+func BenchmarkAuthenticate(b *testing.B) {
+	wrong, unknown := authTimings(b, defaultBcryptCost, b.N)
+	b.ReportMetric(0, "ns/op")
+	b.ReportMetric(float64(wrong)/float64(time.Millisecond), "wrong-password-p50-ms")
+	b.ReportMetric(float64(unknown)/float64(time.Millisecond), "unknown-email-p50-ms")
+	b.ReportMetric(float64(unknown)/float64(wrong), "ratio")
+}

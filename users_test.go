@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/http"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -1119,5 +1120,425 @@ func TestUnparsableQueryNamesQuery(t *testing.T) {
 	e := newTestEnv(t)
 	for _, q := range []string{"limit=%zz", "limit=1;x", "email=a%"} {
 		mustInvalid(t, e.do("GET", "/users/?"+q, ""), "query")
+	}
+}
+
+// authBody returns a body for POST /users/authenticate.
+func authBody(email, password string) string {
+	b, _ := json.Marshal(map[string]string{"email": email, "password": password})
+	return string(b)
+}
+
+func (e *testEnv) authenticate(email, password string) response {
+	e.t.Helper()
+	return e.do("POST", "/users/authenticate", authBody(email, password))
+}
+
+// mustThrottled checks that r is a 429 that says to wait seconds.
+func mustThrottled(t *testing.T, r response, seconds int) {
+	t.Helper()
+	mustError(t, r, http.StatusTooManyRequests, "Too many failed attempts")
+	if got := r.header.Get("Retry-After"); got != strconv.Itoa(seconds) {
+		t.Fatalf("%s: Retry-After = %q, want %d", r.what, got, seconds)
+	}
+}
+
+func mustWrongCredentials(t *testing.T, r response) {
+	t.Helper()
+	mustError(t, r, http.StatusBadRequest, "Invalid email or password")
+}
+
+func TestAuthenticate(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	long := strings.Repeat("p", maxPasswordBytes)
+	ann := e.createUser(t, "Ann", "Lee", "Ann@Example.com", "correct horse")
+	bob := e.createUser(t, "Bob", "Ray", "bob@example.com", long)
+
+	// The body of a success is the user, as GET shows it.
+	r := e.do("POST", "/users/authenticate", `{"email":"  ANN@example.COM ","password":"correct horse"}`)
+	if got := mustUser(t, r, http.StatusOK); got != ann {
+		t.Errorf("%s: %+v, want %+v", r.what, got, ann)
+	}
+	if got := mustUser(t, e.authenticate("bob@example.com", long), http.StatusOK); got != bob {
+		t.Errorf("72-byte password: %+v, want %+v", got, bob)
+	}
+
+	// A wrong password and an unknown email get one answer, byte for byte.
+	wrong := e.authenticate("ann@example.com", "correct horse!")
+	unknown := e.authenticate("nobody@example.com", "correct horse")
+	mustWrongCredentials(t, wrong)
+	mustWrongCredentials(t, unknown)
+	for _, h := range []string{"Content-Type", "Content-Length", "Retry-After", "WWW-Authenticate"} {
+		if wrong.header.Get(h) != unknown.header.Get(h) {
+			t.Errorf("header %s: %q for a wrong password, %q for an unknown email", h, wrong.header.Get(h), unknown.header.Get(h))
+		}
+	}
+	if string(wrong.body) != string(unknown.body) {
+		t.Errorf("bodies differ: %s for a wrong password, %s for an unknown email", wrong.body, unknown.body)
+	}
+	// bcrypt reads 72 bytes; a longer password must not match through them.
+	mustWrongCredentials(t, e.authenticate("bob@example.com", long+"x"))
+	mustWrongCredentials(t, e.authenticate("ann@example.com", ""))
+	mustWrongCredentials(t, e.authenticate("ann@example.com", "CORRECT HORSE"))
+}
+
+func TestAuthenticateBadBodies(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	e.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
+	for _, tt := range []struct{ name, body, field string }{
+		{"empty body", "", "body"},
+		{"not an object", `["ann@example.com","password1"]`, "body"},
+		{"no email", `{"password":"password1"}`, "email"},
+		{"no password", `{"email":"ann@example.com"}`, "password"},
+		{"null password", `{"email":"ann@example.com","password":null}`, "password"},
+		{"number password", `{"email":"ann@example.com","password":12345678}`, "password"},
+		{"email not an address", `{"email":"ann","password":"password1"}`, "email"},
+		{"email with a name", `{"email":"Ann <ann@example.com>","password":"password1"}`, "email"},
+		{"email in another case", `{"Email":"ann@example.com","password":"password1"}`, "Email"},
+		{"unknown field", `{"email":"ann@example.com","password":"password1","remember":true}`, "remember"},
+		{"invalid UTF-8", `{"email":"ann@example.com","password":"pass` + "\xff" + `"}`, "body"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			mustInvalid(t, e.do("POST", "/users/authenticate", tt.body), tt.field)
+		})
+	}
+	big := `{"email":"ann@example.com","password":"` + strings.Repeat("a", maxBodyBytes) + `"}`
+	mustError(t, e.do("POST", "/users/authenticate", big), http.StatusRequestEntityTooLarge, "Request body too large")
+	// None of them counted as a failure.
+	var rows int
+	if err := e.store.db.QueryRow(`SELECT count(*) FROM auth_failures`).Scan(&rows); err != nil || rows != 0 {
+		t.Errorf("auth_failures holds %d rows (%v) after bad bodies, want 0", rows, err)
+	}
+}
+
+func TestAuthenticateRouteAmongUserRoutes(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
+	// /users/{id} keeps every other method of /users/authenticate: it is
+	// no user id, so not found, like /users/abc.
+	for _, method := range []string{"GET", "PUT", "DELETE"} {
+		body := ""
+		if method == "PUT" {
+			body = `{"first_name":"Bob"}`
+		}
+		mustError(t, e.do(method, "/users/authenticate", body), http.StatusNotFound, "User not found")
+	}
+	// And the user routes keep theirs.
+	r := e.do("POST", fmt.Sprintf("/users/%d", u.ID), authBody("ann@example.com", "password1"))
+	mustError(t, r, http.StatusMethodNotAllowed, "Method Not Allowed")
+	if allow := r.header.Get("Allow"); allow != "DELETE, GET, HEAD, PUT" {
+		t.Errorf("%s: Allow = %q", r.what, allow)
+	}
+	mustError(t, e.do("POST", "/users/authenticate/", authBody("ann@example.com", "password1")), http.StatusNotFound, "Not Found")
+	mustUser(t, e.do("GET", fmt.Sprintf("/users/%d", u.ID), ""), http.StatusOK)
+}
+
+func TestAuthenticateThrottleSchedule(t *testing.T) {
+	t.Parallel()
+	clock := newTestClock()
+	e := newTestEnv(t, withStore(newClockedStore(t, clock)))
+	e.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
+	// The wait after the 5th, 6th, ... consecutive failure, in seconds.
+	waits := []int{1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 900, 900}
+
+	// An unknown address goes through every step exactly as a real one.
+	for _, email := range []string{"ann@example.com", "nobody@example.com"} {
+		t.Run(email, func(t *testing.T) {
+			for i := 0; i < 5; i++ {
+				mustWrongCredentials(t, e.authenticate(email, "wrong-password"))
+			}
+			for _, wait := range waits {
+				// Early, even with the right password: told the whole
+				// wait; and a moment before its end, 1 s (rounded up).
+				mustThrottled(t, e.authenticate(email, "password1"), wait)
+				clock.advance(time.Duration(wait)*time.Second - time.Millisecond)
+				mustThrottled(t, e.authenticate(email, "wrong-password"), 1)
+				// Those attempts neither counted nor moved the wait.
+				clock.advance(time.Millisecond)
+				mustWrongCredentials(t, e.authenticate(email, "wrong-password"))
+			}
+			mustThrottled(t, e.authenticate(email, "wrong-password"), 900)
+			clock.advance(900 * time.Second)
+			if email == "nobody@example.com" {
+				mustWrongCredentials(t, e.authenticate(email, "password1"))
+				return
+			}
+			// A success resets the count: five free failures again.
+			mustUser(t, e.authenticate(email, "password1"), http.StatusOK)
+			for i := 0; i < 5; i++ {
+				mustWrongCredentials(t, e.authenticate(email, "wrong-password"))
+			}
+			mustThrottled(t, e.authenticate(email, "password1"), 1)
+		})
+	}
+}
+
+func TestAuthenticateThrottleIsSharedByReplicas(t *testing.T) {
+	t.Parallel()
+	clock := newTestClock()
+	databaseURL, _ := newSchema(t)
+	var replicas []*testEnv
+	for i := 0; i < 2; i++ {
+		st := newStoreAt(t, databaseURL)
+		st.now = clock.now
+		replicas = append(replicas, newTestEnv(t, withStore(st)))
+	}
+	a, b := replicas[0], replicas[1]
+	a.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
+	for i := 0; i < 5; i++ {
+		mustWrongCredentials(t, replicas[i%2].authenticate("ann@example.com", "wrong-password"))
+	}
+	mustThrottled(t, a.authenticate("ann@example.com", "password1"), 1)
+	mustThrottled(t, b.authenticate("ann@example.com", "password1"), 1)
+	clock.advance(time.Second)
+	mustWrongCredentials(t, b.authenticate("ann@example.com", "wrong-password"))
+	mustThrottled(t, a.authenticate("ann@example.com", "password1"), 2)
+	clock.advance(2 * time.Second)
+	mustUser(t, a.authenticate("ann@example.com", "password1"), http.StatusOK)
+	// The success on one replica reset the count for both.
+	for i := 0; i < 5; i++ {
+		mustWrongCredentials(t, b.authenticate("ann@example.com", "wrong-password"))
+	}
+	mustThrottled(t, a.authenticate("ann@example.com", "wrong-password"), 1)
+}
+
+func TestConcurrentAuthenticateFailuresAreCounted(t *testing.T) {
+	t.Parallel()
+	clock := newTestClock()
+	e := newTestEnv(t, withStore(newClockedStore(t, clock)))
+	e.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
+	const attempts = 20
+	statuses := make(map[int]int)
+	for _, r := range concurrently(attempts, func(int) response { return e.authenticate("ann@example.com", "wrong-password") }) {
+		statuses[r.status]++
+	}
+	// Five free failures, however many come at once; the rest wait.
+	if statuses[http.StatusBadRequest] != 5 || statuses[http.StatusTooManyRequests] != attempts-5 {
+		t.Errorf("%d wrong passwords at once: statuses %v, want 5 × 400 and %d × 429", attempts, statuses, attempts-5)
+	}
+	if n := authFailures(t, e.store, "ann@example.com"); n != 5 {
+		t.Errorf("failures stored = %d, want 5", n)
+	}
+}
+
+// hashAt returns a bcrypt hash of password at cost.
+func hashAt(t *testing.T, password string, cost int) string {
+	t.Helper()
+	b, err := bcrypt.GenerateFromPassword([]byte(password), cost)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+func TestAuthenticateRehashesOnCostChange(t *testing.T) {
+	t.Parallel()
+	st := newTestStore(t)
+	old := newTestEnv(t, withStore(st)) // hashes at bcrypt.MinCost
+	u := old.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
+	hash, _ := old.storedSecret(t, u.ID)
+
+	raised := newTestEnv(t, withStore(st), withHasher(newHasher(bcrypt.MinCost+1, 2, 10*time.Second)))
+	// A failed check never rehashes.
+	mustWrongCredentials(t, raised.authenticate("ann@example.com", "wrong-password"))
+	if got, _ := raised.storedSecret(t, u.ID); got != hash {
+		t.Fatalf("a failed check changed the stored hash")
+	}
+	if got := mustUser(t, raised.authenticate("ann@example.com", "password1"), http.StatusOK); got != u {
+		t.Errorf("success: %+v, want %+v", got, u)
+	}
+	newHash, newSalt := raised.storedSecret(t, u.ID)
+	if cost, err := bcrypt.Cost([]byte(newHash)); err != nil || cost != bcrypt.MinCost+1 || newHash == hash {
+		t.Fatalf("after a success at the raised cost: hash %q (cost %d, %v), want a new hash at cost %d", newHash, cost, err, bcrypt.MinCost+1)
+	}
+	if newSalt != newHash[:bcryptSaltLen] {
+		t.Errorf("stored salt %q is not the new hash's salt", newSalt)
+	}
+	// The new hash is for the same password, and the user looks the same.
+	if got := mustUser(t, raised.authenticate("ann@example.com", "password1"), http.StatusOK); got != u {
+		t.Errorf("after the rehash: %+v, want %+v (updated_at unchanged)", got, u)
+	}
+	if again, _ := raised.storedSecret(t, u.ID); again != newHash {
+		t.Error("a success at the same cost rehashed again")
+	}
+}
+
+func TestAuthenticateRehashLosesToAPasswordChange(t *testing.T) {
+	t.Parallel()
+	st := newTestStore(t)
+	plain := newTestEnv(t, withStore(st))
+	u := plain.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
+	// The raised hasher's rehash waits for release; meanwhile the password
+	// changes.
+	h, active, _, release := gatedHasher(1, time.Minute)
+	h.cost = bcrypt.MinCost + 1
+	raised := newTestEnv(t, withStore(st), withHasher(h))
+	done := make(chan response, 1)
+	go func() { done <- raised.authenticate("ann@example.com", "password1") }()
+	deadline := time.Now().Add(10 * time.Second)
+	for active.Load() < 1 {
+		if time.Now().After(deadline) {
+			close(release)
+			t.Fatal("the rehash did not start within 10s")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	mustUser(t, plain.do("PUT", fmt.Sprintf("/users/%d", u.ID), `{"password":"password2"}`), http.StatusOK)
+	changed, _ := plain.storedSecret(t, u.ID)
+	close(release)
+	mustUser(t, <-done, http.StatusOK)
+	if got, _ := plain.storedSecret(t, u.ID); got != changed {
+		t.Fatalf("the rehash overwrote the password change")
+	}
+	mustUser(t, plain.authenticate("ann@example.com", "password2"), http.StatusOK)
+	mustWrongCredentials(t, plain.authenticate("ann@example.com", "password1"))
+}
+
+func TestAuthenticateNeedsTheToken(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t, withToken("tok-1"))
+	mustUser(t, e.do("POST", "/users/", userBody("Ann", "Lee", "ann@example.com", "password1"), "Authorization: Bearer tok-1"), http.StatusCreated)
+	for _, auth := range []string{"", "Bearer wrong"} {
+		r := e.do("POST", "/users/authenticate", authBody("ann@example.com", "password1"), "Authorization: "+auth)
+		mustError(t, r, http.StatusUnauthorized, "Not authenticated")
+	}
+	if n := authFailures(t, e.store, "ann@example.com"); n != -1 {
+		t.Errorf("requests without the token counted %d failures, want none", n)
+	}
+	mustUser(t, e.do("POST", "/users/authenticate", authBody("ann@example.com", "password1"), "Authorization: Bearer tok-1"), http.StatusOK)
+}
+
+func TestAuthenticateWhenHashingIsBusy(t *testing.T) {
+	t.Parallel()
+	clock := newTestClock()
+	h, active, _, release := gatedHasher(1, 50*time.Millisecond)
+	e := newTestEnv(t, withStore(newClockedStore(t, clock)), withHasher(h))
+	for i := 0; i < 5; i++ {
+		countAuthFailure(t, e.store, "bob@example.com")
+	}
+	first := make(chan response, 1)
+	go func() { first <- e.do("POST", "/users/", userBody("Ann", "Lee", "ann@example.com", "password1")) }()
+	for active.Load() < 1 {
+		time.Sleep(time.Millisecond)
+	}
+	// The one hashing slot is taken: a check gets 503 and counts nothing.
+	r := e.authenticate("carol@example.com", "password1")
+	mustError(t, r, http.StatusServiceUnavailable, "Service unavailable")
+	if r.header.Get("Retry-After") == "" {
+		t.Errorf("%s: no Retry-After", r.what)
+	}
+	if n := authFailures(t, e.store, "carol@example.com"); n != -1 {
+		t.Errorf("a 503 counted %d failures, want none", n)
+	}
+	// An early attempt needs no hashing slot: it gets its 429 meanwhile.
+	mustThrottled(t, e.authenticate("bob@example.com", "password1"), 1)
+	close(release)
+	mustUser(t, <-first, http.StatusCreated)
+	mustUser(t, e.authenticate("ann@example.com", "password1"), http.StatusOK)
+}
+
+func TestAuthenticateLogsNoPassword(t *testing.T) {
+	t.Parallel()
+	clock := newTestClock()
+	e := newTestEnv(t, withStore(newClockedStore(t, clock)))
+	const password, wrong = "first-Secret-pw", "wrong-Secret-pw"
+	e.createUser(t, "Ann", "Lee", "ann@example.com", password)
+	mustUser(t, e.authenticate("ann@example.com", password), http.StatusOK)
+	for i := 0; i < 5; i++ {
+		mustWrongCredentials(t, e.authenticate("ann@example.com", wrong))
+	}
+	mustThrottled(t, e.authenticate("ann@example.com", wrong), 1)
+	mustInvalid(t, e.do("POST", "/users/authenticate", `{"email":"bad","password":"`+wrong+`"}`), "email")
+	// Failures that are logged in full: the tables are broken.
+	if _, err := e.store.db.Exec(`ALTER TABLE users RENAME COLUMN password TO pw`); err != nil {
+		t.Fatal(err)
+	}
+	clock.advance(time.Second)
+	mustError(t, e.authenticate("ann@example.com", wrong), http.StatusInternalServerError, "Internal server error")
+	if _, err := e.store.db.Exec(`ALTER TABLE auth_failures RENAME TO gone`); err != nil {
+		t.Fatal(err)
+	}
+	mustError(t, e.authenticate("ann@example.com", password), http.StatusInternalServerError, "Internal server error")
+
+	logs := e.logs.String()
+	if strings.Count(logs, "internal error") != 2 {
+		t.Fatalf("the failures were not logged:\n%s", logs)
+	}
+	for _, secret := range []string{password, wrong, "Secret"} {
+		if strings.Contains(logs, secret) {
+			t.Errorf("the log contains the password %q:\n%s", secret, logs)
+		}
+	}
+}
+
+// median returns the middle of ds, which it sorts.
+func median(ds []time.Duration) time.Duration {
+	slices.Sort(ds)
+	return ds[len(ds)/2]
+}
+
+// authTimings times rounds of a wrong-password check and an unknown-email
+// check at a bcrypt cost, alternating which goes first so that neither gets
+// the warmer turn, and returns the medians of each.
+func authTimings(t testing.TB, cost, rounds int) (wrong, unknown time.Duration) {
+	clock := newTestClock()
+	st := newTestStore(t)
+	st.now = clock.now
+	e := newTestEnv(t, withStore(st), withHasher(newHasher(cost, 2, time.Minute)))
+	mustStatus := func(r response, status int) {
+		if r.status != status {
+			t.Fatalf("%s, want %d", r, status)
+		}
+	}
+	mustStatus(e.do("POST", "/users/", userBody("Ann", "Lee", "ann@example.com", "password1")), http.StatusCreated)
+	timed := func(email string) time.Duration {
+		start := time.Now()
+		r := e.authenticate(email, "wrong-password")
+		d := time.Since(start)
+		mustStatus(r, http.StatusBadRequest)
+		return d
+	}
+	var ws, us []time.Duration
+	for i := 0; i < rounds; i++ {
+		clock.advance(24 * time.Hour) // every count forgotten: no 429
+		if i%2 == 0 {
+			ws = append(ws, timed("ann@example.com"))
+			us = append(us, timed("nobody@example.com"))
+		} else {
+			us = append(us, timed("nobody@example.com"))
+			ws = append(ws, timed("ann@example.com"))
+		}
+	}
+	return median(ws), median(us)
+}
+
+// costTaking returns the lowest bcrypt cost, up to 12, at which one hash
+// takes at least d here, as built: the race detector makes bcrypt some
+// twenty times slower.
+func costTaking(d time.Duration) int {
+	for cost := bcrypt.MinCost; cost < 12; cost++ {
+		start := time.Now()
+		bcrypt.GenerateFromPassword([]byte("password1"), cost)
+		if time.Since(start) >= d {
+			return cost
+		}
+	}
+	return 12
+}
+
+func TestAuthenticateTakesAsLongForUnknownEmails(t *testing.T) {
+	t.Parallel()
+	// At this cost a comparison takes far longer than the rest of a
+	// request: a check that skipped it would be many times faster. The
+	// bound is loose, since other tests share the CPU.
+	cost := costTaking(20 * time.Millisecond)
+	w, u := authTimings(t, cost, 9)
+	ratio := float64(u) / float64(w)
+	t.Logf("cost %d: median wrong password %v, unknown email %v, ratio %.2f", cost, w, u, ratio)
+	if ratio < 0.5 || ratio > 2 {
+		t.Errorf("an unknown email takes %.2f times as long as a wrong password (medians %v, %v), want about 1", ratio, u, w)
 	}
 }
