@@ -1324,16 +1324,6 @@ func TestConcurrentAuthenticateFailuresAreCounted(t *testing.T) {
 	}
 }
 
-// hashAt returns a bcrypt hash of password at cost.
-func hashAt(t *testing.T, password string, cost int) string {
-	t.Helper()
-	b, err := bcrypt.GenerateFromPassword([]byte(password), cost)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return string(b)
-}
-
 func TestAuthenticateRehashesOnCostChange(t *testing.T) {
 	t.Parallel()
 	st := newTestStore(t)
