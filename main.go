@@ -136,6 +136,11 @@ func settings() []setting {
 				cfg.pool.maxOpen, cfg.pool.maxIdle = n, n
 				return nil
 			}},
+		{"DB_POOLER", "db-pooler", "none", "none for a direct connection; transaction behind a transaction-pooling proxy such as PgBouncer with pool_mode = transaction (then no prepared statements, one round trip per query)",
+			func(cfg *config, _, v string) (err error) {
+				cfg.pool.transactionPooler, err = parsePooler(v)
+				return err
+			}},
 		{"API_TOKEN", "", "", "if set, every /users request needs Authorization: Bearer <token>",
 			func(cfg *config, _, v string) error {
 				cfg.apiToken = v
@@ -272,6 +277,19 @@ func formatVersion(info *debug.BuildInfo) string {
 		}
 	}
 	return strings.Join(parts, " ")
+}
+
+// parsePooler reads DB_POOLER: it reports whether a transaction pooler
+// stands between the service and PostgreSQL. A session pooler keeps a
+// server connection per client connection, so it is "none" to the service.
+func parsePooler(s string) (transactionPooler bool, err error) {
+	switch s {
+	case "none":
+		return false, nil
+	case "transaction":
+		return true, nil
+	}
+	return false, fmt.Errorf(`must be "none" or "transaction", got %q`, s)
 }
 
 func parseBcryptCost(s string) (int, error) {

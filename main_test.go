@@ -370,3 +370,39 @@ func TestStartLogNamesTheDatabase(t *testing.T) {
 		t.Errorf("the log holds the database password:\n%s", logs)
 	}
 }
+
+func TestLoadConfigPooler(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name    string
+		env     map[string]string
+		args    []string
+		want    bool   // transactionPooler
+		wantErr string // in the error, if one is wanted
+	}{
+		{"default", nil, nil, false, ""},
+		{"none", map[string]string{"DB_POOLER": "none"}, nil, false, ""},
+		{"transaction", map[string]string{"DB_POOLER": "transaction"}, nil, true, ""},
+		{"flag wins over environment", map[string]string{"DB_POOLER": "transaction"}, []string{"-db-pooler", "none"}, false, ""},
+		{"flag", nil, []string{"-db-pooler", "transaction"}, true, ""},
+		{"unknown mode", map[string]string{"DB_POOLER": "session"}, nil, false, `DB_POOLER: must be "none" or "transaction", got "session"`},
+		{"unknown mode by flag", nil, []string{"-db-pooler", "Transaction"}, false, `-db-pooler: must be "none" or "transaction", got "Transaction"`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := loadConfig(tt.args, func(k string) string { return tt.env[k] }, io.Discard)
+			if tt.wantErr != "" {
+				if err == nil || err.Error() != tt.wantErr {
+					t.Errorf("loadConfig(%q) error = %v, want %q", tt.args, err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got.pool.transactionPooler != tt.want {
+				t.Errorf("loadConfig(%q) transactionPooler = %v, want %v", tt.args, got.pool.transactionPooler, tt.want)
+			}
+		})
+	}
+}
