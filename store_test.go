@@ -329,6 +329,8 @@ func runPgBouncer(t *testing.T, binary, conf string, cred *syscall.Credential, b
 // pgBouncerConfig returns a PgBouncer configuration that listens on
 // 127.0.0.1:port only and pools transactions to database on server in a
 // small pool. Clients need no password: PgBouncer logs in as server.User.
+// It has no ignore_startup_parameters, so a startup parameter that PgBouncer
+// refuses in production fails the test too.
 func pgBouncerConfig(server pq.Config, database string, port int) string {
 	quote := func(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
 	target := fmt.Sprintf("host=%s port=%d dbname=%s user=%s", quote(server.Host), server.Port, database, quote(server.User))
