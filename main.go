@@ -409,10 +409,10 @@ const busyAnswer = "HTTP/1.1 503 Service Unavailable\r\n" +
 	"\r\n" +
 	`{"detail":"Service unavailable"}` + "\n"
 
-// refuse answers c 503 and closes it. It reads what the client sends for a
-// moment after, so that closing with unread data does not reset the
-// connection before the client has read the answer. When too many refusals
-// are under way, c is closed at once.
+// refuse answers c 503 and closes it. Closing a connection with unread data
+// resets it, and the client may lose the answer: so after the answer, what
+// the client sends is read and dropped, for up to a second while few
+// refusals are under way, and otherwise only what has already come.
 func (l *clientLimiter) refuse(c net.Conn) {
 	l.mu.Lock()
 	if time.Since(l.lastWarned) >= time.Second {
@@ -420,22 +420,27 @@ func (l *clientLimiter) refuse(c net.Conn) {
 		l.logger.Warn("every client connection is busy: refusing new ones", "max_clients", l.max)
 	}
 	l.mu.Unlock()
-	select {
-	case l.refusing <- struct{}{}:
-	default:
+	// A new connection's send buffer is empty: the write does not wait.
+	c.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
+	if _, err := io.WriteString(c, busyAnswer); err != nil {
 		c.Close()
 		return
 	}
-	go func() {
-		defer func() { <-l.refusing }()
-		defer c.Close()
-		c.SetDeadline(time.Now().Add(time.Second))
-		if _, err := io.WriteString(c, busyAnswer); err != nil {
-			return
-		}
-		if tc, ok := c.(*net.TCPConn); ok {
-			tc.CloseWrite()
-		}
+	if tc, ok := c.(*net.TCPConn); ok {
+		tc.CloseWrite()
+	}
+	drain := func(wait time.Duration) {
+		c.SetReadDeadline(time.Now().Add(wait))
 		io.Copy(io.Discard, io.LimitReader(c, maxHeaderBytes))
-	}()
+		c.Close()
+	}
+	select {
+	case l.refusing <- struct{}{}:
+		go func() {
+			defer func() { <-l.refusing }()
+			drain(time.Second)
+		}()
+	default:
+		drain(time.Millisecond)
+	}
 }
