@@ -426,6 +426,33 @@ func TestBusyClientsRefuseNewOnes(t *testing.T) {
 		t.Errorf("the refusal was not logged:\n%s", logs)
 	}
 
+	// A burst of them: each gets its answer, not just a closed connection.
+	const burst = 100
+	answers := make(chan string, burst)
+	for i := 0; i < burst; i++ {
+		go func() {
+			c, err := net.Dial("tcp", addr)
+			if err != nil {
+				answers <- err.Error()
+				return
+			}
+			defer c.Close()
+			c.SetReadDeadline(time.Now().Add(10 * time.Second))
+			resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+			if err != nil {
+				answers <- err.Error()
+				return
+			}
+			resp.Body.Close()
+			answers <- resp.Status
+		}()
+	}
+	for i := 0; i < burst; i++ {
+		if a := <-answers; a != "503 Service Unavailable" {
+			t.Errorf("connection %d of a burst past %d busy ones: %s, want 503", i, maxClients, a)
+		}
+	}
+
 	// The busy connections were kept, and finish as they would have.
 	for i, c := range busy {
 		io.WriteString(c, "{}")
