@@ -20,7 +20,9 @@ import (
 	"os"
 	"os/signal"
 	"runtime"
+	"runtime/debug"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -94,79 +96,161 @@ type config struct {
 	pool        poolConfig
 	maxClients  int
 	maxStreams  int
+
+	// maxClientsSet is MAX_CLIENTS as given, and maxClientsFrom the setting
+	// that gave it: its default and its bound depend on the file limit and
+	// the pool, known only once every setting is read.
+	maxClientsSet, maxClientsFrom string
+
+	// Which setting, as errors name it, gave addr and databaseURL, whose
+	// problems show only once run uses them.
+	addrFrom, databaseURLFrom string
 }
 
+// setting is one value the service reads at start: an environment variable
+// and, if flag is not empty, a command-line flag that wins over it. The
+// table in settings drives both loadConfig and -h.
+type setting struct {
+	env   string // the environment variable
+	flag  string // the flag, without its dash; "" for none
+	def   string // the default, applied by set and shown by -h; "" for none
+	usage string // what it is, for -h
+	// set applies value; from is where it came from, the variable or the
+	// flag, as errors name it. It is nil for a setting that the Go runtime
+	// reads, not run.
+	set func(cfg *config, from, value string) error
+}
+
+// settings lists every setting, in the order loadConfig applies them: the
+// defaults, then the environment, then the flags, each in this order (so
+// ADDR, after PORT, wins over it).
+func settings() []setting {
+	return []setting{
+		{"DATABASE_URL", "database-url", defaultDatabaseURL, "PostgreSQL connection URL or key=value string, as lib/pq reads it",
+			func(cfg *config, from, v string) error {
+				cfg.databaseURL, cfg.databaseURLFrom = v, from
+				return nil
+			}},
+		{"PORT", "", "", "if ADDR is not set, listen on :PORT (as hosting platforms expect)",
+			func(cfg *config, from, v string) error {
+				if n, err := strconv.Atoi(v); err != nil || n < 1 || n > 65535 {
+					return fmt.Errorf("must be a port number from 1 to 65535, got %q", v)
+				}
+				cfg.addr, cfg.addrFrom = ":"+v, from
+				return nil
+			}},
+		{"ADDR", "addr", defaultAddr, "address to listen on",
+			func(cfg *config, from, v string) error {
+				cfg.addr, cfg.addrFrom = v, from
+				return nil
+			}},
+		{"BCRYPT_COST", "bcrypt-cost", strconv.Itoa(defaultBcryptCost), "bcrypt cost, 10 to 15; each step doubles the time a hash takes",
+			func(cfg *config, _, v string) (err error) {
+				cfg.bcryptCost, err = parseBcryptCost(v)
+				return err
+			}},
+		{"DB_MAX_CONNS", "", "16", "connections in the database pool (open and idle)",
+			func(cfg *config, _, v string) error {
+				n, err := strconv.Atoi(v)
+				if err != nil || n < 1 {
+					return fmt.Errorf("must be a positive integer, got %q", v)
+				}
+				cfg.pool.maxOpen, cfg.pool.maxIdle = n, n
+				return nil
+			}},
+		{"API_TOKEN", "", "", "if set, every /users request needs Authorization: Bearer <token>",
+			func(cfg *config, _, v string) error {
+				cfg.apiToken = v
+				return nil
+			}},
+		{"MAX_CLIENTS", "max-clients", "auto", "client connections held at once; auto: what the file limit allows beside the database pool, at most 4096",
+			func(cfg *config, from, v string) error {
+				if v == "auto" {
+					v = ""
+				}
+				cfg.maxClientsSet, cfg.maxClientsFrom = v, from
+				return nil
+			}},
+		{"MAX_STREAMS", "max-streams", strconv.Itoa(defaultMaxStreams), "whole-table GET /users streams served at once; pages and single reads are not counted",
+			func(cfg *config, _, v string) error {
+				n, err := strconv.Atoi(v)
+				if err != nil || n < 1 {
+					return fmt.Errorf("must be a positive integer, got %q", v)
+				}
+				cfg.maxStreams = n
+				return nil
+			}},
+		{"GOMAXPROCS", "", "the CPUs Go finds (a container's limit included), plus 1",
+			"how many threads run Go code at once; password hashes may use all but one (read by the Go runtime)", nil},
+	}
+}
+
+// errPrinted is loadConfig's answer to -h and -version: what was asked for
+// is printed, and there is nothing to serve.
+var errPrinted = errors.New("printed what was asked for")
+
 // loadConfig reads the configuration: a flag wins over its environment
-// variable, which wins over the default. Errors name the variable.
-func loadConfig(args []string, getenv func(string) string, stderr io.Writer) (config, error) {
-	cfg := config{
-		addr:        defaultAddr,
-		databaseURL: defaultDatabaseURL,
-		bcryptCost:  defaultBcryptCost,
-		apiToken:    getenv("API_TOKEN"),
-		pool:        poolConfig{maxOpen: 16, maxIdle: 16, maxIdleTime: 5 * time.Minute},
-		maxStreams:  defaultMaxStreams,
-	}
-	if port := getenv("PORT"); port != "" {
-		if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
-			return cfg, fmt.Errorf("PORT: must be a port number from 1 to 65535, got %q", port)
-		}
-		cfg.addr = ":" + port
-	}
-	if addr := getenv("ADDR"); addr != "" {
-		cfg.addr = addr
-	}
-	if u := getenv("DATABASE_URL"); u != "" {
-		cfg.databaseURL = u
-	}
-	if s := getenv("BCRYPT_COST"); s != "" {
-		cost, err := parseBcryptCost(s)
-		if err != nil {
-			return cfg, fmt.Errorf("BCRYPT_COST: %w", err)
-		}
-		cfg.bcryptCost = cost
-	}
-	if s := getenv("DB_MAX_CONNS"); s != "" {
-		n, err := strconv.Atoi(s)
-		if err != nil || n < 1 {
-			return cfg, fmt.Errorf("DB_MAX_CONNS: must be a positive integer, got %q", s)
-		}
-		cfg.pool.maxOpen, cfg.pool.maxIdle = n, n
-	}
+// variable, which wins over the default. An error names the variable or the
+// flag that was wrong. For -h it prints the help to stdout, for -version the
+// version, and returns errPrinted.
+func loadConfig(args []string, getenv func(string) string, stdout io.Writer) (config, error) {
+	cfg := config{pool: poolConfig{maxIdleTime: 5 * time.Minute}}
+	all := settings()
 
 	fs := flag.NewFlagSet("users", flag.ContinueOnError)
-	// Errors come back as one line; the usage is printed only for -h.
+	// Errors come back as one line; the help is printed only for -h.
 	fs.SetOutput(io.Discard)
-	fs.StringVar(&cfg.addr, "addr", cfg.addr, "listen `address` (env ADDR, or :$PORT)")
-	// The URL's default is not shown in -h, since it may hold a password.
-	fs.Func("database-url", "PostgreSQL connection `URL` (env DATABASE_URL)", func(s string) error {
-		cfg.databaseURL = s
-		return nil
-	})
-	cost := fs.String("bcrypt-cost", strconv.Itoa(cfg.bcryptCost), "bcrypt `cost`, 10 to 15 (env BCRYPT_COST)")
-	maxClients := fs.String("max-clients", getenv("MAX_CLIENTS"),
-		"client connections held at once, at most `n` (env MAX_CLIENTS; default: what the file limit allows beside the database pool, up to 4096)")
-	maxStreams := fs.String("max-streams", cmp.Or(getenv("MAX_STREAMS"), strconv.Itoa(cfg.maxStreams)),
-		"whole-table GET /users streams served at once, at most `n` (env MAX_STREAMS)")
+	given := make(map[string]string) // flag -> value
+	for _, st := range all {
+		if st.flag != "" {
+			fs.Func(st.flag, st.usage, func(v string) error {
+				given[st.flag] = v
+				return nil
+			})
+		}
+	}
+	version := fs.Bool("version", false, "print the version and exit")
+	// The flags come first, so that -h and -version work whatever the
+	// environment holds.
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
-			fs.SetOutput(stderr)
-			fs.Usage()
+			printHelp(stdout, all)
+			return cfg, errPrinted
 		}
 		return cfg, err
 	}
 	if fs.NArg() > 0 {
 		return cfg, fmt.Errorf("unexpected arguments: %q", fs.Args())
 	}
+	if *version {
+		fmt.Fprintln(stdout, versionLine())
+		return cfg, errPrinted
+	}
+
+	for _, st := range all {
+		if st.set != nil && st.def != "" {
+			if err := st.set(&cfg, st.env, st.def); err != nil {
+				panic(fmt.Sprintf("default of %s: %v", st.env, err)) // settings() is wrong
+			}
+		}
+	}
+	for _, st := range all {
+		if v := getenv(st.env); st.set != nil && v != "" {
+			if err := st.set(&cfg, st.env, v); err != nil {
+				return cfg, fmt.Errorf("%s: %w", st.env, err)
+			}
+		}
+	}
+	for _, st := range all {
+		if v, ok := given[st.flag]; ok && st.flag != "" {
+			if err := st.set(&cfg, "-"+st.flag, v); err != nil {
+				return cfg, fmt.Errorf("-%s: %w", st.flag, err)
+			}
+		}
+	}
 	var err error
-	if cfg.bcryptCost, err = parseBcryptCost(*cost); err != nil {
-		return cfg, fmt.Errorf("-bcrypt-cost: %w", err)
-	}
-	if cfg.maxStreams, err = strconv.Atoi(*maxStreams); err != nil || cfg.maxStreams < 1 {
-		return cfg, fmt.Errorf("MAX_STREAMS: must be a positive integer, got %q", *maxStreams)
-	}
-	if cfg.maxClients, err = parseMaxClients(*maxClients, fileLimit(), cfg.pool.maxOpen); err != nil {
-		return cfg, fmt.Errorf("MAX_CLIENTS: %w", err)
+	if cfg.maxClients, err = parseMaxClients(cfg.maxClientsSet, fileLimit(), cfg.pool.maxOpen); err != nil {
+		return cfg, fmt.Errorf("%s: %w", cmp.Or(cfg.maxClientsFrom, "MAX_CLIENTS"), err)
 	}
 	return cfg, nil
 }
@@ -203,6 +287,65 @@ func fileLimit() uint64 {
 	return lim.Cur
 }
 
+// printHelp writes what the program is and every setting, with its
+// variable, flag and default.
+func printHelp(w io.Writer, all []setting) {
+	fmt.Fprint(w, `users serves a user-management REST API backed by PostgreSQL.
+
+Usage: users [flags]
+
+Settings come from the environment; a flag, where there is one, wins.
+
+`)
+	for _, st := range all {
+		name := st.env
+		if st.flag != "" {
+			name += ", -" + st.flag
+		}
+		def := cmp.Or(st.def, "none")
+		fmt.Fprintf(w, "  %s\n        %s\n        default: %s\n", name, st.usage, def)
+	}
+	fmt.Fprint(w, `
+Other flags:
+
+  -h, -help
+        print this help and exit
+  -version
+        print the version and exit
+`)
+}
+
+// versionLine returns the program's name, module version, and the VCS
+// revision and time it was built from, as far as the build recorded them.
+func versionLine() string {
+	info, ok := debug.ReadBuildInfo()
+	if !ok {
+		return "users (unknown)"
+	}
+	return formatVersion(info)
+}
+
+// formatVersion returns "users <module version> <revision> <time>", the
+// revision cut to 7 characters; what info lacks is left out.
+func formatVersion(info *debug.BuildInfo) string {
+	parts := []string{"users", info.Main.Version}
+	if parts[1] == "" {
+		parts[1] = "(devel)"
+	}
+	for _, key := range []string{"vcs.revision", "vcs.time"} {
+		for _, s := range info.Settings {
+			if s.Key == key && s.Value != "" {
+				v := s.Value
+				if key == "vcs.revision" && len(v) > 7 {
+					v = v[:7]
+				}
+				parts = append(parts, v)
+			}
+		}
+	}
+	return strings.Join(parts, " ")
+}
+
 func parseBcryptCost(s string) (int, error) {
 	cost, err := strconv.Atoi(s)
 	if err != nil || cost < 10 || cost > 15 {
@@ -214,8 +357,8 @@ func parseBcryptCost(s string) (int, error) {
 // run starts the service and blocks until ctx is cancelled, then shuts it
 // down gracefully. It returns an error if the service cannot start.
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
-	cfg, err := loadConfig(args, getenv, stderr)
-	if errors.Is(err, flag.ErrHelp) {
+	cfg, err := loadConfig(args, getenv, stdout)
+	if errors.Is(err, errPrinted) {
 		return nil
 	}
 	if err != nil {
@@ -227,13 +370,13 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	st, err := openStore(startCtx, cfg.databaseURL, cfg.pool, queryTimeout)
 	cancel()
 	if err != nil {
-		return fmt.Errorf("DATABASE_URL: cannot use the database at %s: %w", databaseAddr(cfg.databaseURL), redactURLError(err))
+		return fmt.Errorf("%s: cannot use the database at %s: %w", cfg.databaseURLFrom, databaseAddr(cfg.databaseURL), redactURLError(err))
 	}
 	defer st.Close()
 
 	ln, err := net.Listen("tcp", cfg.addr)
 	if err != nil {
-		return fmt.Errorf("ADDR: %w", err)
+		return fmt.Errorf("%s: %w", cfg.addrFrom, err)
 	}
 	if cfg.apiToken == "" && !isLoopback(ln.Addr()) {
 		logger.Warn("API_TOKEN is not set: anyone who can reach this address can read and change users", "addr", ln.Addr().String())
@@ -255,7 +398,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	clients := limitClients(srv, ln, cfg.maxClients, logger)
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(clients) }()
-	logger.Info("listening", "addr", ln.Addr().String(), "bcrypt_cost", cfg.bcryptCost,
+	logger.Info("listening", "addr", ln.Addr().String(), databaseAttr(cfg.databaseURL), "bcrypt_cost", cfg.bcryptCost,
 		"max_clients", cfg.maxClients, "max_streams", cfg.maxStreams)
 
 	select {
@@ -296,6 +439,16 @@ func databaseAddr(databaseURL string) string {
 		return "(unparsable DATABASE_URL)"
 	}
 	return net.JoinHostPort(cfg.Host, strconv.Itoa(int(cfg.Port)))
+}
+
+// databaseAttr names the database that databaseURL opens, for the start
+// log: its host, port and name, never its password.
+func databaseAttr(databaseURL string) slog.Attr {
+	cfg, err := pq.NewConfig(databaseURL)
+	if err != nil {
+		return slog.String("database", "(unparsable)")
+	}
+	return slog.Group("database", "host", cfg.Host, "port", cfg.Port, "name", cfg.Database)
 }
 
 // redactURLError drops the URL that a *url.Error quotes, since a connection

@@ -3,14 +3,18 @@ package main
 import (
 	"bufio"
 	"context"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"regexp"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/lib/pq"
 )
 
 // startRun calls run as main does, with env for the environment, and waits
@@ -203,7 +207,8 @@ func TestLoadConfig(t *testing.T) {
 				t.Fatal(err)
 			}
 			got.pool = poolConfig{}
-			got.maxClients, got.maxStreams = 0, 0 // TestClientAndStreamLimits
+			got.maxClients, got.maxStreams, got.maxClientsSet, got.maxClientsFrom = 0, 0, "", "" // TestClientAndStreamLimits
+			got.addrFrom, got.databaseURLFrom = "", ""                                           // TestSettingErrorsNameTheirSource
 			if got != tt.want {
 				t.Errorf("loadConfig = %+v, want %+v", got, tt.want)
 			}
@@ -491,5 +496,140 @@ func TestRunChecksHostWithoutToken(t *testing.T) {
 		}
 		cancel()
 		waitStopped(t, done)
+	}
+}
+
+func TestHelp(t *testing.T) {
+	t.Parallel()
+	// A bad setting in the environment does not stop -h.
+	env := map[string]string{"BCRYPT_COST": "3", "PORT": "x"}
+	for _, arg := range []string{"-h", "-help", "--help"} {
+		var stdout, stderr syncBuffer
+		if err := run(context.Background(), []string{arg}, func(k string) string { return env[k] }, &stdout, &stderr); err != nil {
+			t.Fatalf("run %s = %v, want nil", arg, err)
+		}
+		help := stdout.String()
+		if first, _, _ := strings.Cut(help, "\n"); first != "users serves a user-management REST API backed by PostgreSQL." {
+			t.Errorf("run %s: first line %q, want what the program is", arg, first)
+		}
+		if stderr.String() != "" {
+			t.Errorf("run %s wrote to stderr: %q", arg, stderr.String())
+		}
+		// Every setting, by its variable, flag and default.
+		wants := []string{
+			"DATABASE_URL, -database-url", "default: " + defaultDatabaseURL,
+			"PORT\n", "ADDR, -addr", "default: 127.0.0.1:8000",
+			"BCRYPT_COST, -bcrypt-cost", "default: 12",
+			"DB_MAX_CONNS\n", "default: 16", "API_TOKEN\n", "GOMAXPROCS\n",
+			"-version\n",
+		}
+		for _, st := range settings() {
+			wants = append(wants, "  "+st.env, st.usage)
+			if st.flag != "" {
+				wants = append(wants, ", -"+st.flag+"\n")
+			}
+			if st.def != "" {
+				wants = append(wants, "default: "+st.def+"\n")
+			}
+		}
+		for _, want := range wants {
+			if !strings.Contains(help, want) {
+				t.Errorf("run %s: help does not have %q:\n%s", arg, want, help)
+			}
+		}
+	}
+}
+
+func TestVersion(t *testing.T) {
+	t.Parallel()
+	var stdout, stderr syncBuffer
+	env := map[string]string{"BCRYPT_COST": "3"}
+	if err := run(context.Background(), []string{"-version"}, func(k string) string { return env[k] }, &stdout, &stderr); err != nil {
+		t.Fatalf("run -version = %v, want nil", err)
+	}
+	if !regexp.MustCompile(`^users \S+( [0-9a-f]{7} \S+)?\n$`).MatchString(stdout.String()) || stderr.String() != "" {
+		t.Errorf("run -version: stdout %q, stderr %q; want one line \"users <version> [<revision> <time>]\"", stdout.String(), stderr.String())
+	}
+
+	vcs := []debug.BuildSetting{
+		{Key: "-compiler", Value: "gc"},
+		{Key: "vcs.time", Value: "2026-11-28T10:00:00Z"},
+		{Key: "vcs.revision", Value: "5ba070a1b2c3d4e5f60718293a4b5c6d7e8f9012"},
+		{Key: "vcs.modified", Value: "false"},
+	}
+	for _, tt := range []struct {
+		version  string
+		settings []debug.BuildSetting
+		want     string
+	}{
+		{"(devel)", vcs, "users (devel) 5ba070a 2026-11-28T10:00:00Z"},
+		{"v1.2.3", vcs, "users v1.2.3 5ba070a 2026-11-28T10:00:00Z"},
+		{"(devel)", nil, "users (devel)"},
+		{"", nil, "users (devel)"},
+	} {
+		info := &debug.BuildInfo{Main: debug.Module{Path: "users", Version: tt.version}, Settings: tt.settings}
+		if got := formatVersion(info); got != tt.want {
+			t.Errorf("formatVersion(%q, %d settings) = %q, want %q", tt.version, len(tt.settings), got, tt.want)
+		}
+	}
+}
+
+// TestSettingErrorsNameTheirSource checks that an error names the setting
+// the way it was given: the flag if it came from a flag, the variable if
+// from the environment.
+func TestSettingErrorsNameTheirSource(t *testing.T) {
+	t.Parallel()
+	databaseURL, _ := newSchema(t)
+	down := "postgres://ann:hunter2@" + closedAddr(t) + "/db?sslmode=disable"
+	tests := []struct {
+		name   string
+		env    map[string]string
+		args   []string
+		prefix string
+	}{
+		{"cost variable", map[string]string{"BCRYPT_COST": "3"}, nil, "BCRYPT_COST: "},
+		{"cost flag", nil, []string{"-bcrypt-cost", "3"}, "-bcrypt-cost: "},
+		{"cost flag over a good variable", map[string]string{"BCRYPT_COST": "12"}, []string{"-bcrypt-cost=3"}, "-bcrypt-cost: "},
+		{"pool size", map[string]string{"DB_MAX_CONNS": "x"}, nil, "DB_MAX_CONNS: "},
+		{"port", map[string]string{"PORT": "0"}, nil, "PORT: "},
+		{"address variable", map[string]string{"DATABASE_URL": databaseURL, "ADDR": "127.0.0.1:-1"}, nil, "ADDR: "},
+		{"address flag", map[string]string{"DATABASE_URL": databaseURL, "ADDR": "127.0.0.1:0"}, []string{"-addr", "127.0.0.1:-1"}, "-addr: "},
+		{"database variable", map[string]string{"DATABASE_URL": down}, nil, "DATABASE_URL: "},
+		{"database flag", map[string]string{"DATABASE_URL": databaseURL}, []string{"-database-url", down}, "-database-url: "},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			err := run(context.Background(), tt.args, func(k string) string { return tt.env[k] }, io.Discard, io.Discard)
+			if err == nil || !strings.HasPrefix(err.Error(), tt.prefix) {
+				t.Errorf("run(%q, %v) = %v, want an error starting %q", tt.args, tt.env, err, tt.prefix)
+			}
+		})
+	}
+}
+
+func TestStartLogNamesTheDatabase(t *testing.T) {
+	t.Parallel()
+	databaseURL, _ := newSchema(t)
+	// The test server trusts every local role, so any password will do.
+	databaseURL = withParam(databaseURL, "password", "hunter2-secret")
+	pqcfg, err := pq.NewConfig(databaseURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var name string
+	if err := adminDB.QueryRow(`SELECT current_database()`).Scan(&name); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	_, logs, done := startRun(t, ctx, map[string]string{"DATABASE_URL": databaseURL, "ADDR": "127.0.0.1:0", "BCRYPT_COST": "10"})
+	cancel()
+	waitStopped(t, done)
+	line, _, _ := strings.Cut(logs.String()[strings.Index(logs.String(), "msg=listening"):], "\n")
+	want := fmt.Sprintf("database.host=%s database.port=%d database.name=%s ", pqcfg.Host, pqcfg.Port, name)
+	if !strings.Contains(line, want) {
+		t.Errorf("start log %q does not have %q", line, want)
+	}
+	if strings.Contains(logs.String(), "hunter2") {
+		t.Errorf("the log holds the database password:\n%s", logs)
 	}
 }

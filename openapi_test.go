@@ -305,7 +305,7 @@ func formatValid(format, s string) bool {
 	case "date-time":
 		_, err := time.Parse(time.RFC3339Nano, s)
 		return err == nil
-	case "email":
+	case "email", "idn-email":
 		addr, err := mail.ParseAddress(s)
 		return err == nil && addr.Address == s
 	case "uri-reference":
@@ -349,8 +349,8 @@ func (e *testEnv) checkAnswer(req *http.Request, r response) {
 		return // served by the GET route, and not in openapi.json
 	}
 	_, pattern := routeMux().Handler(req)
-	if pattern == "" {
-		return // no route: the mux's own 404 or 405
+	if pattern == "" || !isCleanPath(req.URL.EscapedPath()) {
+		return // no route: the mux's own 404 or 405, or an unclean path's 404
 	}
 	method, path, _ := strings.Cut(pattern, " ")
 	answered.Lock()
@@ -494,5 +494,95 @@ func TestOpenAPIAndDocsAreServed(t *testing.T) {
 	}
 	if !strings.Contains(string(r.body), `"/openapi.json"`) {
 		t.Errorf("%s: the page does not load /openapi.json:\n%s", r.what, r.body)
+	}
+}
+
+// TestOpenAPIPatternsFollowTheRules checks the patterns openapi.json gives
+// email and names against the service's own rules: whatever the service
+// accepts, the pattern allows (so a validating client never refuses a good
+// value), and the pattern refuses what a regular expression can tell.
+func TestOpenAPIPatternsFollowTheRules(t *testing.T) {
+	t.Parallel()
+	spec, err := loadSpec()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pattern := func(path ...string) *regexp.Regexp {
+		var node any = spec.root
+		for _, name := range path {
+			node = node.(map[string]any)[name]
+		}
+		p, ok := node.(string)
+		if !ok {
+			t.Fatalf("openapi.json: no pattern at %v", path)
+		}
+		return regexp.MustCompile(p)
+	}
+	stored := pattern("components", "schemas", "User", "properties", "email", "pattern")
+	inputs := []*regexp.Regexp{
+		pattern("components", "schemas", "UserCreate", "properties", "email", "pattern"),
+		pattern("components", "schemas", "UserUpdate", "properties", "email", "pattern"),
+		pattern("components", "parameters", "Email", "schema", "pattern"),
+	}
+	for _, email := range []string{
+		"ann@example.com", "o'brien+tag@mail.example.co.uk", "jürgen@bücher.example", "a@xn--bcher-kva.example",
+		"ju\u0308rgen@bu\u0308cher.example", "अनु@उदाहरण.भारत", "𝒜𝒷@𝒸𝒹.example", "!#$%&'*+/=?^_`{|}~-@example.com",
+		strings.Repeat("a", 64) + "@example.com", "a@" + strings.Repeat("b", 63) + ".com",
+	} {
+		raw := " \t" + strings.ToUpper(email) + "\n "
+		got := raw
+		if cleanEmail(&got) != "" || got != strings.ToLower(email) {
+			t.Fatalf("the service refuses %q: fix the test", raw)
+		}
+		if !stored.MatchString(got) {
+			t.Errorf("User.email pattern refuses %q, which the service stores", got)
+		}
+		for _, in := range inputs {
+			if !in.MatchString(raw) {
+				t.Errorf("pattern %s refuses %q, which the service accepts", in, raw)
+			}
+		}
+	}
+	for _, email := range []string{
+		"a@ex!ample.com", "a@exa{m}ple.com", "a@ex_ample.com", "a@-example.com", "a@example-.com",
+		strings.Repeat("a", 65) + "@example.com", "a@" + strings.Repeat("b", 64) + ".com",
+		"a@b", `"q"@example.com`, "a@[127.0.0.1]", ".a@example.com", "a.@example.com", "a b@example.com",
+	} {
+		for _, re := range append(inputs, stored) {
+			if re.MatchString(email) {
+				t.Errorf("pattern %s allows %q, which the service refuses", re, email)
+			}
+		}
+	}
+
+	for _, path := range [][]string{
+		{"components", "schemas", "UserCreate", "properties", "first_name", "pattern"},
+		{"components", "schemas", "UserCreate", "properties", "last_name", "pattern"},
+		{"components", "schemas", "UserUpdate", "properties", "first_name", "pattern"},
+		{"components", "schemas", "UserUpdate", "properties", "last_name", "pattern"},
+	} {
+		re := pattern(path...)
+		for _, tt := range []struct {
+			name string
+			ok   bool
+		}{
+			{"  " + strings.Repeat("a", 128) + "  ", true},
+			{strings.Repeat("é", 128), true},
+			{"O'Brien-Smith de la Cruz", true},
+			{"李", true},
+			{strings.Repeat("a", 129), false},
+			{" " + strings.Repeat("a", 129) + " ", false},
+			{"", false},
+			{"   ", false},
+			{"Ann\tLee", false},
+		} {
+			raw := tt.name
+			if ok := cleanName(&raw) == ""; ok != tt.ok {
+				t.Fatalf("the service says %v to %q: fix the test", ok, tt.name)
+			}
+			if re.MatchString(tt.name) != tt.ok {
+				t.Errorf("%s: pattern says %v to %q, the service %v", path[2]+"."+path[4], !tt.ok, tt.name, tt.ok)
+			}
+		}
 	}
 }

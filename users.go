@@ -13,9 +13,9 @@ import (
 	"log/slog"
 	"mime"
 	"net/http"
-	"net/mail"
 	"net/netip"
 	"net/url"
+	"path"
 	"runtime/debug"
 	"sort"
 	"strconv"
@@ -114,6 +114,13 @@ func (s *server) wrap(mux *http.ServeMux) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
 		_, pattern := mux.Handler(r)
+		// The mux would answer a path that is not clean (//users,
+		// /users/./1) with an HTML redirect, which a client would follow
+		// for a POST as a GET without its body. No route has such a path.
+		unclean := !isCleanPath(r.URL.EscapedPath())
+		if unclean {
+			pattern = ""
+		}
 		rec := &statusRecorder{ResponseWriter: w}
 		rec.Header().Set("Cache-Control", "no-store")
 		rec.Header().Set("X-Content-Type-Options", "nosniff")
@@ -137,6 +144,9 @@ func (s *server) wrap(mux *http.ServeMux) http.Handler {
 				status = http.StatusOK
 			}
 			attrs := []any{"method", r.Method, "pattern", pattern, "status", status, "duration", time.Since(start)}
+			if pattern == "" {
+				attrs = append(attrs, "path", logPath(r.URL.Path))
+			}
 			if abort {
 				s.logger.Info("request", append(attrs, "aborted", true)...)
 				panic(http.ErrAbortHandler)
@@ -148,6 +158,10 @@ func (s *server) wrap(mux *http.ServeMux) http.Handler {
 			writeError(rec, http.StatusMisdirectedRequest, "Misdirected request")
 			return
 		}
+		if unclean {
+			writeError(rec, http.StatusNotFound, "Not Found")
+			return
+		}
 		if pattern == "" {
 			// The mux answers 404 or 405 (with Allow) in plain text.
 			mux.ServeHTTP(&jsonErrorWriter{rec, false}, r)
@@ -155,6 +169,36 @@ func (s *server) wrap(mux *http.ServeMux) http.Handler {
 		}
 		mux.ServeHTTP(rec, r)
 	})
+}
+
+// isCleanPath reports whether p, a request's escaped path, is in the form
+// the mux serves without a redirect: rooted, with no empty, "." or ".."
+// segment (a final slash aside).
+func isCleanPath(p string) bool {
+	if !strings.HasPrefix(p, "/") {
+		return false
+	}
+	clean := path.Clean(p)
+	if strings.HasSuffix(p, "/") && clean != "/" {
+		clean += "/"
+	}
+	return clean == p
+}
+
+// maxLogPath is how much of a path the access log keeps.
+const maxLogPath = 200
+
+// logPath returns p cut to at most maxLogPath bytes, at a character's start,
+// for the access log: a client chooses the path, and the log's size.
+func logPath(p string) string {
+	if len(p) <= maxLogPath {
+		return p
+	}
+	n := maxLogPath
+	for n > 0 && !utf8.RuneStart(p[n]) {
+		n--
+	}
+	return p[:n]
 }
 
 // requireToken lets a request through only if it carries the API token as a
@@ -245,17 +289,21 @@ func serveOpenAPI(w http.ResponseWriter, r *http.Request) {
 }
 
 // docsPage renders /openapi.json with Swagger UI from a public CDN, as
-// FastAPI's /docs does.
+// FastAPI's /docs does. The files are pinned to one release and to their
+// SHA-384 hashes (Subresource Integrity): changed files, on the CDN or in
+// the package, would otherwise run on this origin and see any token typed
+// into Authorize. To move to another release, change the version and the
+// hashes together; .ci/run checks the hashes against the npm package.
 const docsPage = `<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <title>users API</title>
-<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css">
+<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5.35.0/swagger-ui.css" integrity="sha384-WlYgdmXYOOBWL5apwjDEZwN+U3HmXSSu5R6V5aGxEcf7z+KuRNwBhoxKVN1i3D5I" crossorigin="anonymous">
 </head>
 <body>
 <div id="swagger-ui"></div>
-<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
+<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5.35.0/swagger-ui-bundle.js" integrity="sha384-gjRm0bEPMeTmMh5jT2cHccIwCUZSTd8YC+j0d0sXw0MdGEfScduGpSyF3ZSSLkX9" crossorigin="anonymous"></script>
 <script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
 </body>
 </html>
@@ -693,12 +741,6 @@ func cleanName(s *string) string {
 	return ""
 }
 
-// invisible reports whether r is a control or formatting character, or the
-// replacement character: none belongs in an address a person types.
-func invisible(r rune) bool {
-	return unicode.In(r, unicode.Cc, unicode.Cf) || r == utf8.RuneError
-}
-
 // cleanEmail trims and lower-cases *s and reports what is wrong with it, if
 // anything. Addresses are compared, stored and unique in lower case.
 func cleanEmail(s *string) string {
@@ -706,16 +748,77 @@ func cleanEmail(s *string) string {
 	if len(*s) > maxEmailBytes {
 		return fmt.Sprintf("must be at most %d bytes", maxEmailBytes)
 	}
-	// A plain address: no display name, no angle brackets, no comments.
-	addr, err := mail.ParseAddress(*s)
-	if err != nil || addr.Name != "" || addr.Address != *s || strings.IndexFunc(*s, invisible) >= 0 {
-		return "must be a plain email address such as ann@example.com"
-	}
 	// Lower case can take more bytes than upper case (Ⱥ, ⱥ): check again.
 	if *s = strings.ToLower(*s); len(*s) > maxEmailBytes {
 		return fmt.Sprintf("must be at most %d bytes", maxEmailBytes)
 	}
+	if !validEmail(*s) {
+		return "must be a plain email address such as ann@example.com"
+	}
 	return ""
+}
+
+// validEmail reports whether s is an address as python-email-validator
+// accepts it by default, which is what strict clients expect of an email:
+//
+//   - a local part of 1 to 64 bytes, dot-separated atoms of ASCII atext or
+//     non-ASCII letters and digits; no quoted strings, no comments;
+//   - a domain of at most 253 bytes and at least two labels, each 1 to 63
+//     bytes of letters, digits and hyphens (non-ASCII letters and digits
+//     too), not starting or ending with a hyphen; the last label is not all
+//     digits, and there are no IP literals.
+//
+// Combining marks are allowed after the first character of an atom or a
+// label, since many scripts (and decomposed accents) need them.
+func validEmail(s string) bool {
+	local, domain, ok := strings.Cut(s, "@")
+	if !ok || len(local) > 64 || len(domain) > 253 {
+		return false
+	}
+	for _, atom := range strings.Split(local, ".") {
+		if !emailWord(atom, isAtext) {
+			return false
+		}
+	}
+	labels := strings.Split(domain, ".")
+	if len(labels) < 2 {
+		return false
+	}
+	for _, label := range labels {
+		if len(label) > 63 || !emailWord(label, isLabelASCII) || label[0] == '-' || label[len(label)-1] == '-' {
+			return false
+		}
+	}
+	return strings.Trim(labels[len(labels)-1], "0123456789") != ""
+}
+
+// emailWord reports whether s, an atom or a label, is not empty and holds
+// only ASCII characters that ascii allows, non-ASCII letters and digits,
+// and combining marks after its first character.
+func emailWord(s string, ascii func(rune) bool) bool {
+	for i, r := range s {
+		switch {
+		case r < utf8.RuneSelf:
+			if !ascii(r) {
+				return false
+			}
+		case unicode.IsLetter(r) || unicode.IsDigit(r):
+		case unicode.IsMark(r) && i > 0:
+		default:
+			return false
+		}
+	}
+	return s != ""
+}
+
+// isAtext reports whether r is an RFC 5322 atext character.
+func isAtext(r rune) bool {
+	return isLabelASCII(r) || strings.ContainsRune("!#$%&'*+/=?^_`{|}~", r)
+}
+
+// isLabelASCII reports whether r is an ASCII letter, digit or hyphen.
+func isLabelASCII(r rune) bool {
+	return 'a' <= r && r <= 'z' || 'A' <= r && r <= 'Z' || '0' <= r && r <= '9' || r == '-'
 }
 
 // checkPassword reports what is wrong with a password, if anything. There
