@@ -120,11 +120,15 @@ type envConfig struct {
 	hasher    *hasher
 	store     *store
 	configure func(*http.Server)
+	options   serverOptions
 }
 
 func withToken(token string) envOption { return func(c *envConfig) { c.apiToken = token } }
 func withHasher(h *hasher) envOption   { return func(c *envConfig) { c.hasher = h } }
 func withStore(st *store) envOption    { return func(c *envConfig) { c.store = st } }
+
+// withOptions serves with opts instead of the defaults.
+func withOptions(opts serverOptions) envOption { return func(c *envConfig) { c.options = opts } }
 
 // withServer lets a test change the http.Server, such as its timeouts.
 func withServer(configure func(*http.Server)) envOption {
@@ -135,7 +139,7 @@ func withServer(configure func(*http.Server)) envOption {
 // bcrypt's minimum cost to keep the tests fast.
 func newTestEnv(t testing.TB, opts ...envOption) *testEnv {
 	t.Helper()
-	cfg := envConfig{}
+	cfg := envConfig{options: serverOptions{maxStreams: defaultMaxStreams}}
 	for _, o := range opts {
 		o(&cfg)
 	}
@@ -146,7 +150,7 @@ func newTestEnv(t testing.TB, opts ...envOption) *testEnv {
 		cfg.hasher = newHasher(bcrypt.MinCost, runtime.GOMAXPROCS(0), 10*time.Second)
 	}
 	logs := &syncBuffer{}
-	h := newServer(newTestLogger(logs), cfg.store, cfg.hasher, cfg.apiToken)
+	h := newServer(newTestLogger(logs), cfg.store, cfg.hasher, cfg.apiToken, cfg.options)
 	url := newTestHTTPServer(t, h, cfg.configure)
 	return &testEnv{t: t, url: url, store: cfg.store, hasher: cfg.hasher, logs: logs}
 }
@@ -182,7 +186,8 @@ func (r response) String() string {
 }
 
 // do sends a request with body (none if empty) and extra header lines
-// "Name: value".
+// "Name: value"; "Name:" with no value leaves that header out. A POST or PUT
+// is labelled JSON unless a header line says otherwise.
 func (e *testEnv) do(method, path, body string, header ...string) response {
 	e.t.Helper()
 	var rd io.Reader
@@ -193,12 +198,19 @@ func (e *testEnv) do(method, path, body string, header ...string) response {
 	if err != nil {
 		e.t.Fatalf("%s %s: %v", method, path, err)
 	}
-	if body != "" {
+	if body != "" || method == http.MethodPost || method == http.MethodPut {
 		req.Header.Set("Content-Type", "application/json")
 	}
 	for _, h := range header {
 		name, value, _ := strings.Cut(h, ":")
-		req.Header.Set(name, strings.TrimSpace(value))
+		switch value = strings.TrimSpace(value); {
+		case value == "":
+			req.Header.Del(name)
+		case strings.EqualFold(name, "Host"):
+			req.Host = value
+		default:
+			req.Header.Set(name, value)
+		}
 	}
 	// Errorf, not Fatalf: tests call do from goroutines too. A failed
 	// request comes back as status 0, which no check accepts.

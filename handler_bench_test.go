@@ -151,8 +151,8 @@ func BenchmarkHandler(b *testing.B) {
 		name string
 		h    http.Handler
 	}{
-		{"service", newServer(logger, st, h, "")},
-		{"service-nolog", newServer(quiet, st, h, "")},
+		{"service", newServer(logger, st, h, "", serverOptions{maxStreams: defaultMaxStreams})},
+		{"service-nolog", newServer(quiet, st, h, "", serverOptions{maxStreams: defaultMaxStreams})},
 		{"ceiling", ceiling},
 	}
 	paths := []struct {

@@ -6,6 +6,8 @@
 package main
 
 import (
+	"cmp"
+	"container/list"
 	"context"
 	"errors"
 	"flag"
@@ -21,6 +23,7 @@ import (
 	"runtime/debug"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -54,6 +57,18 @@ const (
 	writeTimeout      = 30 * time.Second
 	idleTimeout       = 60 * time.Second
 	maxHeaderBytes    = 64 << 10
+
+	// defaultMaxStreams is how many whole-table list streams are served at
+	// once, unless MAX_STREAMS says otherwise.
+	defaultMaxStreams = 32
+	// maxDefaultClients caps the default MAX_CLIENTS whatever the file
+	// limit: each connection held costs some 20 KiB of memory.
+	maxDefaultClients = 4096
+	// fileReserve is how many file descriptors the default MAX_CLIENTS
+	// leaves for everything but clients and the database pool: standard
+	// streams, the listener, the runtime's poller, connections being
+	// refused.
+	fileReserve = 64
 )
 
 func main() {
@@ -79,6 +94,13 @@ type config struct {
 	bcryptCost  int
 	apiToken    string
 	pool        poolConfig
+	maxClients  int
+	maxStreams  int
+
+	// maxClientsSet is MAX_CLIENTS as given, and maxClientsFrom the setting
+	// that gave it: its default and its bound depend on the file limit and
+	// the pool, known only once every setting is read.
+	maxClientsSet, maxClientsFrom string
 
 	// Which setting, as errors name it, gave addr and databaseURL, whose
 	// problems show only once run uses them.
@@ -136,9 +158,31 @@ func settings() []setting {
 				cfg.pool.maxOpen, cfg.pool.maxIdle = n, n
 				return nil
 			}},
+		{"DB_POOLER", "db-pooler", "none", "none for a direct connection; transaction behind a transaction-pooling proxy such as PgBouncer with pool_mode = transaction (then no prepared statements, one round trip per query)",
+			func(cfg *config, _, v string) (err error) {
+				cfg.pool.transactionPooler, err = parsePooler(v)
+				return err
+			}},
 		{"API_TOKEN", "", "", "if set, every /users request needs Authorization: Bearer <token>",
 			func(cfg *config, _, v string) error {
 				cfg.apiToken = v
+				return nil
+			}},
+		{"MAX_CLIENTS", "max-clients", "auto", "client connections held at once; auto: what the file limit allows beside the database pool, at most 4096",
+			func(cfg *config, from, v string) error {
+				if v == "auto" {
+					v = ""
+				}
+				cfg.maxClientsSet, cfg.maxClientsFrom = v, from
+				return nil
+			}},
+		{"MAX_STREAMS", "max-streams", strconv.Itoa(defaultMaxStreams), "whole-table GET /users streams served at once; pages and single reads are not counted",
+			func(cfg *config, _, v string) error {
+				n, err := strconv.Atoi(v)
+				if err != nil || n < 1 {
+					return fmt.Errorf("must be a positive integer, got %q", v)
+				}
+				cfg.maxStreams = n
 				return nil
 			}},
 		{"GOMAXPROCS", "", "the CPUs Go finds (a container's limit included), plus 1",
@@ -209,7 +253,43 @@ func loadConfig(args []string, getenv func(string) string, stdout io.Writer) (co
 			}
 		}
 	}
+	var err error
+	if cfg.maxClients, err = parseMaxClients(cfg.maxClientsSet, fileLimit(), cfg.pool.maxOpen); err != nil {
+		return cfg, fmt.Errorf("%s: %w", cmp.Or(cfg.maxClientsFrom, "MAX_CLIENTS"), err)
+	}
 	return cfg, nil
+}
+
+// parseMaxClients reads MAX_CLIENTS, or picks its default if s is empty:
+// as many connections as the file limit allows once the database pool and
+// fileReserve have theirs, at most maxDefaultClients. A value the file limit
+// cannot hold is an error, since the listener would fail instead.
+func parseMaxClients(s string, fileLimit uint64, pool int) (int, error) {
+	room := int64(min(fileLimit, 1<<31)) - int64(pool) - fileReserve
+	if s == "" {
+		if room < 1 {
+			return 0, fmt.Errorf("the file limit of %d leaves no room for clients beside %d database connections", fileLimit, pool)
+		}
+		return int(min(room, maxDefaultClients)), nil
+	}
+	n, err := strconv.Atoi(s)
+	switch {
+	case err != nil || n < 1:
+		return 0, fmt.Errorf("must be a positive integer, got %q", s)
+	case int64(n) > room:
+		return 0, fmt.Errorf("the file limit of %d holds at most %d clients beside %d database connections, got %d", fileLimit, max(room, 0), pool, n)
+	}
+	return n, nil
+}
+
+// fileLimit returns how many files the process may open. The Go runtime
+// has already raised the soft limit to the hard one.
+func fileLimit() uint64 {
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		return 1024 // the usual soft limit
+	}
+	return lim.Cur
 }
 
 // printHelp writes what the program is and every setting, with its
@@ -227,10 +307,7 @@ Settings come from the environment; a flag, where there is one, wins.
 		if st.flag != "" {
 			name += ", -" + st.flag
 		}
-		def := st.def
-		if def == "" {
-			def = "none"
-		}
+		def := cmp.Or(st.def, "none")
 		fmt.Fprintf(w, "  %s\n        %s\n        default: %s\n", name, st.usage, def)
 	}
 	fmt.Fprint(w, `
@@ -274,6 +351,19 @@ func formatVersion(info *debug.BuildInfo) string {
 	return strings.Join(parts, " ")
 }
 
+// parsePooler reads DB_POOLER: it reports whether a transaction pooler
+// stands between the service and PostgreSQL. A session pooler keeps a
+// server connection per client connection, so it is "none" to the service.
+func parsePooler(s string) (transactionPooler bool, err error) {
+	switch s {
+	case "none":
+		return false, nil
+	case "transaction":
+		return true, nil
+	}
+	return false, fmt.Errorf(`must be "none" or "transaction", got %q`, s)
+}
+
 func parseBcryptCost(s string) (int, error) {
 	cost, err := strconv.Atoi(s)
 	if err != nil || cost < 10 || cost > 15 {
@@ -315,10 +405,19 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	// P hashing, each step of a read would wait that long for one.
 	hashSlots := max(1, runtime.GOMAXPROCS(0)-1)
 	h := newHasher(cfg.bcryptCost, hashSlots, hashWait)
-	srv := newHTTPServer(newServer(logger, st, h, cfg.apiToken), logger)
+	opts := serverOptions{
+		maxStreams: cfg.maxStreams,
+		// Without a token, a loopback address is the only guard: keep web
+		// pages out that reach it through a name of their own (DNS
+		// rebinding).
+		loopbackHostsOnly: cfg.apiToken == "" && isLoopback(ln.Addr()),
+	}
+	srv := newHTTPServer(newServer(logger, st, h, cfg.apiToken, opts), logger)
+	clients := limitClients(srv, ln, cfg.maxClients, logger)
 	serveErr := make(chan error, 1)
-	go func() { serveErr <- srv.Serve(ln) }()
-	logger.Info("listening", "addr", ln.Addr().String(), databaseAttr(cfg.databaseURL), "bcrypt_cost", cfg.bcryptCost)
+	go func() { serveErr <- srv.Serve(clients) }()
+	logger.Info("listening", "addr", ln.Addr().String(), databaseAttr(cfg.databaseURL), "bcrypt_cost", cfg.bcryptCost,
+		"max_clients", cfg.maxClients, "max_streams", cfg.maxStreams)
 
 	select {
 	case err := <-serveErr:
@@ -383,4 +482,136 @@ func redactURLError(err error) error {
 func isLoopback(addr net.Addr) bool {
 	tcp, ok := addr.(*net.TCPAddr)
 	return ok && tcp.IP.IsLoopback()
+}
+
+// clientLimiter is a listener that holds at most max client connections at
+// once. When a new one would be one too many, the connection idle longest is
+// closed to make room: a keep-alive connection waiting for its next request,
+// or one that has not sent a whole request yet. If every connection is busy
+// with a request, the new one is answered 503 and closed.
+type clientLimiter struct {
+	net.Listener
+	max    int
+	logger *slog.Logger
+
+	mu         sync.Mutex
+	conns      map[net.Conn]*list.Element // in idle, or nil while busy
+	idle       *list.List                 // of net.Conn, idle longest first
+	lastWarned time.Time
+
+	refusing chan struct{} // a slot for each refusal being written
+}
+
+// limitClients makes srv hold at most max connections from ln, and returns
+// the listener srv must serve.
+func limitClients(srv *http.Server, ln net.Listener, max int, logger *slog.Logger) net.Listener {
+	l := &clientLimiter{Listener: ln, max: max, logger: logger,
+		conns: make(map[net.Conn]*list.Element), idle: list.New(), refusing: make(chan struct{}, fileReserve/2)}
+	srv.ConnState = l.track
+	return l
+}
+
+// Accept returns the next connection there is room for.
+func (l *clientLimiter) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		if l.admit(c) {
+			return c, nil
+		}
+		l.refuse(c)
+	}
+}
+
+// admit makes room for c, closing the connection idle longest if need be,
+// and reports whether it could.
+func (l *clientLimiter) admit(c net.Conn) bool {
+	l.mu.Lock()
+	var evicted net.Conn
+	if len(l.conns) >= l.max {
+		oldest := l.idle.Front()
+		if oldest == nil {
+			l.mu.Unlock()
+			return false
+		}
+		evicted = l.idle.Remove(oldest).(net.Conn)
+		delete(l.conns, evicted)
+	}
+	// Until it has sent a whole request, a connection counts as idle.
+	l.conns[c] = l.idle.PushBack(c)
+	l.mu.Unlock()
+	if evicted != nil {
+		evicted.Close()
+	}
+	return true
+}
+
+// track follows each connection's state, as http.Server reports it.
+func (l *clientLimiter) track(c net.Conn, state http.ConnState) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	e, ok := l.conns[c]
+	if !ok {
+		return // closed to make room, or refused
+	}
+	if e != nil {
+		l.idle.Remove(e)
+	}
+	switch state {
+	case http.StateNew, http.StateIdle:
+		l.conns[c] = l.idle.PushBack(c)
+	case http.StateActive:
+		l.conns[c] = nil
+	case http.StateClosed, http.StateHijacked:
+		delete(l.conns, c)
+	}
+}
+
+// busyAnswer is what a connection gets when there is no room for it.
+const busyAnswer = "HTTP/1.1 503 Service Unavailable\r\n" +
+	"Content-Type: application/json\r\n" +
+	"Retry-After: 1\r\n" +
+	"Connection: close\r\n" +
+	"Cache-Control: no-store\r\n" +
+	"X-Content-Type-Options: nosniff\r\n" +
+	"Content-Length: 33\r\n" +
+	"\r\n" +
+	`{"detail":"Service unavailable"}` + "\n"
+
+// refuse answers c 503 and closes it. Closing a connection with unread data
+// resets it, and the client may lose the answer: so after the answer, what
+// the client sends is read and dropped, for up to a second while few
+// refusals are under way, and otherwise only what has already come.
+func (l *clientLimiter) refuse(c net.Conn) {
+	l.mu.Lock()
+	if time.Since(l.lastWarned) >= time.Second {
+		l.lastWarned = time.Now()
+		l.logger.Warn("every client connection is busy: refusing new ones", "max_clients", l.max)
+	}
+	l.mu.Unlock()
+	// A new connection's send buffer is empty: the write does not wait.
+	c.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
+	if _, err := io.WriteString(c, busyAnswer); err != nil {
+		c.Close()
+		return
+	}
+	if tc, ok := c.(*net.TCPConn); ok {
+		tc.CloseWrite()
+	}
+	drain := func(wait time.Duration) {
+		c.SetReadDeadline(time.Now().Add(wait))
+		io.Copy(io.Discard, io.LimitReader(c, maxHeaderBytes))
+		c.Close()
+	}
+	select {
+	case l.refusing <- struct{}{}:
+		go func() {
+			defer func() { <-l.refusing }()
+			drain(time.Second)
+		}()
+	default:
+		drain(time.Millisecond)
+	}
 }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"fmt"
 	"io"
@@ -8,6 +9,7 @@ import (
 	"net/http"
 	"regexp"
 	"runtime/debug"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -205,7 +207,8 @@ func TestLoadConfig(t *testing.T) {
 				t.Fatal(err)
 			}
 			got.pool = poolConfig{}
-			got.addrFrom, got.databaseURLFrom = "", "" // TestSettingErrorsNameTheirSource
+			got.maxClients, got.maxStreams, got.maxClientsSet, got.maxClientsFrom = 0, 0, "", "" // TestClientAndStreamLimits
+			got.addrFrom, got.databaseURLFrom = "", ""                                           // TestSettingErrorsNameTheirSource
 			if got != tt.want {
 				t.Errorf("loadConfig = %+v, want %+v", got, tt.want)
 			}
@@ -233,6 +236,266 @@ func TestServerTimeouts(t *testing.T) {
 	}
 	if srv.MaxHeaderBytes != 64<<10 {
 		t.Errorf("MaxHeaderBytes = %d, want 64 KiB", srv.MaxHeaderBytes)
+	}
+}
+
+func TestClientAndStreamLimits(t *testing.T) {
+	t.Parallel()
+	for _, tt := range []struct {
+		value     string
+		fileLimit uint64
+		pool      int
+		want      int // 0: an error
+	}{
+		{"", 1024, 16, 1024 - 16 - 64},
+		{"", 1 << 20, 16, 4096},
+		{"", 100, 16, 20},
+		{"", 80, 16, 0},
+		{"500", 1024, 16, 500},
+		{"944", 1024, 16, 944},
+		{"945", 1024, 16, 0},
+		{"0", 1024, 16, 0},
+		{"-1", 1024, 16, 0},
+		{"many", 1024, 16, 0},
+	} {
+		got, err := parseMaxClients(tt.value, tt.fileLimit, tt.pool)
+		if got != tt.want || (err == nil) != (tt.want != 0) {
+			t.Errorf("parseMaxClients(%q, %d, %d) = %d, %v; want %d", tt.value, tt.fileLimit, tt.pool, got, err, tt.want)
+		}
+	}
+
+	for _, tt := range []struct {
+		name       string
+		env        map[string]string
+		args       []string
+		maxStreams int
+		maxClients int // 0: the default
+	}{
+		{"defaults", nil, nil, 32, 0},
+		{"environment", map[string]string{"MAX_STREAMS": "5", "MAX_CLIENTS": "100"}, nil, 5, 100},
+		{"flags win", map[string]string{"MAX_STREAMS": "5", "MAX_CLIENTS": "100"}, []string{"-max-streams", "6", "-max-clients", "200"}, 6, 200},
+	} {
+		cfg, err := loadConfig(tt.args, func(k string) string { return tt.env[k] }, io.Discard)
+		if err != nil {
+			t.Fatalf("%s: %v", tt.name, err)
+		}
+		wantClients := tt.maxClients
+		if wantClients == 0 {
+			wantClients, _ = parseMaxClients("", fileLimit(), cfg.pool.maxOpen)
+		}
+		if cfg.maxStreams != tt.maxStreams || cfg.maxClients != wantClients {
+			t.Errorf("%s: maxStreams %d, maxClients %d; want %d, %d", tt.name, cfg.maxStreams, cfg.maxClients, tt.maxStreams, wantClients)
+		}
+	}
+	for _, env := range []map[string]string{{"MAX_STREAMS": "0"}, {"MAX_STREAMS": "x"}, {"MAX_CLIENTS": "0"}, {"MAX_CLIENTS": "1e9"}} {
+		_, err := loadConfig(nil, func(k string) string { return env[k] }, io.Discard)
+		for name := range env {
+			if err == nil || !strings.Contains(err.Error(), name) {
+				t.Errorf("loadConfig with %v = %v, want an error naming %s", env, err, name)
+			}
+		}
+	}
+}
+
+// dialMany opens n connections to addr, closed in t.Cleanup. If request is
+// not empty, each sends it and reads the answer, which must have status.
+func dialMany(t *testing.T, addr string, n int, request string, status int) []net.Conn {
+	t.Helper()
+	conns := make([]net.Conn, 0, n)
+	t.Cleanup(func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	for i := 0; i < n; i++ {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, c)
+		if request == "" {
+			continue
+		}
+		io.WriteString(c, request)
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			t.Fatalf("connection %d: %v", i, err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != status {
+			t.Fatalf("connection %d: status %d, want %d", i, resp.StatusCode, status)
+		}
+	}
+	return conns
+}
+
+// openConns returns how many of conns the server has not closed: those
+// where a read finds nothing yet rather than the end.
+func openConns(conns []net.Conn) int {
+	open := 0
+	for _, c := range conns {
+		c.SetReadDeadline(time.Now().Add(time.Millisecond))
+		if _, err := c.Read(make([]byte, 1)); err != nil {
+			if ne, ok := err.(net.Error); ok && ne.Timeout() {
+				open++
+			}
+		}
+	}
+	return open
+}
+
+func TestIdleClientsMakeRoom(t *testing.T) {
+	t.Parallel()
+	databaseURL, _ := newSchema(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	const maxClients, token = 10, "tok-7"
+	addr, _, done := startRun(t, ctx, map[string]string{
+		"DATABASE_URL": databaseURL, "ADDR": "127.0.0.1:0", "API_TOKEN": token, "MAX_CLIENTS": strconv.Itoa(maxClients),
+	})
+	// Cleanups run last first: the connections close before the stop, which
+	// would otherwise wait for those that never spoke.
+	t.Cleanup(func() { cancel(); waitStopped(t, done) })
+
+	// Twice the limit: connections that never speak, connections that
+	// asked without the token, connections kept alive after a request.
+	flood := dialMany(t, addr, maxClients, "", 0)
+	flood = append(flood, dialMany(t, addr, maxClients/2, "GET /users/ HTTP/1.1\r\nHost: localhost\r\n\r\n", http.StatusUnauthorized)...)
+	flood = append(flood, dialMany(t, addr, maxClients/2, "GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n", http.StatusOK)...)
+
+	client := &http.Client{Transport: &http.Transport{}, Timeout: 30 * time.Second}
+	defer client.CloseIdleConnections()
+	req, _ := http.NewRequest("GET", "http://"+addr+"/users/?limit=1", nil)
+	req.Header.Set("Authorization", "Bearer "+token)
+	start := time.Now()
+	resp, err := client.Do(req)
+	if err != nil {
+		t.Fatalf("GET /users/ with the token, beside %d idle connections: %v", len(flood), err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET /users/ with the token, beside %d idle connections: %d, want 200", len(flood), resp.StatusCode)
+	}
+	t.Logf("answered in %v beside %d idle connections", time.Since(start), len(flood))
+
+	// The server holds no more than the limit: the client's own connection
+	// and at most maxClients-1 of the flood.
+	deadline := time.Now().Add(10 * time.Second)
+	for open := openConns(flood); open > maxClients-1; open = openConns(flood) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of %d idle connections still open, want at most %d", open, len(flood), maxClients-1)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestBusyClientsRefuseNewOnes(t *testing.T) {
+	t.Parallel()
+	databaseURL, _ := newSchema(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	const maxClients = 3
+	addr, logs, done := startRun(t, ctx, map[string]string{
+		"DATABASE_URL": databaseURL, "ADDR": "127.0.0.1:0", "MAX_CLIENTS": strconv.Itoa(maxClients),
+	})
+	t.Cleanup(func() { cancel(); waitStopped(t, done) })
+
+	// Each busy connection is a create whose body has not come yet; the
+	// server asks for it with 100 Continue once the request is in hand.
+	busy := dialMany(t, addr, maxClients, "POST /users/ HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"+
+		"Content-Length: 2\r\nExpect: 100-continue\r\n\r\n", http.StatusContinue)
+
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	io.WriteString(c, "GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatalf("a connection past %d busy ones: %v", maxClients, err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusServiceUnavailable || resp.Header.Get("Retry-After") == "" || !resp.Close ||
+		string(body) != `{"detail":"Service unavailable"}`+"\n" {
+		t.Errorf("a connection past %d busy ones: %d, Retry-After %q, Connection: close %v, body %q; want 503, Retry-After, close",
+			maxClients, resp.StatusCode, resp.Header.Get("Retry-After"), resp.Close, body)
+	}
+	if _, err := br.ReadByte(); err != io.EOF {
+		t.Errorf("after the 503, reading the connection gave %v, want EOF", err)
+	}
+	if !strings.Contains(logs.String(), "max_clients="+strconv.Itoa(maxClients)) {
+		t.Errorf("the refusal was not logged:\n%s", logs)
+	}
+
+	// A burst of them: each gets its answer, not just a closed connection.
+	const burst = 100
+	answers := make(chan string, burst)
+	for i := 0; i < burst; i++ {
+		go func() {
+			c, err := net.Dial("tcp", addr)
+			if err != nil {
+				answers <- err.Error()
+				return
+			}
+			defer c.Close()
+			c.SetReadDeadline(time.Now().Add(10 * time.Second))
+			resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+			if err != nil {
+				answers <- err.Error()
+				return
+			}
+			resp.Body.Close()
+			answers <- resp.Status
+		}()
+	}
+	for i := 0; i < burst; i++ {
+		if a := <-answers; a != "503 Service Unavailable" {
+			t.Errorf("connection %d of a burst past %d busy ones: %s, want 503", i, maxClients, a)
+		}
+	}
+
+	// The busy connections were kept, and finish as they would have.
+	for i, c := range busy {
+		io.WriteString(c, "{}")
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			t.Fatalf("busy connection %d: %v", i, err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusBadRequest {
+			t.Errorf("busy connection %d: %d after its body, want 400", i, resp.StatusCode)
+		}
+	}
+}
+
+func TestRunChecksHostWithoutToken(t *testing.T) {
+	t.Parallel()
+	databaseURL, _ := newSchema(t)
+	for _, tt := range []struct {
+		addr, token string
+		checked     bool
+	}{
+		{"127.0.0.1:0", "", true},
+		{"127.0.0.1:0", "set", false},
+		{"0.0.0.0:0", "", false},
+	} {
+		ctx, cancel := context.WithCancel(context.Background())
+		addr, _, done := startRun(t, ctx, map[string]string{"DATABASE_URL": databaseURL, "ADDR": tt.addr, "API_TOKEN": tt.token})
+		_, port, _ := net.SplitHostPort(addr)
+		e := &testEnv{t: t, url: "http://127.0.0.1:" + port}
+		r := e.do("GET", "/healthz", "", "Host: evil.example:"+port)
+		if got := r.status == http.StatusMisdirectedRequest; got != tt.checked {
+			t.Errorf("ADDR=%s API_TOKEN=%q: %s; want 421: %v", tt.addr, tt.token, r, tt.checked)
+		}
+		if r := e.do("GET", "/healthz", "", "Host: localhost:"+port); r.status != http.StatusOK {
+			t.Errorf("ADDR=%s API_TOKEN=%q: %s with Host localhost, want 200", tt.addr, tt.token, r)
+		}
+		cancel()
+		waitStopped(t, done)
 	}
 }
 
@@ -368,5 +631,41 @@ func TestStartLogNamesTheDatabase(t *testing.T) {
 	}
 	if strings.Contains(logs.String(), "hunter2") {
 		t.Errorf("the log holds the database password:\n%s", logs)
+	}
+}
+
+func TestLoadConfigPooler(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name    string
+		env     map[string]string
+		args    []string
+		want    bool   // transactionPooler
+		wantErr string // in the error, if one is wanted
+	}{
+		{"default", nil, nil, false, ""},
+		{"none", map[string]string{"DB_POOLER": "none"}, nil, false, ""},
+		{"transaction", map[string]string{"DB_POOLER": "transaction"}, nil, true, ""},
+		{"flag wins over environment", map[string]string{"DB_POOLER": "transaction"}, []string{"-db-pooler", "none"}, false, ""},
+		{"flag", nil, []string{"-db-pooler", "transaction"}, true, ""},
+		{"unknown mode", map[string]string{"DB_POOLER": "session"}, nil, false, `DB_POOLER: must be "none" or "transaction", got "session"`},
+		{"unknown mode by flag", nil, []string{"-db-pooler", "Transaction"}, false, `-db-pooler: must be "none" or "transaction", got "Transaction"`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := loadConfig(tt.args, func(k string) string { return tt.env[k] }, io.Discard)
+			if tt.wantErr != "" {
+				if err == nil || err.Error() != tt.wantErr {
+					t.Errorf("loadConfig(%q) error = %v, want %q", tt.args, err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got.pool.transactionPooler != tt.want {
+				t.Errorf("loadConfig(%q) transactionPooler = %v, want %v", tt.args, got.pool.transactionPooler, tt.want)
+			}
+		})
 	}
 }

@@ -33,6 +33,10 @@ type poolConfig struct {
 	maxOpen     int           // connections open at once
 	maxIdle     int           // connections kept open while idle
 	maxIdleTime time.Duration // how long an idle connection is kept
+	// transactionPooler says that a transaction-pooling proxy, such as
+	// PgBouncer with pool_mode = transaction, stands between the service
+	// and PostgreSQL (DB_POOLER=transaction).
+	transactionPooler bool
 }
 
 // store is the service's data layer: every SQL statement lives here.
@@ -44,7 +48,8 @@ type store struct {
 	// The reads are prepared statements: a query with arguments costs lib/pq
 	// two round trips (parse, then execute), a prepared one costs one.
 	// database/sql prepares them on each connection the first time it
-	// runs them there.
+	// runs them there. Behind a transaction pooler they are nil: see
+	// newConnector.
 	userByID, userByEmail, usersAfter *sql.Stmt
 	// now, if set, replaces the database's clock for the sign-in throttle:
 	// tests set it to walk through the schedule. In production every
@@ -55,7 +60,7 @@ type store struct {
 // openStore connects to the database at databaseURL, checks that it answers
 // and applies the embedded schema. The caller must Close the store.
 func openStore(ctx context.Context, databaseURL string, pool poolConfig, timeout time.Duration) (*store, error) {
-	connector, err := pq.NewConnector(databaseURL)
+	connector, err := newConnector(databaseURL, pool.transactionPooler)
 	if err != nil {
 		return nil, err
 	}
@@ -68,6 +73,9 @@ func openStore(ctx context.Context, databaseURL string, pool poolConfig, timeout
 	if err := s.migrate(ctx); err != nil {
 		db.Close()
 		return nil, err
+	}
+	if pool.transactionPooler {
+		return s, nil
 	}
 	for _, p := range []struct {
 		stmt  **sql.Stmt
@@ -83,6 +91,42 @@ func openStore(ctx context.Context, databaseURL string, pool poolConfig, timeout
 		}
 	}
 	return s, nil
+}
+
+// newConnector returns the connector for databaseURL. Behind a transaction
+// pooler the next transaction of a connection may run on another server
+// connection, so nothing may outlive one: the store prepares no statement,
+// and each query with arguments must go in one round trip. lib/pq otherwise
+// sends it as Parse and Sync, then Bind and Execute, and the pooler may hand
+// the server connection to another client in between. binary_parameters
+// makes lib/pq send Parse, Bind, Execute and Sync together; it also sends
+// []byte arguments in binary, and the store passes none.
+func newConnector(databaseURL string, transactionPooler bool) (*pq.Connector, error) {
+	cfg, err := pq.NewConfig(databaseURL)
+	if err != nil {
+		return nil, err
+	}
+	if transactionPooler {
+		cfg.BinaryParameters = true
+	}
+	return pq.NewConnectorConfig(cfg)
+}
+
+// queryRow runs a read on its prepared statement, or, behind a transaction
+// pooler where stmt is nil, as query in one round trip.
+func (s *store) queryRow(ctx context.Context, stmt *sql.Stmt, query string, args ...any) *sql.Row {
+	if stmt == nil {
+		return s.db.QueryRowContext(ctx, query, args...)
+	}
+	return stmt.QueryRowContext(ctx, args...)
+}
+
+// query is queryRow for a read of many rows.
+func (s *store) query(ctx context.Context, stmt *sql.Stmt, query string, args ...any) (*sql.Rows, error) {
+	if stmt == nil {
+		return s.db.QueryContext(ctx, query, args...)
+	}
+	return stmt.QueryContext(ctx, args...)
 }
 
 // migrate applies schema.sql in one transaction, holding an advisory lock so
@@ -169,7 +213,7 @@ func (s *store) CreateUser(ctx context.Context, c userChange) (user, error) {
 func (s *store) User(ctx context.Context, id int64) (user, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
-	u, err := scanUser(s.userByID.QueryRowContext(ctx, id))
+	u, err := scanUser(s.queryRow(ctx, s.userByID, userByIDQuery, id))
 	return u, dbError(err)
 }
 
@@ -178,7 +222,7 @@ func (s *store) User(ctx context.Context, id int64) (user, error) {
 func (s *store) UserByEmail(ctx context.Context, email string) (user, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
-	u, err := scanUser(s.userByEmail.QueryRowContext(ctx, email))
+	u, err := scanUser(s.queryRow(ctx, s.userByEmail, userByEmailQuery, email))
 	return u, dbError(err)
 }
 
@@ -187,7 +231,7 @@ func (s *store) UserByEmail(ctx context.Context, email string) (user, error) {
 func (s *store) Users(ctx context.Context, afterID int64, limit int) ([]user, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
-	rows, err := s.usersAfter.QueryContext(ctx, afterID, limit)
+	rows, err := s.query(ctx, s.usersAfter, usersAfterQuery, afterID, limit)
 	if err != nil {
 		return nil, dbError(err)
 	}

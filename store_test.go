@@ -2,10 +2,26 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
+	"database/sql"
+	"encoding/hex"
 	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	osuser "os/user"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
+
+	"github.com/lib/pq"
 )
 
 // testClock is a clock that only a test moves, for the sign-in throttle.
@@ -162,4 +178,355 @@ func TestForgottenAuthFailuresAreDeleted(t *testing.T) {
 	if n := authFailures(t, st, "ann@example.com"); n != 2 {
 		t.Errorf("ann@example.com's count = %d after the clean-up, want 2: live rows are kept", n)
 	}
+}
+
+// TestTransactionPooler drives the API through a real PgBouncer in
+// transaction pooling mode, whose small pool hands each server connection to
+// many client connections in turn, and through a direct connection. Both
+// must answer alike, with no 5xx.
+func TestTransactionPooler(t *testing.T) {
+	t.Parallel()
+	bouncerURL := startPgBouncer(t)
+	pool := poolConfig{maxOpen: 16, maxIdle: 16, maxIdleTime: time.Minute, transactionPooler: true}
+	st, err := openStore(context.Background(), bouncerURL, pool, 30*time.Second)
+	if err != nil {
+		t.Fatalf("openStore through PgBouncer: %v", err)
+	}
+	t.Cleanup(func() { st.Close() })
+
+	direct := poolerWorkload(t, newTestEnv(t))
+	pooled := poolerWorkload(t, newTestEnv(t, withStore(st)))
+	t.Logf("requests: %d direct, %d through PgBouncer", direct.requests, pooled.requests)
+	if pooled.requests != direct.requests {
+		t.Errorf("PgBouncer: %d requests, direct: %d; want the same", pooled.requests, direct.requests)
+	}
+	for k, n := range direct.answers {
+		if pooled.answers[k] != n {
+			t.Errorf("%s: %d through PgBouncer, %d direct", k, pooled.answers[k], n)
+		}
+	}
+	for k, n := range pooled.answers {
+		if _, ok := direct.answers[k]; !ok {
+			t.Errorf("%s: %d through PgBouncer, none direct", k, n)
+		}
+	}
+	if !slices.Equal(pooled.users, direct.users) {
+		t.Errorf("users through PgBouncer:\n%v\nwant, as direct:\n%v", pooled.users, direct.users)
+	}
+	// The premise: the service's connections outnumbered the server's.
+	if open := st.db.Stats().OpenConnections; open <= pgBouncerPoolSize {
+		t.Errorf("the service opened %d connections to PgBouncer, want more than its pool of %d", open, pgBouncerPoolSize)
+	}
+}
+
+// poolerSummary is what a workload saw, in terms that do not depend on
+// which of the racing requests won.
+type poolerSummary struct {
+	requests int
+	answers  map[string]int // "METHOD route: status" → count
+	users    []string       // the final users, normalized and sorted
+}
+
+// poolerWorkload runs concurrent creates, concurrent PUTs of one email,
+// deletes, look-ups, lists and pages against e, fails the test on any 5xx or
+// unexpected answer, and summarizes what it saw.
+func poolerWorkload(t *testing.T, e *testEnv) poolerSummary {
+	t.Helper()
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("service's errors:\n%s", grepLines(e.logs.String(), "level=ERROR"))
+		}
+	})
+	var mu sync.Mutex
+	sum := poolerSummary{answers: map[string]int{}}
+	do := func(route, method, path, body string) response {
+		r := e.do(method, path, body)
+		if r.status >= 500 || r.status == 0 {
+			t.Errorf("%s", r)
+		}
+		mu.Lock()
+		sum.requests++
+		sum.answers[fmt.Sprintf("%s %s: %d", method, route, r.status)]++
+		mu.Unlock()
+		return r
+	}
+	const (
+		creates    = 40 // distinct users
+		sameEmail  = 16 // creates of one email
+		contenders = 20 // users whose PUTs race for one email
+		deletes    = 8  // users deleted twice at once
+		walkers    = 8  // clients paging through the list at once
+	)
+	// all runs f(0) to f(n-1) at once.
+	all := func(n int, f func(i int)) {
+		var wg sync.WaitGroup
+		for i := range n {
+			wg.Go(func() { f(i) })
+		}
+		wg.Wait()
+	}
+
+	// Goroutines only collect answers: checks that stop the test run on
+	// the test's own goroutine.
+	created := make([]response, creates)
+	all(creates+sameEmail, func(i int) {
+		if i >= creates {
+			do("/users", "POST", "/users", userBody("Same", "Email", "same@example.com", "password1"))
+			return
+		}
+		first, email := "User", fmt.Sprintf("user%d@example.com", i)
+		if i < contenders {
+			first, email = "Contender", fmt.Sprintf("contender%d@example.com", i)
+		}
+		created[i] = do("/users", "POST", "/users", userBody(first, "Last", email, "password1"))
+	})
+	ids := make([]int64, creates)
+	for i, r := range created {
+		ids[i] = mustUser(t, r, http.StatusCreated).ID
+	}
+
+	// The contenders all want one email while others read and delete.
+	all(contenders+2*deletes+creates+walkers, func(i int) {
+		switch {
+		case i < contenders:
+			do("/users/{id}", "PUT", fmt.Sprintf("/users/%d", ids[i]), `{"email":"taken@example.com"}`)
+		case i < contenders+2*deletes:
+			do("/users/{id}", "DELETE", fmt.Sprintf("/users/%d", ids[contenders+(i-contenders)/2]), "")
+		case i < contenders+2*deletes+creates:
+			j := i - contenders - 2*deletes
+			if j < contenders || j >= contenders+deletes { // not deleted meanwhile
+				do("/users/{id}", "GET", fmt.Sprintf("/users/%d", ids[j]), "")
+			}
+		default:
+			do("/users", "GET", "/users?email=same@example.com", "")
+		}
+	})
+
+	// Lists and pages, all at once, of the settled table.
+	lists := make([][]response, 2*walkers)
+	link := regexp.MustCompile(`^<([^>]+)>; rel="next"$`)
+	all(2*walkers, func(i int) {
+		if i < walkers {
+			lists[i] = []response{do("/users/", "GET", "/users/", "")}
+			return
+		}
+		for path := fmt.Sprintf("/users?limit=%d", 3+i%5); path != ""; {
+			r := do("/users", "GET", path, "")
+			lists[i] = append(lists[i], r)
+			path = ""
+			if m := link.FindStringSubmatch(r.header.Get("Link")); m != nil {
+				path = m[1]
+			}
+		}
+	})
+	var full []userJSON
+	for i, pages := range lists {
+		var got []userJSON
+		for _, r := range pages {
+			got = append(got, mustList(t, r)...)
+		}
+		if i == 0 {
+			full = got
+		} else if fmt.Sprint(got) != fmt.Sprint(full) {
+			t.Errorf("list %d differs from the first:\n%v\nwant\n%v", i, got, full)
+		}
+	}
+	// Which contender won the email differs from run to run; that exactly
+	// one did is the result.
+	for _, u := range full {
+		email := u.Email
+		if strings.HasPrefix(email, "contender") {
+			email = "contender@example.com"
+		}
+		sum.users = append(sum.users, u.FirstName+" "+u.LastName+" "+email)
+	}
+	slices.Sort(sum.users)
+	return sum
+}
+
+// pgBouncerPoolSize is the number of server connections PgBouncer keeps for
+// the test's database: far fewer than the service's pool.
+const pgBouncerPoolSize = 2
+
+// startPgBouncer starts PgBouncer in transaction pooling mode in front of a
+// database of its own, created for the test, and returns the URL that
+// reaches that database through it. Both are gone when the test ends.
+//
+// A database of its own, because PgBouncer refuses the search_path startup
+// parameter that newSchema's URLs carry.
+func startPgBouncer(t *testing.T) string {
+	t.Helper()
+	binary, err := exec.LookPath("pgbouncer")
+	if err != nil {
+		// Debian installs it in /usr/sbin, which a user's PATH may lack.
+		binary = "/usr/sbin/pgbouncer"
+		if _, err := os.Stat(binary); err != nil {
+			const msg = "pgbouncer is not installed: install the pgbouncer package (apt-get install pgbouncer) to run this test"
+			if os.Getenv("CI") != "" {
+				t.Fatal(msg)
+			}
+			t.Skip(msg)
+		}
+	}
+	server, err := pq.NewConfig(testDatabaseURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	b := make([]byte, 8)
+	rand.Read(b)
+	database := "test_pooler_" + hex.EncodeToString(b)
+	if _, err := adminDB.Exec(`CREATE DATABASE ` + database); err != nil {
+		t.Fatalf("create database: %v", err)
+	}
+	t.Cleanup(func() {
+		if _, err := adminDB.Exec(`DROP DATABASE ` + database + ` WITH (FORCE)`); err != nil {
+			t.Errorf("drop database %s: %v", database, err)
+		}
+	})
+
+	// PgBouncer refuses to run as root: then it runs as postgres, and its
+	// configuration must be readable by that user.
+	var cred *syscall.Credential
+	dir := t.TempDir()
+	if os.Geteuid() == 0 {
+		pg, err := osuser.Lookup("postgres")
+		if err != nil {
+			t.Fatalf("PgBouncer cannot run as root, and there is no postgres user to run it as: %v", err)
+		}
+		uid, _ := strconv.Atoi(pg.Uid)
+		gid, _ := strconv.Atoi(pg.Gid)
+		cred = &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}
+		for _, d := range []string{filepath.Dir(dir), dir} {
+			if err := os.Chmod(d, 0o711); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+
+	// Another process may take a free port before PgBouncer binds it: then
+	// PgBouncer exits, and the next try takes another port.
+	var last string
+	for range 5 {
+		port := freePort(t)
+		conf := filepath.Join(dir, "pgbouncer.ini")
+		if err := os.WriteFile(conf, []byte(pgBouncerConfig(server, database, port)), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if cred != nil {
+			if err := os.Chown(conf, int(cred.Uid), int(cred.Gid)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		bouncerURL := fmt.Sprintf("postgres://%s@127.0.0.1:%d/%s?sslmode=disable",
+			server.User, port, database)
+		ok, output := runPgBouncer(t, binary, conf, cred, bouncerURL)
+		if ok {
+			return bouncerURL
+		}
+		last = output
+	}
+	t.Fatalf("PgBouncer did not start; its output:\n%s", last)
+	return ""
+}
+
+// runPgBouncer starts PgBouncer with conf and waits until bouncerURL answers
+// through it. If it does, PgBouncer is stopped when the test ends; if it
+// exits first, runPgBouncer returns false and its output.
+func runPgBouncer(t *testing.T, binary, conf string, cred *syscall.Credential, bouncerURL string) (ok bool, output string) {
+	t.Helper()
+	out := &syncBuffer{}
+	cmd := exec.Command(binary, conf)
+	cmd.Stdout, cmd.Stderr = out, out
+	// If the test process dies without cleaning up, PgBouncer stops too.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred, Pdeathsig: syscall.SIGTERM}
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start pgbouncer: %v", err)
+	}
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
+	stop := func() {
+		cmd.Process.Signal(syscall.SIGTERM) // immediate shutdown
+		select {
+		case <-exited:
+		case <-time.After(10 * time.Second):
+			cmd.Process.Kill()
+			<-exited
+		}
+	}
+
+	db, err := sql.Open("postgres", bouncerURL)
+	if err != nil {
+		stop()
+		t.Fatal(err)
+	}
+	defer db.Close()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		err := db.PingContext(ctx)
+		cancel()
+		if err == nil {
+			t.Cleanup(stop)
+			return true, ""
+		}
+		select {
+		case <-exited:
+			return false, out.String()
+		case <-time.After(20 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			stop()
+			t.Fatalf("PgBouncer at %s did not answer within 30 s: %v; its output:\n%s", bouncerURL, err, out)
+		}
+	}
+}
+
+// pgBouncerConfig returns a PgBouncer configuration that listens on
+// 127.0.0.1:port only and pools transactions to database on server in a
+// small pool. Clients need no password: PgBouncer logs in as server.User.
+// It has no ignore_startup_parameters, so a startup parameter that PgBouncer
+// refuses in production fails the test too.
+func pgBouncerConfig(server pq.Config, database string, port int) string {
+	quote := func(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
+	target := fmt.Sprintf("host=%s port=%d dbname=%s user=%s", quote(server.Host), server.Port, database, quote(server.User))
+	if server.Password != "" {
+		target += " password=" + quote(server.Password)
+	}
+	return fmt.Sprintf(`[databases]
+%s = %s
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = %d
+unix_socket_dir =
+auth_type = any
+pool_mode = transaction
+default_pool_size = %d
+max_client_conn = 100
+log_connections = 0
+log_disconnections = 0
+`, database, target, port, pgBouncerPoolSize)
+}
+
+// freePort returns a loopback TCP port that was free a moment ago.
+func freePort(t *testing.T) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// grepLines returns the lines of s that contain substr.
+func grepLines(s, substr string) string {
+	var b strings.Builder
+	for line := range strings.Lines(s) {
+		if strings.Contains(line, substr) {
+			b.WriteString(line)
+		}
+	}
+	return b.String()
 }

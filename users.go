@@ -11,10 +11,13 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"mime"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"path"
 	"runtime/debug"
+	"sort"
 	"strconv"
 	"strings"
 	"time"
@@ -31,6 +34,13 @@ const (
 	maxPasswordBytes = 72      // bcrypt reads no further
 	maxPageSize      = 1000    // ?limit=
 	listBatchSize    = 1000    // rows read per query while streaming a list
+
+	// An error body echoes names the client chose (unknown fields and
+	// query parameters): it lists at most maxErrorEntries of them, each cut
+	// to maxErrorName bytes, and stays within maxErrorBytes in all.
+	maxErrorEntries = 20
+	maxErrorName    = 64
+	maxErrorBytes   = 4 << 10
 )
 
 // server holds what the handlers need.
@@ -39,6 +49,18 @@ type server struct {
 	store    *store
 	hasher   *hasher
 	apiToken string
+	serverOptions
+	streams chan struct{} // a slot for each whole-table list stream
+}
+
+// serverOptions are newServer's settings besides the API token.
+type serverOptions struct {
+	// maxStreams bounds the whole-table list streams served at once.
+	maxStreams int
+	// loopbackHostsOnly makes the service answer only requests whose Host
+	// names a loopback host. Set when the service listens on loopback
+	// without a token, it keeps web pages out by DNS rebinding.
+	loopbackHostsOnly bool
 }
 
 // route is one entry of the API surface.
@@ -68,12 +90,17 @@ func (s *server) routes() []route {
 }
 
 // newServer returns the service's HTTP handler. If apiToken is not empty,
-// every route but the public ones requires it as a bearer token.
-func newServer(logger *slog.Logger, st *store, h *hasher, apiToken string) http.Handler {
-	s := &server{logger: logger, store: st, hasher: h, apiToken: apiToken}
+// every route but the public ones requires it as a bearer token. Every POST
+// and PUT body must be labelled JSON.
+func newServer(logger *slog.Logger, st *store, h *hasher, apiToken string, opts serverOptions) http.Handler {
+	s := &server{logger: logger, store: st, hasher: h, apiToken: apiToken, serverOptions: opts,
+		streams: make(chan struct{}, opts.maxStreams)}
 	mux := http.NewServeMux()
 	for _, rt := range s.routes() {
 		var h http.Handler = rt.handler
+		if rt.method == http.MethodPost || rt.method == http.MethodPut {
+			h = requireJSON(h)
+		}
 		if !rt.public && apiToken != "" {
 			h = s.requireToken(h)
 		}
@@ -128,6 +155,10 @@ func (s *server) wrap(mux *http.ServeMux) http.Handler {
 			s.logger.Info("request", attrs...)
 		}()
 
+		if s.loopbackHostsOnly && !isLoopbackHost(r.Host) {
+			writeError(rec, http.StatusMisdirectedRequest, "Misdirected request")
+			return
+		}
 		if unclean {
 			writeError(rec, http.StatusNotFound, "Not Found")
 			return
@@ -187,6 +218,56 @@ func (s *server) requireToken(next http.Handler) http.Handler {
 		}
 		next.ServeHTTP(w, r)
 	})
+}
+
+// requireJSON answers 415 to a request whose body is not labelled JSON. A
+// browser cannot send that label to another site without asking first (a
+// CORS preflight, which the service never allows), so no web page can make
+// its visitor's browser create or change users.
+func requireJSON(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !isJSONType(r.Header.Values("Content-Type")) {
+			writeError(w, http.StatusUnsupportedMediaType, "Unsupported media type")
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// isJSONType reports whether the Content-Type header lines say JSON: one
+// line, application/json in any case, with any parameters but a charset
+// other than UTF-8.
+func isJSONType(lines []string) bool {
+	if len(lines) != 1 {
+		return false
+	}
+	mediaType, params, err := mime.ParseMediaType(lines[0])
+	if err != nil || mediaType != "application/json" {
+		return false
+	}
+	charset, ok := params["charset"]
+	return !ok || strings.EqualFold(charset, "utf-8")
+}
+
+// isLoopbackHost reports whether host, a request's Host, names a loopback
+// host: localhost, an address in 127.0.0.0/8 or [::1], with any port.
+func isLoopbackHost(host string) bool {
+	name := host
+	if i := strings.LastIndexByte(host, ':'); i >= 0 && !strings.Contains(host[i:], "]") {
+		name = host[:i]
+		if strings.Trim(host[i+1:], "0123456789") != "" {
+			return false
+		}
+	}
+	if strings.EqualFold(name, "localhost") {
+		return true
+	}
+	bracketed := strings.HasPrefix(name, "[") && strings.HasSuffix(name, "]")
+	if bracketed {
+		name = name[1 : len(name)-1]
+	}
+	addr, err := netip.ParseAddr(name)
+	return err == nil && addr.Is6() == bracketed && addr.Zone() == "" && addr.IsLoopback()
 }
 
 func (s *server) health(w http.ResponseWriter, r *http.Request) {
@@ -423,6 +504,22 @@ func (s *server) listUsers(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
+	if r.Method == http.MethodHead {
+		s.headUsers(w, r, q)
+		return
+	}
+	// A stream can last as long as its client cares to read: each holds a
+	// slot, and when none is free the client is asked to come back.
+	select {
+	case s.streams <- struct{}{}:
+		defer func() { <-s.streams }()
+	default:
+		s.logger.Warn("list users: every stream slot is taken", "max_streams", s.maxStreams)
+		w.Header().Set("Retry-After", "1")
+		writeError(w, http.StatusServiceUnavailable, "Service unavailable")
+		return
+	}
+
 	// Each batch reads one user more than it sends, to learn whether another
 	// batch follows without asking the database for an empty one.
 	batch, err := s.store.Users(r.Context(), q.afterID, listBatchSize+1)
@@ -478,6 +575,22 @@ func (s *server) listUsers(w http.ResponseWriter, r *http.Request) {
 	}
 	bw.WriteString("]\n")
 	bw.Flush()
+}
+
+// headUsers answers HEAD for the whole list: the status and headers a GET
+// would get, which takes one user to know, not the table.
+func (s *server) headUsers(w http.ResponseWriter, r *http.Request, q listQuery) {
+	first, err := s.store.Users(r.Context(), q.afterID, 1)
+	if err != nil {
+		s.error(w, r, err)
+		return
+	}
+	if len(first) == 0 && !q.given {
+		writeError(w, http.StatusNotFound, "No users found")
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(http.StatusOK)
 }
 
 // listQuery is a parsed ?limit=&after_id= or ?email= query.
@@ -567,9 +680,9 @@ func readUserInput(w http.ResponseWriter, r *http.Request, create bool) (userInp
 	return in, true
 }
 
-// readObject reads the request body, which must be one JSON object, and
-// returns its fields. If the body is not acceptable it answers the request
-// itself and returns false.
+// readObject reads the request body: one JSON object in UTF-8, at most
+// maxBodyBytes long, that names each member once. If the body is not that,
+// readObject answers the request itself and returns false.
 func readObject(w http.ResponseWriter, r *http.Request) (map[string]json.RawMessage, bool) {
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBodyBytes))
 	var tooLarge *http.MaxBytesError
@@ -586,12 +699,49 @@ func readObject(w http.ResponseWriter, r *http.Request) (map[string]json.RawMess
 		writeInvalid(w, map[string]string{"body": "must be valid UTF-8"})
 		return nil, false
 	}
-	var fields map[string]json.RawMessage
-	if err := json.Unmarshal(body, &fields); err != nil || fields == nil {
+	fields, repeated, ok := decodeObject(body)
+	if !ok {
 		writeInvalid(w, map[string]string{"body": "must be one JSON object"})
 		return nil, false
 	}
+	if len(repeated) > 0 {
+		writeInvalid(w, repeated)
+		return nil, false
+	}
 	return fields, true
+}
+
+// decodeObject decodes body as one JSON object, and reports each member
+// name given more than once: encoding/json keeps the last value, other
+// parsers (a proxy's, say) may keep the first, so such a body is refused.
+func decodeObject(body []byte) (fields map[string]json.RawMessage, repeated map[string]string, ok bool) {
+	dec := json.NewDecoder(bytes.NewReader(body))
+	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
+		return nil, nil, false
+	}
+	fields = make(map[string]json.RawMessage)
+	repeated = make(map[string]string)
+	for dec.More() {
+		tok, err := dec.Token()
+		name, isName := tok.(string)
+		if err != nil || !isName {
+			return nil, nil, false
+		}
+		var value json.RawMessage
+		if err := dec.Decode(&value); err != nil {
+			return nil, nil, false
+		}
+		if _, seen := fields[name]; seen {
+			repeated[name] = "given more than once"
+		}
+		fields[name] = value
+	}
+	if _, err := dec.Token(); err != nil { // the closing brace
+		return nil, nil, false
+	}
+	// Nothing but white space may follow the object.
+	rest := bytes.TrimLeft(body[dec.InputOffset():], " \t\r\n")
+	return fields, repeated, len(rest) == 0
 }
 
 // decode fills in from the fields of a JSON object and reports what is
@@ -792,6 +942,10 @@ func isLabelASCII(r rune) bool {
 // are no composition rules, per NIST SP 800-63B.
 func checkPassword(s *string) string {
 	switch {
+	case strings.ContainsRune(*s, 0):
+		// C implementations of bcrypt stop at NUL: the hash would not
+		// carry over to them.
+		return "must not contain the NUL character"
 	case utf8.RuneCountInString(*s) < minPasswordChars:
 		return fmt.Sprintf("must be at least %d characters", minPasswordChars)
 	case len(*s) > maxPasswordBytes:
@@ -834,7 +988,65 @@ func writeError(w http.ResponseWriter, status int, detail string) {
 }
 
 func writeInvalid(w http.ResponseWriter, problems map[string]string) {
-	encode(w, http.StatusBadRequest, errorBody{Detail: "Invalid data", Errors: problems})
+	encode(w, http.StatusBadRequest, errorBody{Detail: "Invalid data", Errors: capProblems(problems)})
+}
+
+// capProblems bounds what an error body echoes of the names a client chose:
+// at most maxErrorEntries problems, each name cut to maxErrorName bytes, and
+// no more than fits in an answer of maxErrorBytes. Problems with fields the
+// service knows come first, then names it does not know, each in name order.
+func capProblems(problems map[string]string) map[string]string {
+	names := make([]string, 0, len(problems))
+	for name := range problems {
+		names = append(names, name)
+	}
+	unknown := func(name string) bool {
+		p := problems[name]
+		return p == "unknown field" || p == "unknown parameter"
+	}
+	sort.Slice(names, func(i, j int) bool {
+		if ui, uj := unknown(names[i]), unknown(names[j]); ui != uj {
+			return uj
+		}
+		return names[i] < names[j]
+	})
+	kept := make(map[string]string)
+	// The room left once detail and the braces are written.
+	room := maxErrorBytes - len(`{"detail":"Invalid data","errors":{}}`+"\n")
+	for _, name := range names {
+		if len(kept) == maxErrorEntries {
+			break
+		}
+		short := cutName(name)
+		if _, ok := kept[short]; ok {
+			continue
+		}
+		k, _ := json.Marshal(short)
+		v, _ := json.Marshal(problems[name])
+		size := len(k) + 1 + len(v) // "name":"problem"
+		if len(kept) > 0 {
+			size++ // the comma
+		}
+		if size > room {
+			continue
+		}
+		room -= size
+		kept[short] = problems[name]
+	}
+	return kept
+}
+
+// cutName cuts a name longer than maxErrorName bytes at a character
+// boundary and marks the cut with an ellipsis.
+func cutName(name string) string {
+	if len(name) <= maxErrorName {
+		return name
+	}
+	i := maxErrorName
+	for i > 0 && !utf8.RuneStart(name[i]) {
+		i--
+	}
+	return name[:i] + "…"
 }
 
 // encode answers with v as JSON.
@@ -857,6 +1069,11 @@ type statusRecorder struct {
 func (rec *statusRecorder) WriteHeader(status int) {
 	if rec.status == 0 {
 		rec.status = status
+	}
+	// A client without the token has nothing more to ask: its connection
+	// is closed rather than held for it.
+	if status == http.StatusUnauthorized {
+		rec.Header().Set("Connection", "close")
 	}
 	rec.ResponseWriter.WriteHeader(status)
 }

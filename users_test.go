@@ -1,11 +1,15 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"net/http"
+	"net/url"
 	"regexp"
 	"slices"
 	"strconv"
@@ -920,6 +924,287 @@ func TestLookUpByEmailUsesTheUniqueIndex(t *testing.T) {
 	}
 	if !strings.Contains(plan.String(), "Index Scan using users_email_key") {
 		t.Errorf("look-up by email does not use the unique index:\n%s", plan.String())
+	}
+}
+
+// routePath is a request path for a route pattern, with id for {id}.
+func routePath(pattern string, id int64) string {
+	return strings.NewReplacer("{$}", "", "{id}", strconv.FormatInt(id, 10)).Replace(pattern)
+}
+
+func TestBodiesMustBeLabelledJSON(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
+	body := userBody("Bob", "Ray", "bob@example.com", "password2")
+	var writes []route
+	for _, rt := range (&server{}).routes() {
+		if rt.method == http.MethodPost || rt.method == http.MethodPut {
+			writes = append(writes, rt)
+		}
+	}
+	for _, ct := range []string{
+		"", "text/plain", "text/plain; charset=utf-8", "application/x-www-form-urlencoded",
+		"multipart/form-data; boundary=x", "text/json", "application/jsonx", "application/json-patch+json",
+		"application/json; charset=iso-8859-1", "application/json; charset", "application/json, text/plain",
+	} {
+		for _, rt := range writes {
+			r := e.do(rt.method, routePath(rt.pattern, u.ID), body, "Content-Type: "+ct)
+			mustError(t, r, http.StatusUnsupportedMediaType, "Unsupported media type")
+		}
+	}
+	if n := countUsers(t, e.store); n != 1 {
+		t.Errorf("%d users stored after bodies not labelled JSON, want 1", n)
+	}
+	if got := mustUser(t, e.do("GET", fmt.Sprintf("/users/%d", u.ID), ""), http.StatusOK); got != u {
+		t.Errorf("user after refused updates = %+v, want %+v", got, u)
+	}
+
+	for i, ct := range []string{"application/json", "application/json; charset=utf-8", "Application/JSON; Charset=\"UTF-8\"", "application/json ; foo=bar"} {
+		r := e.do("POST", "/users/", userBody("Bob", "Ray", fmt.Sprintf("bob%d@example.com", i), "password2"), "Content-Type: "+ct)
+		mustUser(t, r, http.StatusCreated)
+		mustUser(t, e.do("PUT", fmt.Sprintf("/users/%d", u.ID), fmt.Sprintf(`{"last_name":"Lee%d"}`, i), "Content-Type: "+ct), http.StatusOK)
+	}
+}
+
+func TestIsLoopbackHost(t *testing.T) {
+	t.Parallel()
+	for _, host := range []string{"localhost", "localhost:8000", "LocalHost:1", "localhost:", "127.0.0.1", "127.0.0.1:8000",
+		"127.255.0.9:80", "[::1]", "[::1]:8000", "[0:0:0:0:0:0:0:1]:8000"} {
+		if !isLoopbackHost(host) {
+			t.Errorf("isLoopbackHost(%q) = false, want true", host)
+		}
+	}
+	for _, host := range []string{"", "evil.example", "evil.example:8000", "localhost.evil.example", "127.0.0.1.nip.io:8000",
+		"localhost.", "0.0.0.0:8000", "10.0.0.1", "128.0.0.1", "::1", "[::1]x", "[fe80::1%lo]:80", "127.1", "2130706433",
+		"localhost:80x", "localhost:-1", "127.0.0.1:8000:80", "[127.0.0.1]:80", "[localhost]"} {
+		if isLoopbackHost(host) {
+			t.Errorf("isLoopbackHost(%q) = true, want false", host)
+		}
+	}
+}
+
+func TestOnlyLoopbackHostsWithoutToken(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t, withOptions(serverOptions{maxStreams: 1, loopbackHostsOnly: true}))
+	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
+	for _, rt := range (&server{}).routes() {
+		var body string
+		if rt.method == http.MethodPost || rt.method == http.MethodPut {
+			body = userBody("Bob", "Ray", "bob@example.com", "password2")
+		}
+		path := routePath(rt.pattern, u.ID)
+		for _, host := range []string{"evil.example", "evil.example:8000", "127.0.0.1.evil.example"} {
+			mustError(t, e.do(rt.method, path, body, "Host: "+host), http.StatusMisdirectedRequest, "Misdirected request")
+		}
+	}
+	mustError(t, e.do("GET", "/nope", "", "Host: evil.example"), http.StatusMisdirectedRequest, "Misdirected request")
+	if n := countUsers(t, e.store); n != 1 {
+		t.Errorf("%d users stored through a foreign Host, want 1", n)
+	}
+	for _, host := range []string{"localhost:8000", "127.0.0.1", "[::1]:8000"} {
+		mustUser(t, e.do("GET", fmt.Sprintf("/users/%d", u.ID), "", "Host: "+host), http.StatusOK)
+	}
+}
+
+func TestUnauthorizedClosesConnection(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t, withToken("tok-1"))
+	c, err := net.Dial("tcp", strings.TrimPrefix(e.url, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fmt.Fprintf(c, "GET /users/ HTTP/1.1\r\nHost: localhost\r\n\r\n")
+	br := bufio.NewReader(c)
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	// ReadResponse takes Connection: close out of the header into Close.
+	if resp.StatusCode != http.StatusUnauthorized || !resp.Close {
+		t.Errorf("GET /users/ without a token: %d, Connection: close %v; want 401 and close", resp.StatusCode, resp.Close)
+	}
+	if _, err := br.ReadByte(); err != io.EOF {
+		t.Errorf("after a 401, reading the connection gave %v, want EOF: the server holds it open", err)
+	}
+}
+
+func TestDuplicateMemberNames(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
+	for _, tt := range []struct{ name, body, field string }{
+		{"email twice", `{"first_name":"Bob","last_name":"Ray","email":"a@example.com","email":"b@example.com","password":"password2"}`, "email"},
+		{"same value twice", `{"first_name":"Bob","first_name":"Bob","last_name":"Ray","email":"b@example.com","password":"password2"}`, "first_name"},
+		{"spelt with an escape", `{"first_name":"Bob","last_name":"Ray","email":"b@example.com","password":"password2","pass\u0077ord":"password3"}`, "password"},
+		{"null then a value", `{"first_name":"Bob","last_name":"Ray","last_name":null,"email":"b@example.com","password":"password2"}`, "last_name"},
+		{"unknown name twice", `{"first_name":"Bob","last_name":"Ray","email":"b@example.com","password":"password2","x":1,"x":2}`, "x"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			for _, r := range []response{e.do("POST", "/users/", tt.body), e.do("PUT", fmt.Sprintf("/users/%d", u.ID), tt.body)} {
+				errs := mustError(t, r, http.StatusBadRequest, "Invalid data").Errors
+				if errs[tt.field] != "given more than once" {
+					t.Errorf("%s: errors = %v, want %s: given more than once", r.what, errs, tt.field)
+				}
+			}
+		})
+	}
+	if n := countUsers(t, e.store); n != 1 {
+		t.Errorf("%d users stored from bodies with repeated names, want 1", n)
+	}
+	if got := mustUser(t, e.do("GET", fmt.Sprintf("/users/%d", u.ID), ""), http.StatusOK); got != u {
+		t.Errorf("user after refused updates = %+v, want %+v", got, u)
+	}
+}
+
+func TestErrorBodiesAreBounded(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
+	long := strings.Repeat("n", 10000)
+	escaped := strings.Repeat("\u0001<", 100) // each byte escapes to six
+	escapedJSON, _ := json.Marshal(escaped)
+	var fields, params strings.Builder
+	fields.WriteString(`{"email":"not an address","` + long + `":1,` + string(escapedJSON) + `:1`)
+	params.WriteString("limit=0&" + long + "=1&" + url.QueryEscape(escaped) + "=1")
+	for i := 0; i < 2000; i++ {
+		fmt.Fprintf(&fields, `,"unknown-%04d":1`, i)
+		fmt.Fprintf(&params, "&unknown-%04d=1", i)
+	}
+	fields.WriteString("}")
+	for _, tt := range []struct {
+		r     response
+		known string
+	}{
+		{e.do("POST", "/users/", fields.String()), "email"},
+		{e.do("PUT", fmt.Sprintf("/users/%d", u.ID), fields.String()), "email"},
+		{e.do("GET", "/users/?"+params.String(), ""), "limit"},
+	} {
+		errs := mustError(t, tt.r, http.StatusBadRequest, "Invalid data").Errors
+		if len(tt.r.body) > 4096 || len(errs) > 20 || len(errs) == 0 {
+			t.Errorf("%s: %d bytes with %d errors, want at most 4 KiB and 20", tt.r.what, len(tt.r.body), len(errs))
+		}
+		if _, ok := errs[tt.known]; !ok {
+			t.Errorf("%s: errors %v leave out %q, a known name", tt.r.what, errs, tt.known)
+		}
+		for name := range errs {
+			if len(name) > 64+len("…") {
+				t.Errorf("%s: errors name %.80q… of %d bytes", tt.r.what, name, len(name))
+			}
+		}
+	}
+	// Names fill the 4 KiB before they reach 20.
+	var escapes strings.Builder
+	escapes.WriteString("{")
+	for i := 0; i < 20; i++ {
+		fmt.Fprintf(&escapes, `"%02d%s":1,`, i, strings.Repeat(`\u0001`, 62))
+	}
+	escapes.WriteString(`"first_name":"x"}`)
+	r := e.do("PUT", fmt.Sprintf("/users/%d", u.ID), escapes.String())
+	if errs := mustError(t, r, http.StatusBadRequest, "Invalid data").Errors; len(r.body) > 4096 || len(errs) == 0 {
+		t.Errorf("%s: %d bytes with %d errors, want at most 4 KiB and some", r.what, len(r.body), len(errs))
+	}
+}
+
+func TestHeadUsersReadsOneRow(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	for _, path := range []string{"/users", "/users/"} {
+		if r := e.do("HEAD", path, ""); r.status != http.StatusNotFound {
+			t.Errorf("%s on an empty table, want 404", r)
+		}
+	}
+	seedUsers(t, e.store, 3*listBatchSize)
+	// A row that cannot be read, second in the table: GET fails on it, and
+	// HEAD must not get that far.
+	if _, err := e.store.db.Exec(`ALTER TABLE users ALTER COLUMN first_name DROP NOT NULL;
+		UPDATE users SET first_name = NULL WHERE id = (SELECT min(id) + 1 FROM users)`); err != nil {
+		t.Fatal(err)
+	}
+	mustError(t, e.do("GET", "/users/", ""), http.StatusInternalServerError, "Internal server error")
+	for _, path := range []string{"/users", "/users/", "/users/?after_id=0"} {
+		r := e.do("HEAD", path, "")
+		if r.status != http.StatusOK || r.header.Get("Content-Type") != "application/json" || len(r.body) != 0 {
+			t.Errorf("%s, Content-Type %q; want 200, application/json and no body", r, r.header.Get("Content-Type"))
+		}
+	}
+	if r := e.do("HEAD", "/users/?after_id=999999", ""); r.status != http.StatusOK {
+		t.Errorf("%s past the end, want 200 as GET answers []", r)
+	}
+}
+
+func TestWholeTableStreamsAreBounded(t *testing.T) {
+	t.Parallel()
+	databaseURL, schema := newSchema(t)
+	st, err := openStore(context.Background(), databaseURL, testPool, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	const streams = 2
+	e := newTestEnv(t, withStore(st), withOptions(serverOptions{maxStreams: streams}))
+	seedUsers(t, st, 3)
+
+	// The lock holds every read of the table until released: the streams
+	// that start hold their slots meanwhile.
+	tx, err := adminDB.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	release := sync.OnceFunc(func() { tx.Rollback() })
+	t.Cleanup(release)
+	if _, err := tx.Exec(`LOCK TABLE ` + schema + `.users IN ACCESS EXCLUSIVE MODE`); err != nil {
+		t.Fatal(err)
+	}
+	held := make(chan response, 4)
+	for i := 0; i < streams; i++ {
+		go func() { held <- e.do("GET", "/users/", "") }()
+	}
+	waitInUse(t, st, streams)
+
+	refused := make(chan response, 2)
+	go func() { refused <- e.do("GET", "/users/", "") }()
+	go func() { refused <- e.do("GET", "/users?after_id=1", "") }()
+	for i := 0; i < 2; i++ {
+		select {
+		case r := <-refused:
+			mustError(t, r, http.StatusServiceUnavailable, "Service unavailable")
+			if r.header.Get("Retry-After") == "" {
+				t.Errorf("%s: no Retry-After", r.what)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("a stream past the %d allowed still waits after 10s, want 503 at once", streams)
+		}
+	}
+	// Pages and single reads are not streams: they wait for the table too.
+	go func() { held <- e.do("GET", "/users/?limit=10", "") }()
+	go func() { held <- e.do("GET", "/users/1", "") }()
+	waitInUse(t, st, streams+2)
+	release()
+	for i := 0; i < streams+2; i++ {
+		if r := <-held; r.status != http.StatusOK {
+			t.Errorf("%s, want 200", r)
+		}
+	}
+	// The slots are free again.
+	if got := mustList(t, e.do("GET", "/users/", "")); len(got) != 3 {
+		t.Errorf("GET /users/ after the streams gave %d users, want 3", len(got))
+	}
+}
+
+// waitInUse waits until st has n connections in use.
+func waitInUse(t *testing.T, st *store, n int) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for st.db.Stats().InUse < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d database connections in use after 20s, want %d", st.db.Stats().InUse, n)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
 
