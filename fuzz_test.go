@@ -109,7 +109,9 @@ func FuzzRequest(f *testing.F) {
 	f.Add("POST", "/users/authenticate", `{"email":"ann@example.com","password":"password1"}`)
 	f.Fuzz(func(t *testing.T, method, path, body string) {
 		u, err := url.Parse(e.url + path)
-		if err != nil || !strings.HasPrefix(path, "/") {
+		// A target with white space breaks the request line, and net/http
+		// answers that itself, before any handler, in plain text.
+		if err != nil || !strings.HasPrefix(path, "/") || strings.ContainsAny(u.RequestURI(), " \t\r\n") {
 			return
 		}
 		req, err := http.NewRequest(method, u.String(), strings.NewReader(body))
