@@ -153,8 +153,7 @@ func FuzzCredentialsBody(f *testing.F) {
 				t.Fatalf("accepted credentials, but an answer was written: %s", rec.Body)
 			}
 			// The email is a valid address, already normalized.
-			email := in.email
-			if problem := cleanEmail(&email); problem != "" || email != in.email {
+			if email, problem := cleanEmail(in.email); problem != "" || email != in.email {
 				t.Fatalf("accepted email %q: cleaned again to %q, %q", in.email, email, problem)
 			}
 			return

@@ -48,13 +48,12 @@ func newHasher(cost, concurrency int, maxWait time.Duration) *hasher {
 	}
 }
 
-// hash returns the bcrypt hash of password and the salt bcrypt generated
-// for it, which is the hash's prefix. It returns errBusy if no slot frees up
-// within maxWait, and ctx's error if ctx ends first.
-func (h *hasher) hash(ctx context.Context, password string) (hash, salt string, err error) {
+// hash returns the bcrypt hash of password. It returns errBusy if no slot
+// frees up within maxWait, and ctx's error if ctx ends first.
+func (h *hasher) hash(ctx context.Context, password string) (string, error) {
 	release, err := h.acquire(ctx)
 	if err != nil {
-		return "", "", err
+		return "", err
 	}
 	defer release()
 	return h.hashHeld(password)
@@ -77,14 +76,14 @@ func (h *hasher) acquire(ctx context.Context) (release func(), err error) {
 }
 
 // hashHeld is hash for a caller that holds a slot.
-func (h *hasher) hashHeld(password string) (hash, salt string, err error) {
+func (h *hasher) hashHeld(password string) (string, error) {
 	b, err := h.generate([]byte(password), h.cost)
-	if err != nil {
-		return "", "", err
-	}
-	hash = string(b)
-	return hash, hash[:bcryptSaltLen], nil
+	return string(b), err
 }
+
+// bcryptSalt returns the salt that bcrypt generated for hash: its
+// "$2a$cc$" prefix and the 22 characters that follow.
+func bcryptSalt(hash string) string { return hash[:bcryptSaltLen] }
 
 // matches reports whether password is the one that the stored hash was made
 // from, for a caller that holds a slot. Every call does one bcrypt

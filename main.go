@@ -78,10 +78,7 @@ func main() {
 	if os.Getenv("GOMAXPROCS") == "" {
 		runtime.GOMAXPROCS(runtime.GOMAXPROCS(0) + 1)
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	err := run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr)
-	stop()
-	if err != nil {
+	if err := run(context.Background(), os.Args[1:], os.Getenv, os.Stdout, os.Stderr); err != nil {
 		fmt.Fprintln(os.Stderr, "users:", err)
 		os.Exit(1)
 	}
@@ -165,13 +162,17 @@ func settings() []setting {
 			}},
 		{"API_TOKEN", "", "", "if set, every /users request needs Authorization: Bearer <token>",
 			func(cfg *config, _, v string) error {
+				// HTTP trims header values: such a token could never match.
+				if strings.TrimSpace(v) != v {
+					return errors.New("must not begin or end with white space")
+				}
 				cfg.apiToken = v
 				return nil
 			}},
 		{"MAX_CLIENTS", "max-clients", "auto", "client connections held at once; auto: what the file limit allows beside the database pool, at most 4096",
 			func(cfg *config, from, v string) error {
 				if v == "auto" {
-					v = ""
+					v, from = "", ""
 				}
 				cfg.maxClientsSet, cfg.maxClientsFrom = v, from
 				return nil
@@ -255,7 +256,14 @@ func loadConfig(args []string, getenv func(string) string, stdout io.Writer) (co
 	}
 	var err error
 	if cfg.maxClients, err = parseMaxClients(cfg.maxClientsSet, fileLimit(), cfg.pool.maxOpen); err != nil {
-		return cfg, fmt.Errorf("%s: %w", cmp.Or(cfg.maxClientsFrom, "MAX_CLIENTS"), err)
+		// With MAX_CLIENTS left to auto, it is the pool that leaves no room.
+		return cfg, fmt.Errorf("%s: %w", cmp.Or(cfg.maxClientsFrom, "DB_MAX_CONNS"), err)
+	}
+	// The Go runtime reads GOMAXPROCS, and quietly ignores a bad value.
+	if v := getenv("GOMAXPROCS"); v != "" {
+		if n, err := strconv.Atoi(v); err != nil || n < 1 {
+			return cfg, fmt.Errorf("GOMAXPROCS: must be a positive integer, got %q", v)
+		}
 	}
 	return cfg, nil
 }
@@ -372,9 +380,12 @@ func parseBcryptCost(s string) (int, error) {
 	return cost, nil
 }
 
-// run starts the service and blocks until ctx is cancelled, then shuts it
-// down gracefully. It returns an error if the service cannot start.
+// run starts the service and blocks until ctx is cancelled or the process
+// gets SIGINT or SIGTERM, then shuts it down gracefully. It returns an error
+// if the service cannot start.
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
+	defer stop()
 	cfg, err := loadConfig(args, getenv, stdout)
 	if errors.Is(err, errPrinted) {
 		return nil
@@ -424,6 +435,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return err
 	case <-ctx.Done():
 	}
+	// From here a second signal stops the process at once, as it would
+	// any program.
+	stop()
 	logger.Info("shutting down", "timeout", shutdownTimeout)
 	// ctx is already cancelled, so the wait needs a context of its own.
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)

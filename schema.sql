@@ -16,6 +16,17 @@ CREATE TABLE IF NOT EXISTS users (
     updated_at timestamptz NOT NULL DEFAULT now()
 );
 
+-- The service stores addresses in lower case; the database holds it to that,
+-- as it holds them to uniqueness. Added apart from CREATE TABLE, so that a
+-- table made before it gets it too.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_constraint
+                   WHERE conrelid = 'users'::regclass AND conname = 'users_email_lower') THEN
+        ALTER TABLE users ADD CONSTRAINT users_email_lower CHECK (email = lower(email));
+    END IF;
+END $$;
+
 -- Consecutive failed checks of POST /users/authenticate, per normalized email
 -- address, whether or not a user has it. Every replica reads and counts the
 -- same rows. A success deletes its row; a row whose last failure is 24 hours

@@ -182,29 +182,40 @@ type scanner interface{ Scan(dest ...any) error }
 
 func scanUser(row scanner) (user, error) {
 	var u user
-	err := row.Scan(&u.ID, &u.FirstName, &u.LastName, &u.Email, &u.CreatedAt, &u.UpdatedAt)
-	u.CreatedAt = u.CreatedAt.UTC()
-	u.UpdatedAt = u.UpdatedAt.UTC()
+	err := u.scan(row)
 	return u, err
 }
 
-// userChange holds the values of a new user or a change to one. A nil field
-// is left as it is. Email must already be normalized, and PasswordHash and
-// Salt come from the hasher, set together.
-type userChange struct {
-	FirstName, LastName, Email, PasswordHash, Salt *string
+// scan reads u from row, whose columns are userColumns and then extra.
+func (u *user) scan(row scanner, extra ...any) error {
+	err := row.Scan(append([]any{&u.ID, &u.FirstName, &u.LastName, &u.Email, &u.CreatedAt, &u.UpdatedAt}, extra...)...)
+	u.CreatedAt = u.CreatedAt.UTC()
+	u.UpdatedAt = u.UpdatedAt.UTC()
+	return err
 }
 
-// CreateUser inserts a user; every field of c must be set. It returns
-// errEmailTaken if another user has the same email.
-func (s *store) CreateUser(ctx context.Context, c userChange) (user, error) {
+// newUser is a user to create. Email must already be normalized, and
+// PasswordHash comes from the hasher; the salt is read from it.
+type newUser struct {
+	FirstName, LastName, Email, PasswordHash string
+}
+
+// userUpdate is a change to a user: a nil field is left as it is. Email must
+// already be normalized, and PasswordHash comes from the hasher.
+type userUpdate struct {
+	FirstName, LastName, Email, PasswordHash *string
+}
+
+// CreateUser inserts a user. It returns errEmailTaken if another user has
+// the same email.
+func (s *store) CreateUser(ctx context.Context, c newUser) (user, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
 	row := s.db.QueryRowContext(ctx, `
 		INSERT INTO users (first_name, last_name, email, password, salt)
 		VALUES ($1, $2, $3, $4, $5)
 		RETURNING `+userColumns,
-		c.FirstName, c.LastName, c.Email, c.PasswordHash, c.Salt)
+		c.FirstName, c.LastName, c.Email, c.PasswordHash, bcryptSalt(c.PasswordHash))
 	u, err := scanUser(row)
 	return u, dbError(err)
 }
@@ -229,31 +240,45 @@ func (s *store) UserByEmail(ctx context.Context, email string) (user, error) {
 // Users returns up to limit users whose id is greater than afterID, ordered
 // by id.
 func (s *store) Users(ctx context.Context, afterID int64, limit int) ([]user, error) {
+	users := make([]user, 0, min(limit, 1000))
+	err := s.EachUser(ctx, afterID, limit, func(u *user) { users = append(users, *u) })
+	return users, err
+}
+
+// EachUser calls fn for each of up to limit users whose id is greater than
+// afterID, in id order. fn gets the same *user every time, filled anew: it
+// must not keep it. The connection is held until the last call returns, so
+// fn should be quick.
+func (s *store) EachUser(ctx context.Context, afterID int64, limit int, fn func(*user)) error {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
 	rows, err := s.query(ctx, s.usersAfter, usersAfterQuery, afterID, limit)
 	if err != nil {
-		return nil, dbError(err)
+		return dbError(err)
 	}
 	defer rows.Close()
-	users := make([]user, 0, limit)
+	var u user
 	for rows.Next() {
-		u, err := scanUser(rows)
-		if err != nil {
-			return nil, dbError(err)
+		if err := u.scan(rows); err != nil {
+			return dbError(err)
 		}
-		users = append(users, u)
+		fn(&u)
 	}
-	return users, dbError(rows.Err())
+	return dbError(rows.Err())
 }
 
 // UpdateUser applies c to the user with the given id in one statement, so
 // concurrent changes to different fields cannot undo each other. updated_at
 // moves forward only if a value actually changed. It returns errNotFound if
 // no user has that id, and errEmailTaken if another user has c.Email.
-func (s *store) UpdateUser(ctx context.Context, id int64, c userChange) (user, error) {
+func (s *store) UpdateUser(ctx context.Context, id int64, c userUpdate) (user, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
+	var salt *string
+	if c.PasswordHash != nil {
+		s := bcryptSalt(*c.PasswordHash)
+		salt = &s
+	}
 	// In SET, column names on the right refer to the row before the update.
 	// GREATEST keeps updated_at strictly increasing even if the clock steps back.
 	row := s.db.QueryRowContext(ctx, `
@@ -271,7 +296,7 @@ func (s *store) UpdateUser(ctx context.Context, id int64, c userChange) (user, e
 			END
 		WHERE id = $1
 		RETURNING `+userColumns,
-		id, c.FirstName, c.LastName, c.Email, c.PasswordHash, c.Salt)
+		id, c.FirstName, c.LastName, c.Email, c.PasswordHash, salt)
 	u, err := scanUser(row)
 	return u, dbError(err)
 }
@@ -302,20 +327,19 @@ func (s *store) Credentials(ctx context.Context, email string) (user, string, er
 	var hash string
 	row := s.db.QueryRowContext(ctx, `SELECT `+userColumns+`, password FROM users WHERE email = $1`, email)
 	var u user
-	err := row.Scan(&u.ID, &u.FirstName, &u.LastName, &u.Email, &u.CreatedAt, &u.UpdatedAt, &hash)
-	u.CreatedAt = u.CreatedAt.UTC()
-	u.UpdatedAt = u.UpdatedAt.UTC()
+	err := u.scan(row, &hash)
 	return u, hash, dbError(err)
 }
 
-// RehashPassword replaces the password hash and salt of the user with the
-// given id, but only if the stored hash is still old: a password change that
-// landed meanwhile wins. It reports whether the hash was replaced. The user's
-// updated_at stays as it is, since nothing the API shows changed.
-func (s *store) RehashPassword(ctx context.Context, id int64, old, hash, salt string) (bool, error) {
+// RehashPassword replaces the password hash (and so the salt) of the user
+// with the given id, but only if the stored hash is still old: a password
+// change that landed meanwhile wins. It reports whether the hash was
+// replaced. The user's updated_at stays as it is, since nothing the API
+// shows changed.
+func (s *store) RehashPassword(ctx context.Context, id int64, old, hash string) (bool, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
-	res, err := s.db.ExecContext(ctx, `UPDATE users SET password = $3, salt = $4 WHERE id = $1 AND password = $2`, id, old, hash, salt)
+	res, err := s.db.ExecContext(ctx, `UPDATE users SET password = $3, salt = $4 WHERE id = $1 AND password = $2`, id, old, hash, bcryptSalt(hash))
 	if err != nil {
 		return false, dbError(err)
 	}
@@ -431,7 +455,7 @@ func dbError(err error) error {
 		return nil
 	case errors.Is(err, sql.ErrNoRows):
 		return errNotFound
-	case errors.As(err, &pqErr) && pqErr.Code == "23505": // unique_violation
+	case errors.As(err, &pqErr) && pqErr.Code == "23505" && pqErr.Constraint == "users_email_key": // unique_violation
 		return errEmailTaken
 	case isUnavailable(err):
 		return fmt.Errorf("%w: %w", errUnavailable, err)

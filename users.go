@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"crypto/sha256"
 	"crypto/subtle"
@@ -25,7 +24,11 @@ import (
 	"unicode/utf8"
 )
 
-// Limits on what clients send.
+// This file is the HTTP surface, in five parts: the routes and the handler
+// constructor; the middleware every request passes through; the handlers;
+// reading and validating input; and writing answers.
+
+// Limits on what clients send, and on what the service sends back.
 const (
 	maxBodyBytes     = 1 << 20 // a request body
 	maxNameChars     = 128     // first_name and last_name, in characters
@@ -33,7 +36,6 @@ const (
 	minPasswordChars = 8       // NIST SP 800-63B's floor
 	maxPasswordBytes = 72      // bcrypt reads no further
 	maxPageSize      = 1000    // ?limit=
-	listBatchSize    = 1000    // rows read per query while streaming a list
 
 	// An error body echoes names the client chose (unknown fields and
 	// query parameters): it lists at most maxErrorEntries of them, each cut
@@ -42,6 +44,17 @@ const (
 	maxErrorName    = 64
 	maxErrorBytes   = 4 << 10
 )
+
+// A whole-table list is streamed in batches of listBatchSize users, one
+// query each, so that no database connection is held while a client reads.
+// Each batch gets listWriteTimeout to reach the client: one that keeps
+// reading may take as long as the list needs, one that stalls is cut off.
+const (
+	listBatchSize    = 1000
+	listWriteTimeout = 30 * time.Second
+)
+
+// Routes and the handler constructor.
 
 // server holds what the handlers need.
 type server struct {
@@ -109,6 +122,8 @@ func newServer(logger *slog.Logger, st *store, h *hasher, apiToken string, opts 
 	return s.wrap(mux)
 }
 
+// Middleware.
+
 // wrap adds what every response gets: security headers, JSON bodies for the
 // mux's own 404 and 405 answers, recovery from panics, and an access log line.
 func (s *server) wrap(mux *http.ServeMux) http.Handler {
@@ -123,6 +138,10 @@ func (s *server) wrap(mux *http.ServeMux) http.Handler {
 			pattern = ""
 		}
 		rec := &statusRecorder{ResponseWriter: w}
+		if r.ContentLength != 0 {
+			rec.body = &bodyReader{ReadCloser: r.Body}
+			r.Body = rec.body
+		}
 		rec.Header().Set("Cache-Control", "no-store")
 		rec.Header().Set("X-Content-Type-Options", "nosniff")
 
@@ -270,6 +289,90 @@ func isLoopbackHost(host string) bool {
 	return err == nil && addr.Is6() == bracketed && addr.Zone() == "" && addr.IsLoopback()
 }
 
+// statusRecorder remembers the status of the response it writes, and
+// closes the connection of a request whose body is left unread.
+type statusRecorder struct {
+	http.ResponseWriter
+	status int
+	body   *bodyReader // nil if the request has no body
+}
+
+func (rec *statusRecorder) WriteHeader(status int) {
+	if rec.status == 0 {
+		rec.status = status
+		// Before it answers, net/http would wait for a body left unread
+		// (up to 256 KiB), to keep the connection for another request. A
+		// client that declares a body and never sends it would hold its
+		// connection, and a MAX_CLIENTS place, for the whole ReadTimeout.
+		// With the read deadline past, net/http gives up at once and
+		// closes the connection after the answer.
+		if rec.body != nil && !rec.body.eof {
+			http.NewResponseController(rec.ResponseWriter).SetReadDeadline(time.Now())
+		}
+	}
+	// A client without the token has nothing more to ask: its connection
+	// is closed rather than held for it.
+	if status == http.StatusUnauthorized {
+		rec.Header().Set("Connection", "close")
+	}
+	rec.ResponseWriter.WriteHeader(status)
+}
+
+func (rec *statusRecorder) Write(b []byte) (int, error) {
+	if rec.status == 0 {
+		rec.WriteHeader(http.StatusOK)
+	}
+	return rec.ResponseWriter.Write(b)
+}
+
+// Unwrap lets http.ResponseController reach the connection's writer.
+func (rec *statusRecorder) Unwrap() http.ResponseWriter { return rec.ResponseWriter }
+
+// Flush keeps the wrapped writer an http.Flusher for handlers that ask.
+func (rec *statusRecorder) Flush() {
+	if rec.status == 0 {
+		rec.WriteHeader(http.StatusOK)
+	}
+	http.NewResponseController(rec.ResponseWriter).Flush()
+}
+
+// bodyReader notes whether a request body was read to its end.
+type bodyReader struct {
+	io.ReadCloser
+	eof bool
+}
+
+func (b *bodyReader) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	b.eof = b.eof || err == io.EOF
+	return n, err
+}
+
+// jsonErrorWriter replaces the plain-text body of an error answer with
+// {"detail": "<status text>"}, keeping its status and headers.
+type jsonErrorWriter struct {
+	http.ResponseWriter
+	replaced bool
+}
+
+func (w *jsonErrorWriter) WriteHeader(status int) {
+	if status < 400 {
+		w.ResponseWriter.WriteHeader(status)
+		return
+	}
+	w.replaced = true
+	writeError(w.ResponseWriter, status, http.StatusText(status))
+}
+
+func (w *jsonErrorWriter) Write(b []byte) (int, error) {
+	if w.replaced {
+		return len(b), nil
+	}
+	return w.ResponseWriter.Write(b)
+}
+
+// Handlers.
+
 func (s *server) health(w http.ResponseWriter, r *http.Request) {
 	if err := s.store.Ping(r.Context()); err != nil {
 		s.logger.Warn("health check failed", "err", err)
@@ -321,17 +424,16 @@ func (s *server) createUser(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	// Hash before the store takes a connection: a hash is slow on purpose.
-	hash, salt, err := s.hasher.hash(r.Context(), *in.Password)
+	hash, err := s.hasher.hash(r.Context(), *in.Password)
 	if err != nil {
-		s.error(w, r, err)
+		s.fail(w, r, err)
 		return
 	}
-	u, err := s.store.CreateUser(r.Context(), userChange{
-		FirstName: in.FirstName, LastName: in.LastName, Email: in.Email,
-		PasswordHash: &hash, Salt: &salt,
+	u, err := s.store.CreateUser(r.Context(), newUser{
+		FirstName: *in.FirstName, LastName: *in.LastName, Email: *in.Email, PasswordHash: hash,
 	})
 	if err != nil {
-		s.error(w, r, err)
+		s.fail(w, r, err)
 		return
 	}
 	w.Header().Set("Location", "/users/"+strconv.FormatInt(u.ID, 10))
@@ -346,7 +448,7 @@ func (s *server) getUser(w http.ResponseWriter, r *http.Request) {
 	}
 	u, err := s.store.User(r.Context(), id)
 	if err != nil {
-		s.error(w, r, err)
+		s.fail(w, r, err)
 		return
 	}
 	encode(w, http.StatusOK, u)
@@ -362,18 +464,18 @@ func (s *server) updateUser(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	change := userChange{FirstName: in.FirstName, LastName: in.LastName, Email: in.Email}
+	change := userUpdate{FirstName: in.FirstName, LastName: in.LastName, Email: in.Email}
 	if in.Password != nil {
-		hash, salt, err := s.hasher.hash(r.Context(), *in.Password)
+		hash, err := s.hasher.hash(r.Context(), *in.Password)
 		if err != nil {
-			s.error(w, r, err)
+			s.fail(w, r, err)
 			return
 		}
-		change.PasswordHash, change.Salt = &hash, &salt
+		change.PasswordHash = &hash
 	}
 	u, err := s.store.UpdateUser(r.Context(), id, change)
 	if err != nil {
-		s.error(w, r, err)
+		s.fail(w, r, err)
 		return
 	}
 	encode(w, http.StatusOK, u)
@@ -386,7 +488,7 @@ func (s *server) deleteUser(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if err := s.store.DeleteUser(r.Context(), id); err != nil {
-		s.error(w, r, err)
+		s.fail(w, r, err)
 		return
 	}
 	w.WriteHeader(http.StatusNoContent)
@@ -408,12 +510,12 @@ func (s *server) authenticate(w http.ResponseWriter, r *http.Request) {
 	}
 	u, stored, err := s.store.Credentials(r.Context(), in.email)
 	if err != nil && !errors.Is(err, errNotFound) {
-		s.error(w, r, err)
+		s.fail(w, r, err)
 		return
 	}
 	release, err := s.hasher.acquire(r.Context())
 	if err != nil {
-		s.error(w, r, err)
+		s.fail(w, r, err)
 		return
 	}
 	// Counted with the slot held, so that a 503 for a busy hasher counts
@@ -424,10 +526,10 @@ func (s *server) authenticate(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	match := s.hasher.matches(stored, in.password)
-	var newHash, newSalt string
+	var newHash string
 	var rehashErr error
 	if match && s.hasher.outdated(stored) {
-		newHash, newSalt, rehashErr = s.hasher.hashHeld(in.password)
+		newHash, rehashErr = s.hasher.hashHeld(in.password)
 	}
 	release()
 	if !match {
@@ -435,13 +537,13 @@ func (s *server) authenticate(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if err := s.store.ResetAuthFailures(r.Context(), in.email); err != nil {
-		s.error(w, r, err)
+		s.fail(w, r, err)
 		return
 	}
 	// The rehash is a chance taken, not a promise: if it fails, the next
 	// success tries again.
 	if newHash != "" {
-		_, rehashErr = s.store.RehashPassword(r.Context(), u.ID, stored, newHash, newSalt)
+		_, rehashErr = s.store.RehashPassword(r.Context(), u.ID, stored, newHash)
 	}
 	if rehashErr != nil {
 		s.logger.Warn("rehash password", "user_id", u.ID, "err", rehashErr)
@@ -453,7 +555,7 @@ func (s *server) authenticate(w http.ResponseWriter, r *http.Request) {
 // throttle could not be read.
 func (s *server) throttled(w http.ResponseWriter, r *http.Request, wait time.Duration, err error) {
 	if err != nil {
-		s.error(w, r, err)
+		s.fail(w, r, err)
 		return
 	}
 	seconds := (wait + time.Second - 1) / time.Second
@@ -461,54 +563,77 @@ func (s *server) throttled(w http.ResponseWriter, r *http.Request, wait time.Dur
 	writeError(w, http.StatusTooManyRequests, "Too many failed attempts")
 }
 
-// listUsers answers one page if ?limit= is given, and otherwise streams every
-// user (after ?after_id=, if given), reading the table in keyset batches so
-// that no connection is held while a slow client reads.
+// listUsers answers a look-up by ?email=, one page if ?limit= is given,
+// and otherwise every user (after ?after_id=, if given).
 func (s *server) listUsers(w http.ResponseWriter, r *http.Request) {
-	values, err := url.ParseQuery(r.URL.RawQuery)
-	if err != nil {
-		writeInvalid(w, map[string]string{"query": "is not a valid query string"})
-		return
-	}
-	q, problems := parseListQuery(values)
-	if len(problems) > 0 {
+	q, problems := parseListQuery(r.URL.RawQuery)
+	switch {
+	case len(problems) > 0:
 		writeInvalid(w, problems)
-		return
-	}
-	if q.email != "" {
-		u, err := s.store.UserByEmail(r.Context(), q.email)
-		if errors.Is(err, errNotFound) {
-			writeError(w, http.StatusNotFound, "No users found")
-			return
-		}
-		if err != nil {
-			s.error(w, r, err)
-			return
-		}
-		encode(w, http.StatusOK, []user{u})
-		return
-	}
-	if q.limit > 0 {
-		page, err := s.store.Users(r.Context(), q.afterID, q.limit)
-		if err != nil {
-			s.error(w, r, err)
-			return
-		}
-		if len(page) == q.limit {
-			next := url.Values{}
-			next.Set("limit", strconv.Itoa(q.limit))
-			next.Set("after_id", strconv.FormatInt(page[len(page)-1].ID, 10))
-			w.Header().Set("Link", fmt.Sprintf(`<%s?%s>; rel="next"`, r.URL.Path, next.Encode()))
-		}
-		encode(w, http.StatusOK, page)
-		return
-	}
-
-	if r.Method == http.MethodHead {
+	case q.email != "":
+		s.userByEmail(w, r, q.email)
+	case q.limit > 0:
+		s.usersPage(w, r, q)
+	case r.Method == http.MethodHead:
 		s.headUsers(w, r, q)
+	default:
+		s.allUsers(w, r, q)
+	}
+}
+
+// userByEmail answers a look-up by email: a list of one user, or 404.
+func (s *server) userByEmail(w http.ResponseWriter, r *http.Request, email string) {
+	u, err := s.store.UserByEmail(r.Context(), email)
+	if errors.Is(err, errNotFound) {
+		writeError(w, http.StatusNotFound, "No users found")
 		return
 	}
-	// A stream can last as long as its client cares to read: each holds a
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	encode(w, http.StatusOK, []user{u})
+}
+
+// usersPage answers one page of users, with a Link to the next one if the
+// page is full.
+func (s *server) usersPage(w http.ResponseWriter, r *http.Request, q listQuery) {
+	page, err := s.store.Users(r.Context(), q.afterID, q.limit)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	if len(page) == q.limit {
+		next := url.Values{}
+		next.Set("limit", strconv.Itoa(q.limit))
+		next.Set("after_id", strconv.FormatInt(page[len(page)-1].ID, 10))
+		w.Header().Set("Link", fmt.Sprintf(`<%s?%s>; rel="next"`, r.URL.Path, next.Encode()))
+	}
+	encode(w, http.StatusOK, page)
+}
+
+// headUsers answers HEAD for the whole list: the status and headers a GET
+// would get, which takes one user to know, not the table.
+func (s *server) headUsers(w http.ResponseWriter, r *http.Request, q listQuery) {
+	first, err := s.store.Users(r.Context(), q.afterID, 1)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	if len(first) == 0 && !q.given {
+		writeError(w, http.StatusNotFound, "No users found")
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(http.StatusOK)
+}
+
+// allUsers streams every user after q.afterID as one JSON array, a batch
+// at a time: each batch is read into buf and the connection given back
+// before the batch is sent. Once the 200 is out, a failure can only be told
+// by cutting the stream short.
+func (s *server) allUsers(w http.ResponseWriter, r *http.Request, q listQuery) {
+	// A stream lasts as long as its client cares to read: each holds a
 	// slot, and when none is free the client is asked to come back.
 	select {
 	case s.streams <- struct{}{}:
@@ -520,78 +645,70 @@ func (s *server) listUsers(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
-	// Each batch reads one user more than it sends, to learn whether another
-	// batch follows without asking the database for an empty one.
-	batch, err := s.store.Users(r.Context(), q.afterID, listBatchSize+1)
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	sent, afterID := 0, q.afterID
+	// readBatch encodes the next batch into buf, each user preceded by a
+	// comma but the first, and reports whether more users follow: it reads
+	// one user more than it encodes, to know that without asking the
+	// database for an empty batch.
+	readBatch := func() (more bool, err error) {
+		buf.Reset()
+		n := 0
+		err = s.store.EachUser(r.Context(), afterID, listBatchSize+1, func(u *user) {
+			if n++; n > listBatchSize {
+				more = true
+				return
+			}
+			if sent > 0 {
+				buf.WriteByte(',')
+			}
+			sent++
+			afterID = u.ID
+			enc.Encode(u)               // a user always encodes
+			buf.Truncate(buf.Len() - 1) // and its newline goes: the array stays one line
+		})
+		return more, err
+	}
+
+	more, err := readBatch()
 	if err != nil {
-		s.error(w, r, err)
+		s.fail(w, r, err)
 		return
 	}
-	if len(batch) == 0 && !q.given {
+	if sent == 0 && !q.given {
 		writeError(w, http.StatusNotFound, "No users found")
 		return
 	}
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(http.StatusOK)
 	rc := http.NewResponseController(w)
-	bw := bufio.NewWriterSize(w, 32<<10)
-	var buf bytes.Buffer
-	enc := json.NewEncoder(&buf)
-	bw.WriteByte('[')
-	for n := 0; ; {
-		more := len(batch) > listBatchSize
-		if more {
-			batch = batch[:listBatchSize]
-		}
-		for _, u := range batch {
-			if n > 0 {
-				bw.WriteByte(',')
-			}
-			n++
-			buf.Reset()
-			if err := enc.Encode(u); err != nil {
-				panic(err) // a user always encodes
-			}
-			bw.Write(bytes.TrimSuffix(buf.Bytes(), []byte("\n")))
+	io.WriteString(w, "[")
+	for {
+		if _, err := w.Write(buf.Bytes()); err != nil {
+			s.logger.Info("list users: client stopped reading", "err", err)
+			panic(http.ErrAbortHandler)
 		}
 		if !more {
 			break
 		}
-		// A client that stopped reading, or left, gets nothing more.
-		if err := bw.Flush(); err != nil {
+		// Send what is buffered before the next query.
+		if err := rc.Flush(); err != nil {
 			s.logger.Info("list users: client stopped reading", "err", err)
 			panic(http.ErrAbortHandler)
 		}
-		// Each batch gets a fresh write deadline: a client that keeps
-		// reading may take as long as the list needs, one that stalls
-		// is cut off.
-		rc.SetWriteDeadline(time.Now().Add(writeTimeout))
-		if batch, err = s.store.Users(r.Context(), batch[len(batch)-1].ID, listBatchSize+1); err != nil {
+		rc.SetWriteDeadline(time.Now().Add(listWriteTimeout))
+		if more, err = readBatch(); err != nil {
 			if r.Context().Err() == nil {
 				s.logger.Error("list users: read next batch", "err", err)
 			}
-			panic(http.ErrAbortHandler) // the 200 is out: only cutting the stream says it failed
+			panic(http.ErrAbortHandler)
 		}
 	}
-	bw.WriteString("]\n")
-	bw.Flush()
+	io.WriteString(w, "]\n")
 }
 
-// headUsers answers HEAD for the whole list: the status and headers a GET
-// would get, which takes one user to know, not the table.
-func (s *server) headUsers(w http.ResponseWriter, r *http.Request, q listQuery) {
-	first, err := s.store.Users(r.Context(), q.afterID, 1)
-	if err != nil {
-		s.error(w, r, err)
-		return
-	}
-	if len(first) == 0 && !q.given {
-		writeError(w, http.StatusNotFound, "No users found")
-		return
-	}
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(http.StatusOK)
-}
+// Reading and validating input.
 
 // listQuery is a parsed ?limit=&after_id= or ?email= query.
 type listQuery struct {
@@ -601,8 +718,14 @@ type listQuery struct {
 	given   bool   // whether any parameter was given
 }
 
-func parseListQuery(v url.Values) (listQuery, map[string]string) {
+// parseListQuery parses the query string of GET /users and reports what is
+// wrong with it, by parameter.
+func parseListQuery(rawQuery string) (listQuery, map[string]string) {
 	var q listQuery
+	v, err := url.ParseQuery(rawQuery)
+	if err != nil {
+		return q, map[string]string{"query": "is not a valid query string"}
+	}
 	problems := make(map[string]string)
 	for name, values := range v {
 		q.given = true
@@ -623,8 +746,8 @@ func parseListQuery(v url.Values) (listQuery, map[string]string) {
 			}
 			q.afterID = n
 		case "email":
-			q.email = values[0]
-			if problem := cleanEmail(&q.email); problem != "" {
+			var problem string
+			if q.email, problem = cleanEmail(values[0]); problem != "" {
 				problems[name] = problem
 			}
 		default:
@@ -750,25 +873,33 @@ func decodeObject(body []byte) (fields map[string]json.RawMessage, repeated map[
 func (in *userInput) decode(fields map[string]json.RawMessage) map[string]string {
 	problems := make(map[string]string)
 	for name, value := range fields {
-		var dst **string
+		v, ok := decodeString(value)
 		switch name {
 		case "first_name":
-			dst = &in.FirstName
+			in.FirstName = v
 		case "last_name":
-			dst = &in.LastName
+			in.LastName = v
 		case "email":
-			dst = &in.Email
+			in.Email = v
 		case "password":
-			dst = &in.Password
+			in.Password = v
 		default:
 			problems[name] = "unknown field"
 			continue
 		}
-		if err := json.Unmarshal(value, dst); err != nil {
+		if !ok {
 			problems[name] = "must be a string"
 		}
 	}
 	return problems
+}
+
+// decodeString decodes a JSON string or null (nil), and reports whether
+// value was either.
+func decodeString(value json.RawMessage) (*string, bool) {
+	var s *string
+	err := json.Unmarshal(value, &s)
+	return s, err == nil
 }
 
 // validate normalizes the fields that are set (trimming names and email,
@@ -776,21 +907,23 @@ func (in *userInput) decode(fields map[string]json.RawMessage) map[string]string
 // field is required.
 func (in *userInput) validate(create bool) map[string]string {
 	problems := make(map[string]string)
-	check := func(name string, value *string, clean func(*string) string) {
+	check := func(name string, value *string, clean func(string) (string, string)) *string {
 		if value == nil {
 			if create {
 				problems[name] = "required"
 			}
-			return
+			return nil
 		}
-		if problem := clean(value); problem != "" {
+		cleaned, problem := clean(*value)
+		if problem != "" {
 			problems[name] = problem
 		}
+		return &cleaned
 	}
-	check("first_name", in.FirstName, cleanName)
-	check("last_name", in.LastName, cleanName)
-	check("email", in.Email, cleanEmail)
-	check("password", in.Password, checkPassword)
+	in.FirstName = check("first_name", in.FirstName, cleanName)
+	in.LastName = check("last_name", in.LastName, cleanName)
+	in.Email = check("email", in.Email, cleanEmail)
+	in.Password = check("password", in.Password, func(s string) (string, string) { return s, checkPassword(s) })
 	return problems
 }
 
@@ -807,72 +940,70 @@ func readCredentials(w http.ResponseWriter, r *http.Request) (credentials, bool)
 	if !ok {
 		return credentials{}, false
 	}
-	var email, password *string
+	var in credentials
 	problems := make(map[string]string)
 	for name, value := range fields {
-		var dst **string
-		switch name {
-		case "email":
-			dst = &email
-		case "password":
-			dst = &password
-		default:
+		v, ok := decodeString(value)
+		switch {
+		case name != "email" && name != "password":
 			problems[name] = "unknown field"
-			continue
-		}
-		if err := json.Unmarshal(value, dst); err != nil {
+		case !ok:
 			problems[name] = "must be a string"
+		case v == nil:
+			problems[name] = "required"
+		case name == "email":
+			var problem string
+			if in.email, problem = cleanEmail(*v); problem != "" {
+				problems[name] = problem
+			}
+		default:
+			in.password = *v
 		}
 	}
-	if _, ok := problems["email"]; !ok {
-		if email == nil {
-			problems["email"] = "required"
-		} else if problem := cleanEmail(email); problem != "" {
-			problems["email"] = problem
+	for _, name := range []string{"email", "password"} {
+		if _, given := fields[name]; !given {
+			problems[name] = "required"
 		}
-	}
-	if _, ok := problems["password"]; !ok && password == nil {
-		problems["password"] = "required"
 	}
 	if len(problems) > 0 {
 		writeInvalid(w, problems)
 		return credentials{}, false
 	}
-	return credentials{email: *email, password: *password}, true
+	return in, true
 }
 
-// cleanName trims *s and reports what is wrong with it, if anything.
-func cleanName(s *string) string {
-	*s = strings.TrimSpace(*s)
-	switch n := utf8.RuneCountInString(*s); {
+// cleanName trims a name and reports what is wrong with it, if anything.
+func cleanName(s string) (string, string) {
+	s = strings.TrimSpace(s)
+	switch n := utf8.RuneCountInString(s); {
 	case n == 0:
-		return "must not be empty"
+		return s, "must not be empty"
 	case n > maxNameChars:
-		return fmt.Sprintf("must be at most %d characters", maxNameChars)
-	case strings.IndexFunc(*s, unicode.IsControl) >= 0:
-		return "must not contain control characters"
-	case strings.ContainsRune(*s, utf8.RuneError):
+		return s, fmt.Sprintf("must be at most %d characters", maxNameChars)
+	case strings.IndexFunc(s, unicode.IsControl) >= 0:
+		return s, "must not contain control characters"
+	case strings.ContainsRune(s, utf8.RuneError):
 		// What encoding/json makes of an unpaired surrogate escape.
-		return "must be valid Unicode text"
+		return s, "must be valid Unicode text"
 	}
-	return ""
+	return s, ""
 }
 
-// cleanEmail trims and lower-cases *s and reports what is wrong with it, if
-// anything. Addresses are compared, stored and unique in lower case.
-func cleanEmail(s *string) string {
-	*s = strings.TrimSpace(*s)
-	if len(*s) > maxEmailBytes {
-		return fmt.Sprintf("must be at most %d bytes", maxEmailBytes)
+// cleanEmail trims and lower-cases an address and reports what is wrong with
+// it, if anything. Addresses are compared, stored and unique in lower case.
+func cleanEmail(s string) (string, string) {
+	s = strings.TrimSpace(s)
+	if len(s) > maxEmailBytes {
+		return s, fmt.Sprintf("must be at most %d bytes", maxEmailBytes)
 	}
 	// Lower case can take more bytes than upper case (Ⱥ, ⱥ): check again.
-	if *s = strings.ToLower(*s); len(*s) > maxEmailBytes {
-		return fmt.Sprintf("must be at most %d bytes", maxEmailBytes)
+	if s = strings.ToLower(s); len(s) > maxEmailBytes {
+		return s, fmt.Sprintf("must be at most %d bytes", maxEmailBytes)
 	}
-	if !validEmail(*s) {
-		return "must be a plain email address such as ann@example.com"
+	if !validEmail(s) {
+		return s, "must be a plain email address such as ann@example.com"
 	}
-	return ""
+	return s, ""
 }
 
 // validEmail reports whether s is an address as python-email-validator
@@ -906,7 +1037,7 @@ func validEmail(s string) bool {
 			return false
 		}
 	}
-	return strings.Trim(labels[len(labels)-1], "0123456789") != ""
+	return strings.IndexFunc(labels[len(labels)-1], func(r rune) bool { return !unicode.IsDigit(r) }) >= 0
 }
 
 // emailWord reports whether s, an atom or a label, is not empty and holds
@@ -940,22 +1071,28 @@ func isLabelASCII(r rune) bool {
 
 // checkPassword reports what is wrong with a password, if anything. There
 // are no composition rules, per NIST SP 800-63B.
-func checkPassword(s *string) string {
+func checkPassword(s string) string {
 	switch {
-	case strings.ContainsRune(*s, 0):
+	case strings.IndexFunc(s, unicode.IsControl) >= 0:
 		// C implementations of bcrypt stop at NUL: the hash would not
-		// carry over to them.
-		return "must not contain the NUL character"
-	case utf8.RuneCountInString(*s) < minPasswordChars:
+		// carry over to them. No other control character is typed.
+		return "must not contain control characters"
+	case strings.ContainsRune(s, utf8.RuneError):
+		// What encoding/json makes of an unpaired surrogate escape: the
+		// hash would not be of the password the client sent.
+		return "must be valid Unicode text"
+	case utf8.RuneCountInString(s) < minPasswordChars:
 		return fmt.Sprintf("must be at least %d characters", minPasswordChars)
-	case len(*s) > maxPasswordBytes:
+	case len(s) > maxPasswordBytes:
 		return fmt.Sprintf("must be at most %d bytes", maxPasswordBytes)
 	}
 	return ""
 }
 
-// error answers a request whose work failed with err.
-func (s *server) error(w http.ResponseWriter, r *http.Request, err error) {
+// Writing answers.
+
+// fail answers a request whose work failed with err.
+func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 	switch {
 	case errors.Is(err, errNotFound):
 		writeError(w, http.StatusNotFound, "User not found")
@@ -1058,63 +1195,4 @@ func encode(w http.ResponseWriter, status int, v any) {
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(status)
 	w.Write(append(body, '\n'))
-}
-
-// statusRecorder remembers the status of the response it writes.
-type statusRecorder struct {
-	http.ResponseWriter
-	status int
-}
-
-func (rec *statusRecorder) WriteHeader(status int) {
-	if rec.status == 0 {
-		rec.status = status
-	}
-	// A client without the token has nothing more to ask: its connection
-	// is closed rather than held for it.
-	if status == http.StatusUnauthorized {
-		rec.Header().Set("Connection", "close")
-	}
-	rec.ResponseWriter.WriteHeader(status)
-}
-
-func (rec *statusRecorder) Write(b []byte) (int, error) {
-	if rec.status == 0 {
-		rec.status = http.StatusOK
-	}
-	return rec.ResponseWriter.Write(b)
-}
-
-// Unwrap lets http.ResponseController reach the connection's writer.
-func (rec *statusRecorder) Unwrap() http.ResponseWriter { return rec.ResponseWriter }
-
-// Flush keeps the wrapped writer an http.Flusher for handlers that ask.
-func (rec *statusRecorder) Flush() {
-	if rec.status == 0 {
-		rec.status = http.StatusOK
-	}
-	http.NewResponseController(rec.ResponseWriter).Flush()
-}
-
-// jsonErrorWriter replaces the plain-text body of an error answer with
-// {"detail": "<status text>"}, keeping its status and headers.
-type jsonErrorWriter struct {
-	http.ResponseWriter
-	replaced bool
-}
-
-func (w *jsonErrorWriter) WriteHeader(status int) {
-	if status < 400 {
-		w.ResponseWriter.WriteHeader(status)
-		return
-	}
-	w.replaced = true
-	writeError(w.ResponseWriter, status, http.StatusText(status))
-}
-
-func (w *jsonErrorWriter) Write(b []byte) (int, error) {
-	if w.replaced {
-		return len(b), nil
-	}
-	return w.ResponseWriter.Write(b)
 }

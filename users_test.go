@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -255,6 +256,8 @@ func TestCreateUserValidation(t *testing.T) {
 		{"password of 24 characters in 72 bytes", "password", strings.Repeat("€", 24), true},
 		{"password of 25 characters in 75 bytes", "password", strings.Repeat("€", 25), false},
 		{"password of spaces only", "password", "        ", true},
+		{"password with a control character", "password", "pass\u0001word", false},
+		{"password with U+FFFD, as from an unpaired surrogate", "password", "passwo\uFFFDrd1", false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -1236,6 +1239,7 @@ func TestValidEmail(t *testing.T) {
 		{"a@ex_ample.com", false},
 		{"a@-example.com", false},
 		{"a@example-.com", false},
+		{"a@example.١٢", false},
 		{strings.Repeat("a", 71) + "@example.com", false},
 		{strings.Repeat("a", 65) + "@example.com", false},
 		{"a@" + strings.Repeat("b", 68) + ".com", false},
@@ -1830,6 +1834,38 @@ func TestAuthenticateTakesAsLongForUnknownEmails(t *testing.T) {
 	for i, what := range []string{"an unknown email", "a password over 72 bytes"} {
 		if ratios[i] < 1.0/3 || ratios[i] > 3 {
 			t.Errorf("%s takes %.2f times as long as a wrong password, want about 1", what, ratios[i])
+		}
+	}
+}
+
+// A request that declares a body the handler does not read is answered and
+// its connection closed at once: net/http would otherwise wait for the body,
+// up to the 16 s ReadTimeout, holding a MAX_CLIENTS place for a client that
+// never sends it.
+func TestUnreadBodyClosesTheConnection(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t, withToken("s3cret"))
+	host := strings.TrimPrefix(e.url, "http://")
+	for _, request := range []string{
+		"GET /healthz HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1\r\n\r\n",
+		"POST /users/ HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n", // 401
+	} {
+		conn, err := net.Dial("tcp", host)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		if _, err := io.WriteString(conn, request); err != nil {
+			t.Fatal(err)
+		}
+		// Well within the ReadTimeout, which the old behaviour waits out.
+		conn.SetReadDeadline(time.Now().Add(8 * time.Second))
+		got, err := io.ReadAll(conn)
+		if err != nil {
+			t.Errorf("%q: connection still open after the answer %q: %v", request, got, err)
+		}
+		if !bytes.HasPrefix(got, []byte("HTTP/1.1 ")) {
+			t.Errorf("%q: answer %q, want an HTTP answer", request, got)
 		}
 	}
 }
