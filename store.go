@@ -41,10 +41,14 @@ type poolConfig struct {
 
 // store is the service's data layer: every SQL statement lives here.
 type store struct {
-	db *sql.DB
+	db        *sql.DB
+	connector connector
 	// timeout bounds the database time of each call, so that a database
 	// that stops answering turns into errUnavailable instead of a hang.
 	timeout time.Duration
+	// setBounds begins a write's transaction with its server-side bounds
+	// (see write).
+	setBounds string
 	// The reads are prepared statements: a query with arguments costs lib/pq
 	// two round trips (parse, then execute), a prepared one costs one.
 	// database/sql prepares them on each connection the first time it
@@ -60,16 +64,19 @@ type store struct {
 // openStore connects to the database at databaseURL, checks that it answers
 // and applies the embedded schema. The caller must Close the store.
 func openStore(ctx context.Context, databaseURL string, pool poolConfig, timeout time.Duration) (*store, error) {
-	connector, err := newConnector(databaseURL, pool.transactionPooler)
+	pqConnector, err := newConnector(databaseURL, pool.transactionPooler)
 	if err != nil {
 		return nil, err
 	}
-	connector.Dialer(silenceDialer{timeout: timeout})
-	db := sql.OpenDB(connector)
+	b := newBounds(timeout)
+	pqConnector.Dialer(silenceDialer{timeout: b.silence})
+	c := connector{pqConnector}
+	db := sql.OpenDB(c)
 	db.SetMaxOpenConns(pool.maxOpen)
 	db.SetMaxIdleConns(pool.maxIdle)
 	db.SetConnMaxIdleTime(pool.maxIdleTime)
-	s := &store{db: db, timeout: timeout}
+	s := &store{db: db, connector: c, timeout: timeout, setBounds: fmt.Sprintf(
+		`BEGIN; SET LOCAL statement_timeout = %d; SET LOCAL lock_timeout = %d`, b.statement.Milliseconds(), b.lock.Milliseconds())}
 	if err := s.migrate(ctx); err != nil {
 		db.Close()
 		return nil, err
@@ -153,7 +160,19 @@ func (s *store) Close() error { return s.db.Close() }
 func (s *store) Ping(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
-	return dbError(s.db.PingContext(ctx))
+	err := s.db.PingContext(ctx)
+	if !errors.Is(err, driver.ErrBadConn) {
+		return dbError(err)
+	}
+	// database/sql pings the pooled connection it takes and does not try
+	// another: after a database restart, or pg_terminate_backend, that one
+	// is dead while the database may be fine. A new connection tells.
+	cn, err := s.connector.Connect(ctx)
+	if err != nil {
+		return dbError(err)
+	}
+	defer cn.Close()
+	return dbError(cn.(driver.Pinger).Ping(ctx))
 }
 
 // user is a stored user as the API shows it: the password hash and salt are
@@ -195,18 +214,91 @@ type userChange struct {
 	FirstName, LastName, Email, PasswordHash, Salt *string
 }
 
+// write runs f in a transaction whose statements PostgreSQL itself aborts,
+// and rolls back, once they wait for a lock longer than lock_timeout or run
+// longer than statement_timeout. Both are shorter than the call's bound, so
+// the server gives up before the service does, and the silence bound on
+// the connection is longer still (see bounds). So a write the service
+// reports as failed has been rolled back, and even a statement still queued
+// on a connection the service closed cannot commit: only COMMIT would. What
+// no one can settle is a COMMIT whose answer is lost: it may have committed.
+//
+// The transaction begins with one simple query, BEGIN and the bounds as SET
+// LOCAL. Not per connection: a transaction-pooling proxy such as PgBouncer
+// refuses them as startup parameters and may hand a session's SET to
+// another client. And not database/sql's BeginTx: lib/pq sends BEGIN READ
+// WRITE, which would override a database's default_transaction_read_only.
+func (s *store) write(ctx context.Context, f func(ctx context.Context, conn *sql.Conn) error) error {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	conn, err := s.begin(ctx)
+	if err != nil {
+		return dbError(err)
+	}
+	defer conn.Close()
+	committed := false
+	defer func() {
+		if !committed {
+			rollback(ctx, conn)
+		}
+	}()
+	if err := f(ctx, conn); err != nil {
+		return dbError(err)
+	}
+	_, err = conn.ExecContext(ctx, `COMMIT`)
+	committed = err == nil
+	return dbError(err)
+}
+
+// begin takes a pooled connection and begins a write's transaction on it.
+// Pooled connections may be dead (after a database restart, say), and
+// database/sql retries only its own calls on them, so begin does too: a
+// dead connection is discarded, and nothing was done on it.
+func (s *store) begin(ctx context.Context) (*sql.Conn, error) {
+	for {
+		conn, err := s.db.Conn(ctx)
+		if err != nil {
+			return nil, err
+		}
+		_, err = conn.ExecContext(ctx, s.setBounds)
+		if err == nil {
+			return conn, nil
+		}
+		if !errors.Is(err, driver.ErrBadConn) {
+			rollback(ctx, conn) // it may have begun
+			conn.Close()
+			return nil, err
+		}
+		conn.Close()
+	}
+}
+
+// rollback ends the transaction on conn, if there is one, before conn goes
+// back to the pool: with ROLLBACK, or if that cannot be done, by having the
+// pool discard conn, and the server rolls back when it reads the end of it.
+func rollback(ctx context.Context, conn *sql.Conn) {
+	if ctx.Err() == nil {
+		if _, err := conn.ExecContext(ctx, `ROLLBACK`); err == nil {
+			return
+		}
+	}
+	conn.Raw(func(any) error { return driver.ErrBadConn })
+}
+
 // CreateUser inserts a user; every field of c must be set. It returns
 // errEmailTaken if another user has the same email.
 func (s *store) CreateUser(ctx context.Context, c userChange) (user, error) {
-	ctx, cancel := context.WithTimeout(ctx, s.timeout)
-	defer cancel()
-	row := s.db.QueryRowContext(ctx, `
-		INSERT INTO users (first_name, last_name, email, password, salt)
-		VALUES ($1, $2, $3, $4, $5)
-		RETURNING `+userColumns,
-		c.FirstName, c.LastName, c.Email, c.PasswordHash, c.Salt)
-	u, err := scanUser(row)
-	return u, dbError(err)
+	var u user
+	err := s.write(ctx, func(ctx context.Context, conn *sql.Conn) error {
+		var err error
+		u, err = scanUser(conn.QueryRowContext(ctx, `
+			INSERT INTO users (first_name, last_name, email, password, salt)
+			VALUES ($1, $2, $3, $4, $5)
+			RETURNING `+userColumns,
+			c.FirstName, c.LastName, c.Email, c.PasswordHash, c.Salt))
+		return err
+	})
+	return u, err
 }
 
 // User returns the user with the given id, or errNotFound.
@@ -252,46 +344,49 @@ func (s *store) Users(ctx context.Context, afterID int64, limit int) ([]user, er
 // moves forward only if a value actually changed. It returns errNotFound if
 // no user has that id, and errEmailTaken if another user has c.Email.
 func (s *store) UpdateUser(ctx context.Context, id int64, c userChange) (user, error) {
-	ctx, cancel := context.WithTimeout(ctx, s.timeout)
-	defer cancel()
-	// In SET, column names on the right refer to the row before the update.
-	// GREATEST keeps updated_at strictly increasing even if the clock steps back.
-	row := s.db.QueryRowContext(ctx, `
-		UPDATE users SET
-			first_name = COALESCE($2, first_name),
-			last_name  = COALESCE($3, last_name),
-			email      = COALESCE($4, email),
-			password   = COALESCE($5, password),
-			salt       = COALESCE($6, salt),
-			updated_at = CASE
-				WHEN (COALESCE($2, first_name), COALESCE($3, last_name), COALESCE($4, email), COALESCE($5, password))
-					IS DISTINCT FROM (first_name, last_name, email, password)
-				THEN GREATEST(now(), updated_at + interval '1 microsecond')
-				ELSE updated_at
-			END
-		WHERE id = $1
-		RETURNING `+userColumns,
-		id, c.FirstName, c.LastName, c.Email, c.PasswordHash, c.Salt)
-	u, err := scanUser(row)
-	return u, dbError(err)
+	var u user
+	err := s.write(ctx, func(ctx context.Context, conn *sql.Conn) error {
+		// In SET, column names on the right refer to the row before the
+		// update. GREATEST keeps updated_at strictly increasing even if the
+		// clock steps back.
+		var err error
+		u, err = scanUser(conn.QueryRowContext(ctx, `
+			UPDATE users SET
+				first_name = COALESCE($2, first_name),
+				last_name  = COALESCE($3, last_name),
+				email      = COALESCE($4, email),
+				password   = COALESCE($5, password),
+				salt       = COALESCE($6, salt),
+				updated_at = CASE
+					WHEN (COALESCE($2, first_name), COALESCE($3, last_name), COALESCE($4, email), COALESCE($5, password))
+						IS DISTINCT FROM (first_name, last_name, email, password)
+					THEN GREATEST(now(), updated_at + interval '1 microsecond')
+					ELSE updated_at
+				END
+			WHERE id = $1
+			RETURNING `+userColumns,
+			id, c.FirstName, c.LastName, c.Email, c.PasswordHash, c.Salt))
+		return err
+	})
+	return u, err
 }
 
 // DeleteUser deletes the user with the given id, or returns errNotFound.
 func (s *store) DeleteUser(ctx context.Context, id int64) error {
-	ctx, cancel := context.WithTimeout(ctx, s.timeout)
-	defer cancel()
-	res, err := s.db.ExecContext(ctx, `DELETE FROM users WHERE id = $1`, id)
-	if err != nil {
-		return dbError(err)
-	}
-	n, err := res.RowsAffected()
-	if err != nil {
-		return dbError(err)
-	}
-	if n == 0 {
-		return errNotFound
-	}
-	return nil
+	return s.write(ctx, func(ctx context.Context, conn *sql.Conn) error {
+		res, err := conn.ExecContext(ctx, `DELETE FROM users WHERE id = $1`, id)
+		if err != nil {
+			return err
+		}
+		n, err := res.RowsAffected()
+		if err != nil {
+			return err
+		}
+		if n == 0 {
+			return errNotFound
+		}
+		return nil
+	})
 }
 
 // Credentials returns the user with the given normalized email and the
@@ -439,15 +534,23 @@ func dbError(err error) error {
 	return err
 }
 
-// isUnavailable reports whether err means the database could not be reached
-// or did not answer in time, as opposed to a fault in a query.
+// isUnavailable reports whether err means the database could not be reached,
+// did not answer in time or cannot take the work now, as opposed to a fault
+// in a query.
 func isUnavailable(err error) bool {
+	var connErr *connectError
+	if errors.As(err, &connErr) {
+		return true // whatever stops a connection, a wrong password included
+	}
 	var pqErr *pq.Error
 	if errors.As(err, &pqErr) {
 		switch pqErr.Code {
 		case "57P01", "57P02", "57P03", // admin_shutdown, crash_shutdown, cannot_connect_now
 			"53300", // too_many_connections
-			"57014": // query_canceled: our deadline ran out
+			"57014", // query_canceled: a bound ran out
+			"55P03", // lock_not_available: lock_timeout ran out
+			"55000", // object_not_in_prerequisite_state: the database takes no connections
+			"25006": // read_only_sql_transaction: a standby, or a demoted primary
 			return true
 		}
 		return pqErr.Code.Class() == "08" // connection_exception
@@ -460,13 +563,58 @@ func isUnavailable(err error) bool {
 		errors.Is(err, io.ErrUnexpectedEOF)
 }
 
+// bounds are the limits on a store call, from the shortest to the longest.
+type bounds struct {
+	// lock and statement are the server's: PostgreSQL aborts a write that
+	// waits for a lock, or runs, longer.
+	lock, statement time.Duration
+	// call is the service's own: a call's context ends then, and lib/pq
+	// asks the server to cancel what runs.
+	call time.Duration
+	// silence is the network's: a connection that stays silent that long
+	// while an answer is awaited is closed, without asking the server
+	// anything. It comes last, so the server has given up first and said so.
+	silence time.Duration
+}
+
+func newBounds(call time.Duration) bounds {
+	return bounds{
+		lock:      max(call*3/5, time.Millisecond),
+		statement: max(call*4/5, time.Millisecond),
+		call:      call,
+		silence:   call + time.Second,
+	}
+}
+
+// connector opens the pool's connections with lib/pq, and marks every error
+// met while connecting as a connectError.
+type connector struct{ *pq.Connector }
+
+func (c connector) Connect(ctx context.Context) (driver.Conn, error) {
+	cn, err := c.Connector.Connect(ctx)
+	if err != nil {
+		return nil, &connectError{err}
+	}
+	return cn, nil
+}
+
+// connectError is an error met while opening a database connection. While
+// the service runs, any such error means the database cannot be used now:
+// unreachable, starting up, full, renamed, or refusing the credentials.
+type connectError struct{ err error }
+
+func (e *connectError) Error() string { return e.err.Error() }
+func (e *connectError) Unwrap() error { return e.err }
+
 // silenceDialer dials database connections on which every read gives up
 // after timeout without data. lib/pq waits for the server's answer with no
 // deadline of its own: when a context ends it asks the server, over the
 // network, to cancel, and keeps waiting. If the network itself falls silent
 // (a partition, a stuck proxy), that wait would hold the request, and its
 // pooled connection, forever. lib/pq reads only while it expects an answer,
-// so an idle connection is never cut by this.
+// so an idle connection is never cut by this. The timeout is the silence
+// bound, longer than the call's (see bounds): cutting a connection while the
+// server still runs a statement asks no one to cancel it.
 type silenceDialer struct {
 	net.Dialer
 	timeout time.Duration

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"os/exec"
 	osuser "os/user"
@@ -529,4 +530,215 @@ func grepLines(s, substr string) string {
 		}
 	}
 	return b.String()
+}
+
+// newDatabase creates an empty database that is dropped when the test ends,
+// for tests that change settings of a whole database. It returns a
+// connection URL for it and its name.
+func newDatabase(t *testing.T) (databaseURL, name string) {
+	t.Helper()
+	b := make([]byte, 8)
+	rand.Read(b)
+	name = "users_test_" + hex.EncodeToString(b)
+	if _, err := adminDB.Exec(`CREATE DATABASE ` + name); err != nil {
+		t.Fatalf("create database: %v", err)
+	}
+	t.Cleanup(func() {
+		if _, err := adminDB.Exec(`DROP DATABASE IF EXISTS ` + name + ` WITH (FORCE)`); err != nil {
+			t.Errorf("drop database %s: %v", name, err)
+		}
+	})
+	databaseURL = testDatabaseURL()
+	if u, err := url.Parse(databaseURL); err == nil && (u.Scheme == "postgres" || u.Scheme == "postgresql") {
+		u.Path = "/" + name
+		return u.String(), name
+	}
+	return databaseURL + " dbname=" + name, name
+}
+
+// killConnections terminates the database connections whose
+// application_name is name, and waits until they are gone.
+func killConnections(t *testing.T, name string) {
+	t.Helper()
+	if _, err := adminDB.Exec(`SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1`, name); err != nil {
+		t.Fatal(err)
+	}
+	waitNoConnections(t, name)
+}
+
+// mustRetryLater checks that r is 503 Service unavailable with a
+// Retry-After of a whole number of seconds, at least 1.
+func mustRetryLater(t *testing.T, r response) {
+	t.Helper()
+	mustError(t, r, http.StatusServiceUnavailable, "Service unavailable")
+	if n, err := strconv.Atoi(r.header.Get("Retry-After")); err != nil || n < 1 {
+		t.Errorf("%s: Retry-After = %q, want a number of seconds", r.what, r.header.Get("Retry-After"))
+	}
+}
+
+func TestTimedOutWritesAreNotAppliedLater(t *testing.T) {
+	t.Parallel()
+	databaseURL, schema := newSchema(t)
+	databaseURL = withParam(databaseURL, "application_name", schema)
+	const users, writes = 6, 24
+	st, err := openStore(context.Background(), databaseURL, poolConfig{maxOpen: writes, maxIdle: writes, maxIdleTime: time.Minute}, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	e := newTestEnv(t, withStore(st))
+	ids := make([]int64, users)
+	for i := range ids {
+		ids[i] = e.createUser(t, "Ann", "Lee", fmt.Sprintf("ann%d@example.com", i), "password1").ID
+	}
+	// A warm pool: each write finds a connection ready.
+	concurrently(writes, func(i int) response { return e.do("GET", fmt.Sprintf("/users/%d", ids[i%users]), "") })
+
+	// Another session holds the rows while the writes wait for them, longer
+	// than the service's bound.
+	lock, err := adminDB.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lock.Rollback()
+	if _, err := lock.Exec(`SELECT 1 FROM `+schema+`.users WHERE id = ANY($1) FOR UPDATE`, pq.Array(ids)); err != nil {
+		t.Fatal(err)
+	}
+	rs := concurrently(writes, func(i int) response {
+		id := ids[i%users]
+		switch i % 3 {
+		case 0:
+			return e.do("PUT", fmt.Sprintf("/users/%d", id), `{"first_name":"Changed"}`)
+		case 1:
+			return e.do("PUT", fmt.Sprintf("/users/%d", id), `{"password":"changed-password"}`)
+		default:
+			return e.do("DELETE", fmt.Sprintf("/users/%d", id), "")
+		}
+	})
+	for _, r := range rs {
+		mustRetryLater(t, r)
+	}
+	// PostgreSQL itself gave up on them, before the service did.
+	if !strings.Contains(e.logs.String(), "canceling statement due to lock timeout") {
+		t.Errorf("no write was stopped by the server's lock_timeout; log:\n%s", e.logs)
+	}
+	var hashesBefore string
+	if err := adminDB.QueryRow(`SELECT string_agg(password, ',' ORDER BY id) FROM ` + schema + `.users`).Scan(&hashesBefore); err != nil {
+		t.Fatal(err)
+	}
+	lock.Rollback()
+
+	// Whatever the server still had queued for the service runs now: wait
+	// until none of its statements is running.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		var running int
+		if err := adminDB.QueryRow(`SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND state <> 'idle'`, schema).Scan(&running); err != nil {
+			t.Fatal(err)
+		}
+		if running == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d statements of the service still running 10s after the rows were released", running)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	var n, changed int
+	var hashesAfter string
+	err = adminDB.QueryRow(`SELECT count(*), count(*) FILTER (WHERE first_name <> 'Ann'), string_agg(password, ',' ORDER BY id) FROM `+schema+`.users`).
+		Scan(&n, &changed, &hashesAfter)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n != users || changed != 0 || hashesAfter != hashesBefore {
+		t.Errorf("after %d writes answered 503: %d of %d users left, %d names changed, passwords changed: %v; want nothing changed",
+			writes, n, users, changed, hashesAfter != hashesBefore)
+	}
+}
+
+func TestNotNowDatabaseStatesAnswer503(t *testing.T) {
+	t.Parallel()
+	databaseURL, name := newDatabase(t)
+	databaseURL = withParam(databaseURL, "application_name", name)
+	st := newStoreAt(t, databaseURL)
+	e := newTestEnv(t, withStore(st))
+	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
+	admin := func(sql string) {
+		t.Helper()
+		if _, err := adminDB.Exec(sql); err != nil {
+			t.Fatalf("%s: %v", sql, err)
+		}
+	}
+
+	// A read-only database (a standby, a demoted primary): writes are
+	// refused with 503 and change nothing; reads go on.
+	admin(`ALTER DATABASE ` + name + ` SET default_transaction_read_only = on`)
+	killConnections(t, name)
+	for _, rq := range everyUsersRoute(u.ID) {
+		r := e.do(rq.method, rq.path, rq.body)
+		if rq.method == "GET" {
+			if r.status != http.StatusOK {
+				t.Errorf("%s on a read-only database, want 200", r)
+			}
+			continue
+		}
+		mustRetryLater(t, r)
+	}
+	if got := mustUser(t, e.do("GET", fmt.Sprintf("/users/%d", u.ID), ""), http.StatusOK); got != u {
+		t.Errorf("after refused writes: %+v, want %+v", got, u)
+	}
+	admin(`ALTER DATABASE ` + name + ` RESET default_transaction_read_only`)
+
+	// A database that takes no connections, or is not there by that name:
+	// every route says 503, and so does /healthz.
+	for _, state := range []struct{ off, on string }{
+		{`ALTER DATABASE ` + name + ` ALLOW_CONNECTIONS false`, `ALTER DATABASE ` + name + ` ALLOW_CONNECTIONS true`},
+		{`ALTER DATABASE ` + name + ` RENAME TO ` + name + `_away`, `ALTER DATABASE ` + name + `_away RENAME TO ` + name},
+	} {
+		killConnections(t, name)
+		admin(state.off)
+		for _, rq := range everyUsersRoute(u.ID) {
+			mustRetryLater(t, e.do(rq.method, rq.path, rq.body))
+		}
+		mustRetryLater(t, e.do("GET", "/healthz", ""))
+		admin(state.on)
+	}
+	if got := mustUser(t, e.do("GET", fmt.Sprintf("/users/%d", u.ID), ""), http.StatusOK); got != u {
+		t.Errorf("after the outages: %+v, want %+v", got, u)
+	}
+	e.createUser(t, "Bob", "Ray", "bob@example.com", "password1")
+}
+
+func TestHealthzAfterConnectionsAreKilled(t *testing.T) {
+	t.Parallel()
+	databaseURL, schema := newSchema(t)
+	databaseURL = withParam(databaseURL, "application_name", schema)
+	e := newTestEnv(t, withStore(newStoreAt(t, databaseURL)))
+	for round := 0; round < 3; round++ {
+		// Fill the pool with connections, then kill every one.
+		concurrently(testPool.maxOpen, func(int) response { return e.do("GET", "/healthz", "") })
+		killConnections(t, schema)
+		for i := 0; i < testPool.maxOpen; i++ {
+			if r := e.do("GET", "/healthz", ""); r.status != http.StatusOK {
+				t.Fatalf("round %d, call %d after the pool's connections were killed: %s, want 200: the database answers", round, i, r)
+			}
+		}
+	}
+}
+
+func TestBoundsAreOrdered(t *testing.T) {
+	t.Parallel()
+	// The server gives up first and says so, then the call's context ends
+	// (lib/pq asks the server to cancel), and only then is a silent
+	// connection cut, which asks nothing.
+	for _, call := range []time.Duration{300 * time.Millisecond, time.Second, queryTimeout} {
+		b := newBounds(call)
+		if !(0 < b.lock && b.lock < b.statement && b.statement < b.call && b.call == call && b.call < b.silence) {
+			t.Errorf("newBounds(%v) = %+v, want 0 < lock < statement < call < silence", call, b)
+		}
+		if b.silence > call+time.Second {
+			t.Errorf("newBounds(%v): silence %v, want at most a second past the call's bound", call, b.silence)
+		}
+	}
 }

@@ -43,6 +43,11 @@ const (
 	maxErrorBytes   = 4 << 10
 )
 
+// retryAfter is the Retry-After of every 503, in seconds: hashing slots free
+// up within a second, and a client that retries each second through a
+// database failover is back as soon as the new primary is.
+const retryAfter = "1"
+
 // server holds what the handlers need.
 type server struct {
 	logger   *slog.Logger
@@ -273,7 +278,7 @@ func isLoopbackHost(host string) bool {
 func (s *server) health(w http.ResponseWriter, r *http.Request) {
 	if err := s.store.Ping(r.Context()); err != nil {
 		s.logger.Warn("health check failed", "err", err)
-		writeError(w, http.StatusServiceUnavailable, "Service unavailable")
+		writeUnavailable(w)
 		return
 	}
 	encode(w, http.StatusOK, map[string]string{"status": "ok"})
@@ -962,14 +967,16 @@ func (s *server) error(w http.ResponseWriter, r *http.Request, err error) {
 	case errors.Is(err, errEmailTaken):
 		writeError(w, http.StatusBadRequest, "Email already registered")
 	case r.Context().Err() != nil:
-		// The client went away; there is nobody to answer.
+		// The client went away, or closed its side: an answer would at best
+		// reach no one, and an empty one would read as a 200. Cutting the
+		// connection says the work was not done.
 		s.logger.Info("request canceled", "method", r.Method, "path", r.URL.Path, "err", err)
+		panic(http.ErrAbortHandler)
 	case errors.Is(err, errBusy):
-		w.Header().Set("Retry-After", "1")
-		writeError(w, http.StatusServiceUnavailable, "Service unavailable")
+		writeUnavailable(w)
 	case errors.Is(err, errUnavailable):
 		s.logger.Warn("database unavailable", "method", r.Method, "path", r.URL.Path, "err", err)
-		writeError(w, http.StatusServiceUnavailable, "Service unavailable")
+		writeUnavailable(w)
 	default:
 		s.logger.Error("internal error", "method", r.Method, "path", r.URL.Path, "err", err)
 		writeError(w, http.StatusInternalServerError, "Internal server error")
@@ -985,6 +992,13 @@ type errorBody struct {
 
 func writeError(w http.ResponseWriter, status int, detail string) {
 	encode(w, status, errorBody{Detail: detail})
+}
+
+// writeUnavailable answers 503: the work was not done, and may succeed if
+// tried again in Retry-After seconds.
+func writeUnavailable(w http.ResponseWriter) {
+	w.Header().Set("Retry-After", retryAfter)
+	writeError(w, http.StatusServiceUnavailable, "Service unavailable")
 }
 
 func writeInvalid(w http.ResponseWriter, problems map[string]string) {
