@@ -130,7 +130,7 @@ type setting struct {
 // ADDR, after PORT, wins over it).
 func settings() []setting {
 	return []setting{
-		{"DATABASE_URL", "database-url", defaultDatabaseURL, "PostgreSQL connection URL or key=value string, as lib/pq reads it",
+		{"DATABASE_URL", "database-url", defaultDatabaseURL, "PostgreSQL connection URL (postgres://...; several hosts as h1:p1,h2:p2) or key=value settings",
 			func(cfg *config, from, v string) error {
 				cfg.databaseURL, cfg.databaseURLFrom = v, from
 				return nil
@@ -397,7 +397,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	cancel()
 	if err != nil {
 		// lib/pq puts each host's error on a line of its own.
-		cause := strings.ReplaceAll(redactURLError(err).Error(), "\n", "; ")
+		cause := strings.NewReplacer(":\n", ": ", "\n", "; ").Replace(redactURLError(err).Error())
 		return fmt.Errorf("%s: cannot use the database at %s: %s", cfg.databaseURLFrom, databaseAddr(dsn), cause)
 	}
 	defer st.Close()

@@ -222,6 +222,9 @@ type userChange struct {
 // reports as failed has been rolled back, and even a statement still queued
 // on a connection the service closed cannot commit: only COMMIT would. What
 // no one can settle is a COMMIT whose answer is lost: it may have committed.
+// And statement_timeout does not cover a COMMIT's wait for a synchronous
+// standby: the call's bound ends it, with a cancel request, and PostgreSQL
+// then keeps the commit locally and reports success.
 //
 // The transaction begins with one simple query, BEGIN and the bounds as SET
 // LOCAL. Not per connection: a transaction-pooling proxy such as PgBouncer
