@@ -520,8 +520,7 @@ func (s *server) listUsers(w http.ResponseWriter, r *http.Request) {
 		defer func() { <-s.streams }()
 	default:
 		s.logger.Warn("list users: every stream slot is taken", "max_streams", s.maxStreams)
-		w.Header().Set("Retry-After", "1")
-		writeError(w, http.StatusServiceUnavailable, "Service unavailable")
+		writeUnavailable(w)
 		return
 	}
 
