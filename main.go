@@ -543,6 +543,11 @@ func parsePostgresURL(s string) ([]connSetting, error) {
 	if i := strings.IndexAny(rest, "/?"); i >= 0 {
 		authority, tail = rest[:i], rest[i:]
 	}
+	if strings.Contains(tail, "@") {
+		// Most likely a password with a '/' or '?': read as it stands, its
+		// start would be taken for a host and port, and shown in errors.
+		return nil, errors.New("the URL holds an '@' after its host; write '/', '?' and '@' in a password as %2F, %3F and %40")
+	}
 	var kvs []connSetting
 	hostList := authority
 	if i := strings.LastIndex(authority, "@"); i >= 0 {

@@ -709,6 +709,7 @@ func TestParseDatabaseURL(t *testing.T) {
 		{"an empty host in the list", "postgres://ann:hunter2@secret-host,,h2/db"},
 		{"IPv6 without brackets", "postgres://ann:hunter2@::1/db?host=secret-host"},
 		{"a fragment", "postgres://ann:hunter2@secret-host/db#x"},
+		{"a '/' in the password", "postgres://ann:12/hunter2@secret-host/db"},
 		{"a bad escape", "postgres://ann:hunter%2@secret-host/db"},
 		{"a query key that is no setting", "postgres://ann:hunter2@secret-host/db?ssl+mode=x"},
 		{"an unbalanced quote", `"postgres://ann:hunter2@secret-host/db`},

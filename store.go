@@ -258,7 +258,7 @@ func (s *store) write(ctx context.Context, f func(ctx context.Context, conn *sql
 // database/sql retries only its own calls on them, so begin does too: a
 // dead connection is discarded, and nothing was done on it.
 func (s *store) begin(ctx context.Context) (*sql.Conn, error) {
-	for {
+	for attempt := 1; ; attempt++ {
 		conn, err := s.db.Conn(ctx)
 		if err != nil {
 			return nil, err
@@ -273,6 +273,10 @@ func (s *store) begin(ctx context.Context) (*sql.Conn, error) {
 			return nil, err
 		}
 		conn.Close()
+		// Past a pool's worth of dead connections, new ones fail too.
+		if attempt > max(s.db.Stats().MaxOpenConnections, 2) {
+			return nil, err
+		}
 	}
 }
 

@@ -1021,3 +1021,18 @@ func openDB(t *testing.T, dsn string) *sql.DB {
 	t.Cleanup(func() { db.Close() })
 	return db
 }
+
+func TestWritesAfterConnectionsAreKilled(t *testing.T) {
+	t.Parallel()
+	databaseURL, schema := newSchema(t)
+	databaseURL = withParam(databaseURL, "application_name", schema)
+	e := newTestEnv(t, withStore(newStoreAt(t, databaseURL)))
+	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
+	// Fill the pool with connections, then kill every one: the database
+	// is fine, and a write must not fail for a dead pooled connection.
+	concurrently(testPool.maxOpen, func(int) response { return e.do("GET", fmt.Sprintf("/users/%d", u.ID), "") })
+	killConnections(t, schema)
+	for i := 0; i < testPool.maxOpen; i++ {
+		mustUser(t, e.do("PUT", fmt.Sprintf("/users/%d", u.ID), fmt.Sprintf(`{"first_name":"Ann%d"}`, i)), http.StatusOK)
+	}
+}
