@@ -255,8 +255,9 @@ func (s *store) write(ctx context.Context, f func(ctx context.Context, conn *sql
 
 // begin takes a pooled connection and begins a write's transaction on it.
 // Pooled connections may be dead (after a database restart, say), and
-// database/sql retries only its own calls on them, so begin does too: a
-// dead connection is discarded, and nothing was done on it.
+// database/sql retries only its own calls, and only on some errors, so
+// begin tries another connection, up to a pool's worth: nothing was done on
+// a connection that failed at BEGIN.
 func (s *store) begin(ctx context.Context) (*sql.Conn, error) {
 	for attempt := 1; ; attempt++ {
 		conn, err := s.db.Conn(ctx)
@@ -267,17 +268,22 @@ func (s *store) begin(ctx context.Context) (*sql.Conn, error) {
 		if err == nil {
 			return conn, nil
 		}
-		if !errors.Is(err, driver.ErrBadConn) {
-			rollback(ctx, conn) // it may have begun
-			conn.Close()
-			return nil, err
-		}
+		rollback(ctx, conn) // it may have begun
 		conn.Close()
-		// Past a pool's worth of dead connections, new ones fail too.
-		if attempt > max(s.db.Stats().MaxOpenConnections, 2) {
+		if !deadConn(err) || attempt > max(s.db.Stats().MaxOpenConnections, 2) {
 			return nil, err
 		}
 	}
+}
+
+// deadConn reports whether err is the failure of a connection that the
+// server has closed, rather than an answer or a timeout.
+func deadConn(err error) bool {
+	var netErr net.Error
+	return errors.Is(err, driver.ErrBadConn) ||
+		errors.Is(err, io.EOF) ||
+		errors.Is(err, io.ErrUnexpectedEOF) ||
+		errors.As(err, &netErr) && !netErr.Timeout()
 }
 
 // rollback ends the transaction on conn, if there is one, before conn goes
