@@ -421,14 +421,16 @@ func (s *store) Credentials(ctx context.Context, email string) (user, string, er
 // landed meanwhile wins. It reports whether the hash was replaced. The user's
 // updated_at stays as it is, since nothing the API shows changed.
 func (s *store) RehashPassword(ctx context.Context, id int64, old, hash, salt string) (bool, error) {
-	ctx, cancel := context.WithTimeout(ctx, s.timeout)
-	defer cancel()
-	res, err := s.db.ExecContext(ctx, `UPDATE users SET password = $3, salt = $4 WHERE id = $1 AND password = $2`, id, old, hash, salt)
-	if err != nil {
-		return false, dbError(err)
-	}
-	n, err := res.RowsAffected()
-	return n == 1, dbError(err)
+	var n int64
+	err := s.write(ctx, func(ctx context.Context, conn *sql.Conn) error {
+		res, err := conn.ExecContext(ctx, `UPDATE users SET password = $3, salt = $4 WHERE id = $1 AND password = $2`, id, old, hash, salt)
+		if err != nil {
+			return err
+		}
+		n, err = res.RowsAffected()
+		return err
+	})
+	return n == 1, err
 }
 
 // The sign-in throttle counts consecutive failed checks per normalized email
@@ -502,32 +504,35 @@ func (s *store) AuthWait(ctx context.Context, email string) (time.Duration, erro
 // success. If the attempt is early it counts nothing and returns how long
 // it must still wait. Concurrent calls for one address are all counted.
 func (s *store) CountAuthFailure(ctx context.Context, email string) (time.Duration, error) {
-	ctx, cancel := context.WithTimeout(ctx, s.timeout)
-	defer cancel()
-	// An early attempt leaves the row alone, and so returns none; its wait
-	// is read after. If the wait ended or the row went in between, the
-	// attempt is tried again.
-	for {
-		var failures int
-		err := s.db.QueryRowContext(ctx, authFailQuery, email, s.clock()).Scan(&failures)
-		if !errors.Is(err, sql.ErrNoRows) {
-			return 0, dbError(err)
+	var wait time.Duration
+	err := s.write(ctx, func(ctx context.Context, conn *sql.Conn) error {
+		// An early attempt leaves the row alone, and so returns none; its
+		// wait is read after. If the wait ended or the row went in between,
+		// the attempt is tried again.
+		for {
+			var failures int
+			err := conn.QueryRowContext(ctx, authFailQuery, email, s.clock()).Scan(&failures)
+			if !errors.Is(err, sql.ErrNoRows) {
+				return err
+			}
+			var micros int64
+			err = conn.QueryRowContext(ctx, authWaitQuery, email, s.clock()).Scan(&micros)
+			if !errors.Is(err, sql.ErrNoRows) {
+				wait = time.Duration(micros) * time.Microsecond
+				return err
+			}
 		}
-		var micros int64
-		err = s.db.QueryRowContext(ctx, authWaitQuery, email, s.clock()).Scan(&micros)
-		if !errors.Is(err, sql.ErrNoRows) {
-			return time.Duration(micros) * time.Microsecond, dbError(err)
-		}
-	}
+	})
+	return wait, err
 }
 
 // ResetAuthFailures forgets the failures counted for the normalized email,
 // after a success.
 func (s *store) ResetAuthFailures(ctx context.Context, email string) error {
-	ctx, cancel := context.WithTimeout(ctx, s.timeout)
-	defer cancel()
-	_, err := s.db.ExecContext(ctx, `DELETE FROM auth_failures WHERE email = $1`, email)
-	return dbError(err)
+	return s.write(ctx, func(ctx context.Context, conn *sql.Conn) error {
+		_, err := conn.ExecContext(ctx, `DELETE FROM auth_failures WHERE email = $1`, email)
+		return err
+	})
 }
 
 // dbError translates a driver error into the store's sentinels, keeping the
