@@ -14,18 +14,22 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"net/url"
 	"os"
 	"os/signal"
+	"regexp"
 	"runtime"
 	"runtime/debug"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"time"
+	"unicode"
 
 	"github.com/lib/pq"
 )
@@ -123,7 +127,7 @@ type setting struct {
 // ADDR, after PORT, wins over it).
 func settings() []setting {
 	return []setting{
-		{"DATABASE_URL", "database-url", defaultDatabaseURL, "PostgreSQL connection URL or key=value string, as lib/pq reads it",
+		{"DATABASE_URL", "database-url", defaultDatabaseURL, "PostgreSQL connection URL (postgres://...; several hosts as h1:p1,h2:p2) or key=value settings",
 			func(cfg *config, from, v string) error {
 				cfg.databaseURL, cfg.databaseURLFrom = v, from
 				return nil
@@ -395,11 +399,17 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 	logger := slog.New(slog.NewTextHandler(stdout, nil))
 
+	dsn, err := parseDatabaseURL(cfg.databaseURL)
+	if err != nil {
+		return fmt.Errorf("%s: %w", cfg.databaseURLFrom, err)
+	}
 	startCtx, cancel := context.WithTimeout(ctx, connectTimeout)
-	st, err := openStore(startCtx, cfg.databaseURL, cfg.pool, queryTimeout)
+	st, err := openStore(startCtx, dsn, cfg.pool, queryTimeout)
 	cancel()
 	if err != nil {
-		return fmt.Errorf("%s: cannot use the database at %s: %w", cfg.databaseURLFrom, databaseAddr(cfg.databaseURL), redactURLError(err))
+		// lib/pq puts each host's error on a line of its own.
+		cause := strings.NewReplacer(":\n", ": ", "\n", "; ").Replace(redactURLError(err).Error())
+		return fmt.Errorf("%s: cannot use the database at %s: %s", cfg.databaseURLFrom, databaseAddr(dsn), cause)
 	}
 	defer st.Close()
 
@@ -463,14 +473,258 @@ func newHTTPServer(handler http.Handler, logger *slog.Logger) *http.Server {
 	}
 }
 
-// databaseAddr returns the host and port that databaseURL names, for error
-// messages: never the whole URL, which may hold a password.
+// databaseAddr returns every host and port that databaseURL names, for
+// error messages: never the whole URL, which may hold a password.
 func databaseAddr(databaseURL string) string {
 	cfg, err := pq.NewConfig(databaseURL)
 	if err != nil {
 		return "(unparsable DATABASE_URL)"
 	}
-	return net.JoinHostPort(cfg.Host, strconv.Itoa(int(cfg.Port)))
+	addrs := []string{net.JoinHostPort(cfg.Host, strconv.Itoa(int(cfg.Port)))}
+	for _, m := range cfg.Multi {
+		addrs = append(addrs, net.JoinHostPort(m.Host, strconv.Itoa(int(m.Port))))
+	}
+	return strings.Join(addrs, ", ")
+}
+
+// parseDatabaseURL reads DATABASE_URL and returns it as the key=value
+// settings lib/pq reads. It accepts a postgres:// or postgresql:// URL, the
+// scheme in any case, with one host or several for failover
+// (postgres://h1:p1,h2:p2/db, or postgres://h1,h2/db?port=p1,p2, as libpq
+// reads them), or key=value settings (host=h1,h2 port=p1,p2 dbname=db).
+// Whitespace around the value, and one pair of quotes around it (as
+// docker --env-file keeps them), are ignored. A value that looks like a
+// URL is read as a URL or refused, never as key=value settings: lib/pq
+// would quote it whole in an error, or send it to the server as a setting.
+// The errors never hold any part of the value, which may hold a password.
+func parseDatabaseURL(value string) (string, error) {
+	s := strings.TrimSpace(value)
+	if len(s) >= 2 && (s[0] == '"' || s[0] == '\'') && s[len(s)-1] == s[0] {
+		s = strings.TrimSpace(s[1 : len(s)-1])
+	}
+	var kvs []connSetting
+	var err error
+	if urlScheme.MatchString(s) {
+		kvs, err = parsePostgresURL(s)
+	} else {
+		kvs, err = parseSettings(s)
+	}
+	if err != nil {
+		return "", fmt.Errorf("%w (the value is not shown, as it may hold a password)", err)
+	}
+	var password string
+	dsn := make([]string, len(kvs))
+	for i, kv := range kvs {
+		if kv.key == "password" {
+			password = kv.value
+		}
+		dsn[i] = kv.key + "=" + quoteSetting(kv.value)
+	}
+	if _, err := pq.NewConfig(strings.Join(dsn, " ")); err != nil {
+		if password != "" && strings.Contains(err.Error(), password) {
+			return "", errors.New("lib/pq refuses a setting (the value is not shown, as it may hold a password)")
+		}
+		return "", err
+	}
+	return strings.Join(dsn, " "), nil
+}
+
+// urlScheme matches the start of anything that looks like a URL.
+var urlScheme = regexp.MustCompile(`^[A-Za-z][A-Za-z0-9+.-]*:`)
+
+// settingKey is what a libpq keyword or a PostgreSQL setting looks like.
+var settingKey = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_.]*$`)
+
+// connSetting is one key=value connection setting.
+type connSetting struct{ key, value string }
+
+// parsePostgresURL reads a postgres:// URL into settings, hosts and ports
+// first. Go's net/url cannot read a list of hosts with ports, so the
+// authority is read here.
+func parsePostgresURL(s string) ([]connSetting, error) {
+	scheme, rest, _ := strings.Cut(s, ":")
+	if scheme = strings.ToLower(scheme); scheme != "postgres" && scheme != "postgresql" {
+		return nil, errors.New("the URL's scheme must be postgres:// or postgresql://")
+	}
+	rest, ok := strings.CutPrefix(rest, "//")
+	if !ok {
+		return nil, errors.New("a postgres URL must start with postgres://")
+	}
+	if strings.Contains(rest, "#") {
+		return nil, errors.New("the URL holds a '#'; write it as %23")
+	}
+	authority, tail := rest, ""
+	if i := strings.IndexAny(rest, "/?"); i >= 0 {
+		authority, tail = rest[:i], rest[i:]
+	}
+	if strings.Contains(tail, "@") {
+		// Most likely a password with a '/' or '?': read as it stands, its
+		// start would be taken for a host and port, and shown in errors.
+		return nil, errors.New("the URL holds an '@' after its host; write '/', '?' and '@' in a password as %2F, %3F and %40")
+	}
+	var kvs []connSetting
+	hostList := authority
+	if i := strings.LastIndex(authority, "@"); i >= 0 {
+		userinfo := authority[:i]
+		hostList = authority[i+1:]
+		user, password, _ := strings.Cut(userinfo, ":")
+		for _, kv := range []connSetting{{"user", user}, {"password", password}} {
+			v, err := url.PathUnescape(kv.value)
+			if err != nil {
+				return nil, errors.New("the URL's user or password has a malformed %-escape")
+			}
+			if v != "" {
+				kvs = append(kvs, connSetting{kv.key, v})
+			}
+		}
+	}
+	hosts, ports, err := parseHostList(hostList)
+	if err != nil {
+		return nil, err
+	}
+	if hosts != "" {
+		kvs = append(kvs, connSetting{"host", hosts})
+	}
+	if ports != "" {
+		kvs = append(kvs, connSetting{"port", ports})
+	}
+	path, query, _ := strings.Cut(tail, "?")
+	if path = strings.TrimPrefix(path, "/"); path != "" {
+		dbname, err := url.PathUnescape(path)
+		if err != nil {
+			return nil, errors.New("the URL's database name has a malformed %-escape")
+		}
+		kvs = append(kvs, connSetting{"dbname", dbname})
+	}
+	params, err := url.ParseQuery(query)
+	if err != nil {
+		return nil, errors.New("the URL's query is malformed")
+	}
+	keys := slices.Sorted(maps.Keys(params))
+	for _, k := range keys {
+		if !settingKey.MatchString(k) {
+			return nil, errors.New("the URL's query has a parameter that is not a setting name")
+		}
+		if len(params[k]) > 1 {
+			return nil, errors.New("the URL's query gives a parameter more than once")
+		}
+		// A parameter overrides the same setting from the authority, as
+		// in libpq: lib/pq reads the last one given.
+		kvs = append(kvs, connSetting{k, params[k][0]})
+	}
+	return kvs, nil
+}
+
+// parseHostList reads the hosts of a URL, host[:port] or [IPv6][:port]
+// separated by commas, into lib/pq's host and port lists. A host given
+// without a port gets 5432 if another has one.
+func parseHostList(list string) (hosts, ports string, err error) {
+	if list == "" {
+		return "", "", nil
+	}
+	var hs, ps []string
+	anyPort := false
+	for _, item := range strings.Split(list, ",") {
+		host, port := item, ""
+		if strings.HasPrefix(item, "[") {
+			end := strings.Index(item, "]")
+			if end < 0 {
+				return "", "", errors.New("the URL has a host with '[' and no ']'")
+			}
+			host, port = item[1:end], item[end+1:]
+			if port != "" && port[0] != ':' {
+				return "", "", errors.New("the URL has a malformed host")
+			}
+			port = strings.TrimPrefix(port, ":")
+		} else if i := strings.LastIndex(item, ":"); i >= 0 {
+			host, port = item[:i], item[i+1:]
+			if strings.Contains(host, ":") {
+				return "", "", errors.New("the URL has an IPv6 address without [ ]")
+			}
+		}
+		h, err := url.PathUnescape(host)
+		if err != nil || h == "" || strings.ContainsAny(h, ", \t\n'\\") {
+			return "", "", errors.New("the URL has an empty or malformed host")
+		}
+		if port != "" {
+			if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 || port[0] < '0' || port[0] > '9' {
+				return "", "", errors.New("the URL has a port that is not a number from 1 to 65535")
+			}
+			anyPort = true
+		}
+		hs, ps = append(hs, h), append(ps, port)
+	}
+	if !anyPort {
+		return strings.Join(hs, ","), "", nil
+	}
+	for i, p := range ps {
+		if p == "" {
+			ps[i] = "5432"
+		}
+	}
+	return strings.Join(hs, ","), strings.Join(ps, ","), nil
+}
+
+// parseSettings reads key=value settings as lib/pq does (values in single
+// quotes, or unquoted with backslash escapes), but refuses a key that is
+// not a setting name or a word without its '=': lib/pq would quote such a
+// word in its error, and a stray word is often part of a password.
+func parseSettings(s string) ([]connSetting, error) {
+	var kvs []connSetting
+	r := []rune(s)
+	i := 0
+	skipSpace := func() {
+		for i < len(r) && unicode.IsSpace(r[i]) {
+			i++
+		}
+	}
+	for skipSpace(); i < len(r); skipSpace() {
+		start := i
+		for i < len(r) && !unicode.IsSpace(r[i]) && r[i] != '=' {
+			i++
+		}
+		key := string(r[start:i])
+		skipSpace()
+		if !settingKey.MatchString(key) || i == len(r) || r[i] != '=' {
+			return nil, errors.New("not a postgres:// URL, nor key=value settings")
+		}
+		i++
+		skipSpace()
+		var v []rune
+		if i < len(r) && r[i] == '\'' {
+			for i++; ; i++ {
+				if i == len(r) {
+					return nil, errors.New("a quoted value in the key=value settings has no closing quote")
+				}
+				if r[i] == '\\' && i+1 < len(r) {
+					i++
+				} else if r[i] == '\'' {
+					i++
+					break
+				}
+				v = append(v, r[i])
+			}
+		} else {
+			for ; i < len(r) && !unicode.IsSpace(r[i]); i++ {
+				if r[i] == '\\' {
+					if i++; i == len(r) {
+						return nil, errors.New("the key=value settings end with a backslash")
+					}
+				}
+				v = append(v, r[i])
+			}
+		}
+		kvs = append(kvs, connSetting{key, string(v)})
+	}
+	if len(kvs) == 0 {
+		return nil, errors.New("is empty")
+	}
+	return kvs, nil
+}
+
+// quoteSetting quotes a value for lib/pq's key=value settings.
+func quoteSetting(v string) string {
+	return "'" + strings.NewReplacer(`\`, `\\`, `'`, `\'`).Replace(v) + "'"
 }
 
 // databaseAttr names the database that databaseURL opens, for the start

@@ -672,3 +672,126 @@ func TestLoadConfigPooler(t *testing.T) {
 		})
 	}
 }
+
+func TestParseDatabaseURL(t *testing.T) {
+	t.Parallel()
+	accepted := []struct{ name, value, want string }{
+		{"URL", "postgres://ann:se%20cret@db.example.com:6432/users?sslmode=require",
+			"user='ann' password='se cret' host='db.example.com' port='6432' dbname='users' sslmode='require'"},
+		{"postgresql scheme, upper case", "POSTGRESQL://db/users", "host='db' dbname='users'"},
+		{"in double quotes, with spaces", ` "postgres://db/users" `, "host='db' dbname='users'"},
+		{"in single quotes", `'postgres://db/users'`, "host='db' dbname='users'"},
+		{"hosts with ports", "postgres://h1:5432,h2:5433/db?target_session_attrs=read-write",
+			"host='h1,h2' port='5432,5433' dbname='db' target_session_attrs='read-write'"},
+		{"hosts, ports as a parameter", "postgres://h1,h2/db?port=5432,5433",
+			"host='h1,h2' dbname='db' port='5432,5433'"},
+		{"a host without its port", "postgres://h1,h2:5433/db", "host='h1,h2' port='5432,5433' dbname='db'"},
+		{"IPv6 hosts", "postgres://[::1]:5432,[2001:db8::1]/db", "host='::1,2001:db8::1' port='5432,5432' dbname='db'"},
+		{"socket directory", "postgres://%2Fvar%2Frun%2Fpostgresql/db", "host='/var/run/postgresql' dbname='db'"},
+		{"host as a parameter", "postgres:///db?host=/tmp", "dbname='db' host='/tmp'"},
+		{"key=value", "host=h1,h2 port=5432,5433 dbname=db target_session_attrs=read-write",
+			"host='h1,h2' port='5432,5433' dbname='db' target_session_attrs='read-write'"},
+		{"key=value, quoted and escaped", `user = ann password='it\'s a secret' dbname=a\ b`,
+			`user='ann' password='it\'s a secret' dbname='a b'`},
+	}
+	for _, tt := range accepted {
+		got, err := parseDatabaseURL(tt.value)
+		if err != nil || got != tt.want {
+			t.Errorf("%s: parseDatabaseURL(%q) = %q, %v; want %q", tt.name, tt.value, got, err, tt.want)
+		}
+	}
+
+	// Each holds the password hunter2 and the host secret-host: an error
+	// may show neither.
+	refused := []struct{ name, value string }{
+		{"another scheme", "postgresql+asyncpg://ann:hunter2@secret-host/db"},
+		{"a misspelt scheme", "postgress://ann:hunter2@secret-host/db"},
+		{"no scheme", "ann:hunter2@secret-host/db"},
+		{"a port that is not a number", "postgres://ann:hunter2@secret-host:port/db"},
+		{"a port out of range", "postgres://ann:hunter2@secret-host:65536/db"},
+		{"an empty host in the list", "postgres://ann:hunter2@secret-host,,h2/db"},
+		{"IPv6 without brackets", "postgres://ann:hunter2@::1/db?host=secret-host"},
+		{"a fragment", "postgres://ann:hunter2@secret-host/db#x"},
+		{"a '/' in the password", "postgres://ann:12/hunter2@secret-host/db"},
+		{"a bad escape", "postgres://ann:hunter%2@secret-host/db"},
+		{"a query key that is no setting", "postgres://ann:hunter2@secret-host/db?ssl+mode=x"},
+		{"an unbalanced quote", `"postgres://ann:hunter2@secret-host/db`},
+		{"a stray word", "host=secret-host user=ann password=hunter2 hunter3"},
+		{"a password cut by a space", "host=secret-host password=hunter2 and more"},
+		{"an unterminated quote", "host=secret-host password='hunter2"},
+		{"empty", " "},
+		{"empty quotes", `""`},
+	}
+	for _, tt := range refused {
+		_, err := parseDatabaseURL(tt.value)
+		if err == nil {
+			t.Errorf("%s: parseDatabaseURL(%q) succeeded, want an error", tt.name, tt.value)
+			continue
+		}
+		msg := err.Error()
+		if strings.Contains(msg, "\n") || strings.Contains(msg, "hunter") || strings.Contains(msg, "secret") {
+			t.Errorf("%s: error %q, want one line that shows nothing of the value", tt.name, msg)
+		}
+	}
+	// lib/pq's own checks still apply, and may name the setting at fault.
+	if _, err := parseDatabaseURL("postgres://ann:hunter2@db/x?sslmode=sometimes"); err == nil ||
+		!strings.Contains(err.Error(), "sslmode") || strings.Contains(err.Error(), "hunter2") {
+		t.Errorf("bad sslmode: error %v, want one naming sslmode and not the password", err)
+	}
+}
+
+func TestRunNamesEveryDatabaseHost(t *testing.T) {
+	t.Parallel()
+	a, b := closedAddr(t), closedAddr(t)
+	_, portA, _ := net.SplitHostPort(a)
+	_, portB, _ := net.SplitHostPort(b)
+	for _, databaseURL := range []string{
+		"postgres://ann:hunter2@" + a + "," + b + "/db?sslmode=disable&target_session_attrs=read-write",
+		"POSTGRES://ann:hunter2@127.0.0.1,127.0.0.1/db?port=" + portA + "," + portB + "&sslmode=disable",
+		"host=127.0.0.1,127.0.0.1 port=" + portA + "," + portB + " user=ann password=hunter2 sslmode=disable",
+	} {
+		err := run(context.Background(), nil, func(k string) string {
+			return map[string]string{"DATABASE_URL": databaseURL, "ADDR": "127.0.0.1:0"}[k]
+		}, io.Discard, io.Discard)
+		if err == nil {
+			t.Fatalf("run with no database at %s or %s succeeded", a, b)
+		}
+		msg := err.Error()
+		if !strings.Contains(msg, "DATABASE_URL") || strings.Contains(msg, "\n") || strings.Contains(msg, "hunter2") {
+			t.Errorf("run = %q, want one line naming DATABASE_URL, free of the password", msg)
+		}
+		if want := "at " + a + ", " + b + ":"; !strings.Contains(msg, want) {
+			t.Errorf("run = %q, want it to name every host: %q", msg, want)
+		}
+	}
+}
+
+func TestRunRefusesMistypedDatabaseURL(t *testing.T) {
+	t.Parallel()
+	// Values that lib/pq alone reads as key=value settings: it quotes them
+	// whole in its error, or connects to localhost:5432 and sends the URL
+	// as a setting's name, into the server's log. Quotes and spaces around
+	// a URL are dropped and the URL read as such; the others are refused.
+	down := closedAddr(t)
+	for _, tt := range []struct {
+		value string
+		want  string // the error's start
+	}{
+		{`"postgres://ann:hunter2@` + down + `/db?sslmode=disable"`, "DATABASE_URL: cannot use the database at " + down + ":"},
+		{` postgres://ann:hunter2@` + down + `/db?sslmode=disable`, "DATABASE_URL: cannot use the database at " + down + ":"},
+		{`postgresql+asyncpg://ann:hunter2@` + down + `/db?sslmode=disable`, "DATABASE_URL: the URL's scheme must be"},
+		{`postgress://ann:hunter2@` + down + `/db?sslmode=disable`, "DATABASE_URL: the URL's scheme must be"},
+		{`host=127.0.0.1 user=ann password=hunter2 hunter3 dbname=db`, "DATABASE_URL: not a postgres:// URL, nor key=value settings"},
+	} {
+		var stdout, stderr syncBuffer
+		err := run(context.Background(), nil, func(k string) string {
+			return map[string]string{"DATABASE_URL": tt.value, "ADDR": "127.0.0.1:0"}[k]
+		}, &stdout, &stderr)
+		if err == nil || !strings.HasPrefix(err.Error(), tt.want) {
+			t.Errorf("DATABASE_URL=%s: run = %v, want an error starting %q", tt.value, err, tt.want)
+		}
+		if out := fmt.Sprint(err) + stdout.String() + stderr.String(); strings.Contains(out, "hunter") {
+			t.Errorf("DATABASE_URL=%s: the output shows the password: %s", tt.value, out)
+		}
+	}
+}

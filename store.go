@@ -41,10 +41,14 @@ type poolConfig struct {
 
 // store is the service's data layer: every SQL statement lives here.
 type store struct {
-	db *sql.DB
+	db        *sql.DB
+	connector connector
 	// timeout bounds the database time of each call, so that a database
 	// that stops answering turns into errUnavailable instead of a hang.
 	timeout time.Duration
+	// setBounds begins a write's transaction with its server-side bounds
+	// (see write).
+	setBounds string
 	// The reads are prepared statements: a query with arguments costs lib/pq
 	// two round trips (parse, then execute), a prepared one costs one.
 	// database/sql prepares them on each connection the first time it
@@ -60,16 +64,19 @@ type store struct {
 // openStore connects to the database at databaseURL, checks that it answers
 // and applies the embedded schema. The caller must Close the store.
 func openStore(ctx context.Context, databaseURL string, pool poolConfig, timeout time.Duration) (*store, error) {
-	connector, err := newConnector(databaseURL, pool.transactionPooler)
+	pqConnector, err := newConnector(databaseURL, pool.transactionPooler)
 	if err != nil {
 		return nil, err
 	}
-	connector.Dialer(silenceDialer{timeout: timeout})
-	db := sql.OpenDB(connector)
+	b := newBounds(timeout)
+	pqConnector.Dialer(silenceDialer{timeout: b.silence})
+	c := connector{pqConnector}
+	db := sql.OpenDB(c)
 	db.SetMaxOpenConns(pool.maxOpen)
 	db.SetMaxIdleConns(pool.maxIdle)
 	db.SetConnMaxIdleTime(pool.maxIdleTime)
-	s := &store{db: db, timeout: timeout}
+	s := &store{db: db, connector: c, timeout: timeout, setBounds: fmt.Sprintf(
+		`BEGIN; SET LOCAL statement_timeout = %d; SET LOCAL lock_timeout = %d`, b.statement.Milliseconds(), b.lock.Milliseconds())}
 	if err := s.migrate(ctx); err != nil {
 		db.Close()
 		return nil, err
@@ -153,7 +160,19 @@ func (s *store) Close() error { return s.db.Close() }
 func (s *store) Ping(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
-	return dbError(s.db.PingContext(ctx))
+	err := s.db.PingContext(ctx)
+	if !errors.Is(err, driver.ErrBadConn) {
+		return dbError(err)
+	}
+	// database/sql pings the pooled connection it takes and does not try
+	// another: after a database restart, or pg_terminate_backend, that one
+	// is dead while the database may be fine. A new connection tells.
+	cn, err := s.connector.Connect(ctx)
+	if err != nil {
+		return dbError(err)
+	}
+	defer cn.Close()
+	return dbError(cn.(driver.Pinger).Ping(ctx))
 }
 
 // user is a stored user as the API shows it: the password hash and salt are
@@ -194,6 +213,90 @@ func (u *user) scan(row scanner, extra ...any) error {
 	return err
 }
 
+// write runs f in a transaction whose statements PostgreSQL itself aborts,
+// and rolls back, once they wait for a lock longer than lock_timeout or run
+// longer than statement_timeout. Both are shorter than the call's bound, so
+// the server gives up before the service does, and the silence bound on
+// the connection is longer still (see bounds). So a write the service
+// reports as failed has been rolled back, and even a statement still queued
+// on a connection the service closed cannot commit: only COMMIT would. What
+// no one can settle is a COMMIT whose answer is lost: it may have committed.
+// And statement_timeout does not cover a COMMIT's wait for a synchronous
+// standby: the call's bound ends it, with a cancel request, and PostgreSQL
+// then keeps the commit locally and reports success.
+//
+// The transaction begins with one simple query, BEGIN and the bounds as SET
+// LOCAL. Not per connection: a transaction-pooling proxy such as PgBouncer
+// refuses them as startup parameters and may hand a session's SET to
+// another client. And not database/sql's BeginTx: lib/pq sends BEGIN READ
+// WRITE, which would override a database's default_transaction_read_only.
+func (s *store) write(ctx context.Context, f func(ctx context.Context, conn *sql.Conn) error) error {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	conn, err := s.begin(ctx)
+	if err != nil {
+		return dbError(err)
+	}
+	defer conn.Close()
+	committed := false
+	defer func() {
+		if !committed {
+			rollback(ctx, conn)
+		}
+	}()
+	if err := f(ctx, conn); err != nil {
+		return dbError(err)
+	}
+	_, err = conn.ExecContext(ctx, `COMMIT`)
+	committed = err == nil
+	return dbError(err)
+}
+
+// begin takes a pooled connection and begins a write's transaction on it.
+// Pooled connections may be dead (after a database restart, say), and
+// database/sql retries only its own calls, and only on some errors, so
+// begin tries another connection, up to a pool's worth: nothing was done on
+// a connection that failed at BEGIN.
+func (s *store) begin(ctx context.Context) (*sql.Conn, error) {
+	for attempt := 1; ; attempt++ {
+		conn, err := s.db.Conn(ctx)
+		if err != nil {
+			return nil, err
+		}
+		_, err = conn.ExecContext(ctx, s.setBounds)
+		if err == nil {
+			return conn, nil
+		}
+		rollback(ctx, conn) // it may have begun
+		conn.Close()
+		if !deadConn(err) || attempt > max(s.db.Stats().MaxOpenConnections, 2) {
+			return nil, err
+		}
+	}
+}
+
+// deadConn reports whether err is the failure of a connection that the
+// server has closed, rather than an answer or a timeout.
+func deadConn(err error) bool {
+	var netErr net.Error
+	return errors.Is(err, driver.ErrBadConn) ||
+		errors.Is(err, io.EOF) ||
+		errors.Is(err, io.ErrUnexpectedEOF) ||
+		errors.As(err, &netErr) && !netErr.Timeout()
+}
+
+// rollback ends the transaction on conn, if there is one, before conn goes
+// back to the pool: with ROLLBACK, or if that cannot be done, by having the
+// pool discard conn, and the server rolls back when it reads the end of it.
+func rollback(ctx context.Context, conn *sql.Conn) {
+	if ctx.Err() == nil {
+		if _, err := conn.ExecContext(ctx, `ROLLBACK`); err == nil {
+			return
+		}
+	}
+	conn.Raw(func(any) error { return driver.ErrBadConn })
+}
+
 // newUser is a user to create. Email must already be normalized, and
 // PasswordHash comes from the hasher; the salt is read from it.
 type newUser struct {
@@ -209,15 +312,17 @@ type userUpdate struct {
 // CreateUser inserts a user. It returns errEmailTaken if another user has
 // the same email.
 func (s *store) CreateUser(ctx context.Context, c newUser) (user, error) {
-	ctx, cancel := context.WithTimeout(ctx, s.timeout)
-	defer cancel()
-	row := s.db.QueryRowContext(ctx, `
-		INSERT INTO users (first_name, last_name, email, password, salt)
-		VALUES ($1, $2, $3, $4, $5)
-		RETURNING `+userColumns,
-		c.FirstName, c.LastName, c.Email, c.PasswordHash, bcryptSalt(c.PasswordHash))
-	u, err := scanUser(row)
-	return u, dbError(err)
+	var u user
+	err := s.write(ctx, func(ctx context.Context, conn *sql.Conn) error {
+		var err error
+		u, err = scanUser(conn.QueryRowContext(ctx, `
+			INSERT INTO users (first_name, last_name, email, password, salt)
+			VALUES ($1, $2, $3, $4, $5)
+			RETURNING `+userColumns,
+			c.FirstName, c.LastName, c.Email, c.PasswordHash, bcryptSalt(c.PasswordHash)))
+		return err
+	})
+	return u, err
 }
 
 // User returns the user with the given id, or errNotFound.
@@ -272,51 +377,54 @@ func (s *store) EachUser(ctx context.Context, afterID int64, limit int, fn func(
 // moves forward only if a value actually changed. It returns errNotFound if
 // no user has that id, and errEmailTaken if another user has c.Email.
 func (s *store) UpdateUser(ctx context.Context, id int64, c userUpdate) (user, error) {
-	ctx, cancel := context.WithTimeout(ctx, s.timeout)
-	defer cancel()
 	var salt *string
 	if c.PasswordHash != nil {
 		s := bcryptSalt(*c.PasswordHash)
 		salt = &s
 	}
-	// In SET, column names on the right refer to the row before the update.
-	// GREATEST keeps updated_at strictly increasing even if the clock steps back.
-	row := s.db.QueryRowContext(ctx, `
-		UPDATE users SET
-			first_name = COALESCE($2, first_name),
-			last_name  = COALESCE($3, last_name),
-			email      = COALESCE($4, email),
-			password   = COALESCE($5, password),
-			salt       = COALESCE($6, salt),
-			updated_at = CASE
-				WHEN (COALESCE($2, first_name), COALESCE($3, last_name), COALESCE($4, email), COALESCE($5, password))
-					IS DISTINCT FROM (first_name, last_name, email, password)
-				THEN GREATEST(now(), updated_at + interval '1 microsecond')
-				ELSE updated_at
-			END
-		WHERE id = $1
-		RETURNING `+userColumns,
-		id, c.FirstName, c.LastName, c.Email, c.PasswordHash, salt)
-	u, err := scanUser(row)
-	return u, dbError(err)
+	var u user
+	err := s.write(ctx, func(ctx context.Context, conn *sql.Conn) error {
+		// In SET, column names on the right refer to the row before the
+		// update. GREATEST keeps updated_at strictly increasing even if the
+		// clock steps back.
+		var err error
+		u, err = scanUser(conn.QueryRowContext(ctx, `
+			UPDATE users SET
+				first_name = COALESCE($2, first_name),
+				last_name  = COALESCE($3, last_name),
+				email      = COALESCE($4, email),
+				password   = COALESCE($5, password),
+				salt       = COALESCE($6, salt),
+				updated_at = CASE
+					WHEN (COALESCE($2, first_name), COALESCE($3, last_name), COALESCE($4, email), COALESCE($5, password))
+						IS DISTINCT FROM (first_name, last_name, email, password)
+					THEN GREATEST(now(), updated_at + interval '1 microsecond')
+					ELSE updated_at
+				END
+			WHERE id = $1
+			RETURNING `+userColumns,
+			id, c.FirstName, c.LastName, c.Email, c.PasswordHash, salt))
+		return err
+	})
+	return u, err
 }
 
 // DeleteUser deletes the user with the given id, or returns errNotFound.
 func (s *store) DeleteUser(ctx context.Context, id int64) error {
-	ctx, cancel := context.WithTimeout(ctx, s.timeout)
-	defer cancel()
-	res, err := s.db.ExecContext(ctx, `DELETE FROM users WHERE id = $1`, id)
-	if err != nil {
-		return dbError(err)
-	}
-	n, err := res.RowsAffected()
-	if err != nil {
-		return dbError(err)
-	}
-	if n == 0 {
-		return errNotFound
-	}
-	return nil
+	return s.write(ctx, func(ctx context.Context, conn *sql.Conn) error {
+		res, err := conn.ExecContext(ctx, `DELETE FROM users WHERE id = $1`, id)
+		if err != nil {
+			return err
+		}
+		n, err := res.RowsAffected()
+		if err != nil {
+			return err
+		}
+		if n == 0 {
+			return errNotFound
+		}
+		return nil
+	})
 }
 
 // Credentials returns the user with the given normalized email and the
@@ -337,14 +445,16 @@ func (s *store) Credentials(ctx context.Context, email string) (user, string, er
 // replaced. The user's updated_at stays as it is, since nothing the API
 // shows changed.
 func (s *store) RehashPassword(ctx context.Context, id int64, old, hash string) (bool, error) {
-	ctx, cancel := context.WithTimeout(ctx, s.timeout)
-	defer cancel()
-	res, err := s.db.ExecContext(ctx, `UPDATE users SET password = $3, salt = $4 WHERE id = $1 AND password = $2`, id, old, hash, bcryptSalt(hash))
-	if err != nil {
-		return false, dbError(err)
-	}
-	n, err := res.RowsAffected()
-	return n == 1, dbError(err)
+	var n int64
+	err := s.write(ctx, func(ctx context.Context, conn *sql.Conn) error {
+		res, err := conn.ExecContext(ctx, `UPDATE users SET password = $3, salt = $4 WHERE id = $1 AND password = $2`, id, old, hash, bcryptSalt(hash))
+		if err != nil {
+			return err
+		}
+		n, err = res.RowsAffected()
+		return err
+	})
+	return n == 1, err
 }
 
 // The sign-in throttle counts consecutive failed checks per normalized email
@@ -418,32 +528,35 @@ func (s *store) AuthWait(ctx context.Context, email string) (time.Duration, erro
 // success. If the attempt is early it counts nothing and returns how long
 // it must still wait. Concurrent calls for one address are all counted.
 func (s *store) CountAuthFailure(ctx context.Context, email string) (time.Duration, error) {
-	ctx, cancel := context.WithTimeout(ctx, s.timeout)
-	defer cancel()
-	// An early attempt leaves the row alone, and so returns none; its wait
-	// is read after. If the wait ended or the row went in between, the
-	// attempt is tried again.
-	for {
-		var failures int
-		err := s.db.QueryRowContext(ctx, authFailQuery, email, s.clock()).Scan(&failures)
-		if !errors.Is(err, sql.ErrNoRows) {
-			return 0, dbError(err)
+	var wait time.Duration
+	err := s.write(ctx, func(ctx context.Context, conn *sql.Conn) error {
+		// An early attempt leaves the row alone, and so returns none; its
+		// wait is read after. If the wait ended or the row went in between,
+		// the attempt is tried again.
+		for {
+			var failures int
+			err := conn.QueryRowContext(ctx, authFailQuery, email, s.clock()).Scan(&failures)
+			if !errors.Is(err, sql.ErrNoRows) {
+				return err
+			}
+			var micros int64
+			err = conn.QueryRowContext(ctx, authWaitQuery, email, s.clock()).Scan(&micros)
+			if !errors.Is(err, sql.ErrNoRows) {
+				wait = time.Duration(micros) * time.Microsecond
+				return err
+			}
 		}
-		var micros int64
-		err = s.db.QueryRowContext(ctx, authWaitQuery, email, s.clock()).Scan(&micros)
-		if !errors.Is(err, sql.ErrNoRows) {
-			return time.Duration(micros) * time.Microsecond, dbError(err)
-		}
-	}
+	})
+	return wait, err
 }
 
 // ResetAuthFailures forgets the failures counted for the normalized email,
 // after a success.
 func (s *store) ResetAuthFailures(ctx context.Context, email string) error {
-	ctx, cancel := context.WithTimeout(ctx, s.timeout)
-	defer cancel()
-	_, err := s.db.ExecContext(ctx, `DELETE FROM auth_failures WHERE email = $1`, email)
-	return dbError(err)
+	return s.write(ctx, func(ctx context.Context, conn *sql.Conn) error {
+		_, err := conn.ExecContext(ctx, `DELETE FROM auth_failures WHERE email = $1`, email)
+		return err
+	})
 }
 
 // dbError translates a driver error into the store's sentinels, keeping the
@@ -463,15 +576,23 @@ func dbError(err error) error {
 	return err
 }
 
-// isUnavailable reports whether err means the database could not be reached
-// or did not answer in time, as opposed to a fault in a query.
+// isUnavailable reports whether err means the database could not be reached,
+// did not answer in time or cannot take the work now, as opposed to a fault
+// in a query.
 func isUnavailable(err error) bool {
+	var connErr *connectError
+	if errors.As(err, &connErr) {
+		return true // whatever stops a connection, a wrong password included
+	}
 	var pqErr *pq.Error
 	if errors.As(err, &pqErr) {
 		switch pqErr.Code {
 		case "57P01", "57P02", "57P03", // admin_shutdown, crash_shutdown, cannot_connect_now
 			"53300", // too_many_connections
-			"57014": // query_canceled: our deadline ran out
+			"57014", // query_canceled: a bound ran out
+			"55P03", // lock_not_available: lock_timeout ran out
+			"55000", // object_not_in_prerequisite_state: the database takes no connections
+			"25006": // read_only_sql_transaction: a standby, or a demoted primary
 			return true
 		}
 		return pqErr.Code.Class() == "08" // connection_exception
@@ -484,13 +605,58 @@ func isUnavailable(err error) bool {
 		errors.Is(err, io.ErrUnexpectedEOF)
 }
 
+// bounds are the limits on a store call, from the shortest to the longest.
+type bounds struct {
+	// lock and statement are the server's: PostgreSQL aborts a write that
+	// waits for a lock, or runs, longer.
+	lock, statement time.Duration
+	// call is the service's own: a call's context ends then, and lib/pq
+	// asks the server to cancel what runs.
+	call time.Duration
+	// silence is the network's: a connection that stays silent that long
+	// while an answer is awaited is closed, without asking the server
+	// anything. It comes last, so the server has given up first and said so.
+	silence time.Duration
+}
+
+func newBounds(call time.Duration) bounds {
+	return bounds{
+		lock:      max(call*3/5, time.Millisecond),
+		statement: max(call*4/5, time.Millisecond),
+		call:      call,
+		silence:   call + time.Second,
+	}
+}
+
+// connector opens the pool's connections with lib/pq, and marks every error
+// met while connecting as a connectError.
+type connector struct{ *pq.Connector }
+
+func (c connector) Connect(ctx context.Context) (driver.Conn, error) {
+	cn, err := c.Connector.Connect(ctx)
+	if err != nil {
+		return nil, &connectError{err}
+	}
+	return cn, nil
+}
+
+// connectError is an error met while opening a database connection. While
+// the service runs, any such error means the database cannot be used now:
+// unreachable, starting up, full, renamed, or refusing the credentials.
+type connectError struct{ err error }
+
+func (e *connectError) Error() string { return e.err.Error() }
+func (e *connectError) Unwrap() error { return e.err }
+
 // silenceDialer dials database connections on which every read gives up
 // after timeout without data. lib/pq waits for the server's answer with no
 // deadline of its own: when a context ends it asks the server, over the
 // network, to cancel, and keeps waiting. If the network itself falls silent
 // (a partition, a stuck proxy), that wait would hold the request, and its
 // pooled connection, forever. lib/pq reads only while it expects an answer,
-// so an idle connection is never cut by this.
+// so an idle connection is never cut by this. The timeout is the silence
+// bound, longer than the call's (see bounds): cutting a connection while the
+// server still runs a statement asks no one to cancel it.
 type silenceDialer struct {
 	net.Dialer
 	timeout time.Duration

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"os/exec"
 	osuser "os/user"
@@ -529,4 +530,511 @@ func grepLines(s, substr string) string {
 		}
 	}
 	return b.String()
+}
+
+// newDatabase creates an empty database that is dropped when the test ends,
+// for tests that change settings of a whole database. It returns a
+// connection URL for it and its name.
+func newDatabase(t *testing.T) (databaseURL, name string) {
+	t.Helper()
+	b := make([]byte, 8)
+	rand.Read(b)
+	name = "users_test_" + hex.EncodeToString(b)
+	if _, err := adminDB.Exec(`CREATE DATABASE ` + name); err != nil {
+		t.Fatalf("create database: %v", err)
+	}
+	t.Cleanup(func() {
+		if _, err := adminDB.Exec(`DROP DATABASE IF EXISTS ` + name + ` WITH (FORCE)`); err != nil {
+			t.Errorf("drop database %s: %v", name, err)
+		}
+	})
+	databaseURL = testDatabaseURL()
+	if u, err := url.Parse(databaseURL); err == nil && (u.Scheme == "postgres" || u.Scheme == "postgresql") {
+		u.Path = "/" + name
+		return u.String(), name
+	}
+	return databaseURL + " dbname=" + name, name
+}
+
+// killConnections terminates the database connections whose
+// application_name is name, and waits until they are gone.
+func killConnections(t *testing.T, name string) {
+	t.Helper()
+	if _, err := adminDB.Exec(`SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1`, name); err != nil {
+		t.Fatal(err)
+	}
+	waitNoConnections(t, name)
+}
+
+// mustRetryLater checks that r is 503 Service unavailable with a
+// Retry-After of a whole number of seconds, at least 1.
+func mustRetryLater(t *testing.T, r response) {
+	t.Helper()
+	mustError(t, r, http.StatusServiceUnavailable, "Service unavailable")
+	if n, err := strconv.Atoi(r.header.Get("Retry-After")); err != nil || n < 1 {
+		t.Errorf("%s: Retry-After = %q, want a number of seconds", r.what, r.header.Get("Retry-After"))
+	}
+}
+
+func TestTimedOutWritesAreNotAppliedLater(t *testing.T) {
+	t.Parallel()
+	databaseURL, schema := newSchema(t)
+	databaseURL = withParam(databaseURL, "application_name", schema)
+	const users, writes = 6, 24
+	st, err := openStore(context.Background(), databaseURL, poolConfig{maxOpen: writes, maxIdle: writes, maxIdleTime: time.Minute}, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	e := newTestEnv(t, withStore(st))
+	ids := make([]int64, users)
+	for i := range ids {
+		ids[i] = e.createUser(t, "Ann", "Lee", fmt.Sprintf("ann%d@example.com", i), "password1").ID
+	}
+	// A warm pool: each write finds a connection ready.
+	concurrently(writes, func(i int) response { return e.do("GET", fmt.Sprintf("/users/%d", ids[i%users]), "") })
+
+	// Another session holds the rows while the writes wait for them, longer
+	// than the service's bound.
+	lock, err := adminDB.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lock.Rollback()
+	if _, err := lock.Exec(`SELECT 1 FROM `+schema+`.users WHERE id = ANY($1) FOR UPDATE`, pq.Array(ids)); err != nil {
+		t.Fatal(err)
+	}
+	rs := concurrently(writes, func(i int) response {
+		id := ids[i%users]
+		switch i % 3 {
+		case 0:
+			return e.do("PUT", fmt.Sprintf("/users/%d", id), `{"first_name":"Changed"}`)
+		case 1:
+			return e.do("PUT", fmt.Sprintf("/users/%d", id), `{"password":"changed-password"}`)
+		default:
+			return e.do("DELETE", fmt.Sprintf("/users/%d", id), "")
+		}
+	})
+	for _, r := range rs {
+		mustRetryLater(t, r)
+	}
+	// PostgreSQL itself gave up on them, before the service did.
+	if !strings.Contains(e.logs.String(), "canceling statement due to lock timeout") {
+		t.Errorf("no write was stopped by the server's lock_timeout; log:\n%s", e.logs)
+	}
+	var hashesBefore string
+	if err := adminDB.QueryRow(`SELECT string_agg(password, ',' ORDER BY id) FROM ` + schema + `.users`).Scan(&hashesBefore); err != nil {
+		t.Fatal(err)
+	}
+	lock.Rollback()
+
+	// Whatever the server still had queued for the service runs now: wait
+	// until none of its statements is running.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		var running int
+		if err := adminDB.QueryRow(`SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND state <> 'idle'`, schema).Scan(&running); err != nil {
+			t.Fatal(err)
+		}
+		if running == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d statements of the service still running 10s after the rows were released", running)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	var n, changed int
+	var hashesAfter string
+	err = adminDB.QueryRow(`SELECT count(*), count(*) FILTER (WHERE first_name <> 'Ann'), string_agg(password, ',' ORDER BY id) FROM `+schema+`.users`).
+		Scan(&n, &changed, &hashesAfter)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n != users || changed != 0 || hashesAfter != hashesBefore {
+		t.Errorf("after %d writes answered 503: %d of %d users left, %d names changed, passwords changed: %v; want nothing changed",
+			writes, n, users, changed, hashesAfter != hashesBefore)
+	}
+}
+
+func TestNotNowDatabaseStatesAnswer503(t *testing.T) {
+	t.Parallel()
+	databaseURL, name := newDatabase(t)
+	databaseURL = withParam(databaseURL, "application_name", name)
+	st := newStoreAt(t, databaseURL)
+	e := newTestEnv(t, withStore(st))
+	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
+	admin := func(sql string) {
+		t.Helper()
+		if _, err := adminDB.Exec(sql); err != nil {
+			t.Fatalf("%s: %v", sql, err)
+		}
+	}
+
+	// A read-only database (a standby, a demoted primary): writes are
+	// refused with 503 and change nothing; reads go on.
+	admin(`ALTER DATABASE ` + name + ` SET default_transaction_read_only = on`)
+	killConnections(t, name)
+	for _, rq := range everyUsersRoute(u.ID) {
+		r := e.do(rq.method, rq.path, rq.body)
+		if rq.method == "GET" {
+			if r.status != http.StatusOK {
+				t.Errorf("%s on a read-only database, want 200", r)
+			}
+			continue
+		}
+		mustRetryLater(t, r)
+	}
+	if got := mustUser(t, e.do("GET", fmt.Sprintf("/users/%d", u.ID), ""), http.StatusOK); got != u {
+		t.Errorf("after refused writes: %+v, want %+v", got, u)
+	}
+	admin(`ALTER DATABASE ` + name + ` RESET default_transaction_read_only`)
+
+	// A database that takes no connections, or is not there by that name:
+	// every route says 503, and so does /healthz.
+	for _, state := range []struct{ off, on string }{
+		{`ALTER DATABASE ` + name + ` ALLOW_CONNECTIONS false`, `ALTER DATABASE ` + name + ` ALLOW_CONNECTIONS true`},
+		{`ALTER DATABASE ` + name + ` RENAME TO ` + name + `_away`, `ALTER DATABASE ` + name + `_away RENAME TO ` + name},
+	} {
+		killConnections(t, name)
+		admin(state.off)
+		for _, rq := range everyUsersRoute(u.ID) {
+			mustRetryLater(t, e.do(rq.method, rq.path, rq.body))
+		}
+		mustRetryLater(t, e.do("GET", "/healthz", ""))
+		admin(state.on)
+	}
+	if got := mustUser(t, e.do("GET", fmt.Sprintf("/users/%d", u.ID), ""), http.StatusOK); got != u {
+		t.Errorf("after the outages: %+v, want %+v", got, u)
+	}
+	e.createUser(t, "Bob", "Ray", "bob@example.com", "password1")
+}
+
+func TestHealthzAfterConnectionsAreKilled(t *testing.T) {
+	t.Parallel()
+	databaseURL, schema := newSchema(t)
+	databaseURL = withParam(databaseURL, "application_name", schema)
+	e := newTestEnv(t, withStore(newStoreAt(t, databaseURL)))
+	for round := 0; round < 3; round++ {
+		// Fill the pool with connections, then kill every one.
+		concurrently(testPool.maxOpen, func(int) response { return e.do("GET", "/healthz", "") })
+		killConnections(t, schema)
+		for i := 0; i < testPool.maxOpen; i++ {
+			if r := e.do("GET", "/healthz", ""); r.status != http.StatusOK {
+				t.Fatalf("round %d, call %d after the pool's connections were killed: %s, want 200: the database answers", round, i, r)
+			}
+		}
+	}
+}
+
+func TestBoundsAreOrdered(t *testing.T) {
+	t.Parallel()
+	// The server gives up first and says so, then the call's context ends
+	// (lib/pq asks the server to cancel), and only then is a silent
+	// connection cut, which asks nothing.
+	for _, call := range []time.Duration{300 * time.Millisecond, time.Second, queryTimeout} {
+		b := newBounds(call)
+		if !(0 < b.lock && b.lock < b.statement && b.statement < b.call && b.call == call && b.call < b.silence) {
+			t.Errorf("newBounds(%v) = %+v, want 0 < lock < statement < call < silence", call, b)
+		}
+		if b.silence > call+time.Second {
+			t.Errorf("newBounds(%v): silence %v, want at most a second past the call's bound", call, b.silence)
+		}
+	}
+}
+
+// pgServers runs PostgreSQL servers of the test's own, from the server
+// binaries on this machine, in a temporary directory: stopped and removed
+// when the test ends, whatever happened.
+type pgServers struct {
+	t   *testing.T
+	bin string // pg_config --bindir
+	dir string
+}
+
+func newPGServers(t *testing.T) *pgServers {
+	t.Helper()
+	out, err := exec.Command("pg_config", "--bindir").Output()
+	bin := strings.TrimSpace(string(out))
+	for _, name := range []string{"initdb", "pg_ctl", "pg_basebackup"} {
+		if _, statErr := os.Stat(filepath.Join(bin, name)); err == nil && statErr != nil {
+			err = statErr
+		}
+	}
+	if err != nil {
+		msg := fmt.Sprintf("this test needs PostgreSQL's server binaries (initdb, pg_ctl, pg_basebackup, in the directory pg_config --bindir prints): install them, on Debian with apt-get install postgresql (%v)", err)
+		if os.Getenv("CI") != "" {
+			t.Fatal(msg)
+		}
+		t.Skip(msg)
+	}
+	dir, err := os.MkdirTemp("", "users-pg-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &pgServers{t: t, bin: bin, dir: dir}
+	t.Cleanup(func() {
+		for _, name := range s.names() {
+			s.pgctl("-D", filepath.Join(dir, name), "-m", "immediate", "stop")
+		}
+		os.RemoveAll(dir)
+	})
+	// The servers run as the postgres OS user if this is root, since
+	// initdb refuses root: the directory is theirs.
+	if os.Geteuid() == 0 {
+		u, err := osuser.Lookup("postgres")
+		if err != nil {
+			t.Fatalf("running as root, and no postgres OS user to run PostgreSQL as: %v", err)
+		}
+		uid, _ := strconv.Atoi(u.Uid)
+		gid, _ := strconv.Atoi(u.Gid)
+		if err := os.Chown(dir, uid, gid); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return s
+}
+
+// names lists the data directories made so far.
+func (s *pgServers) names() []string {
+	entries, _ := os.ReadDir(s.dir)
+	var names []string
+	for _, e := range entries {
+		if e.IsDir() {
+			names = append(names, e.Name())
+		}
+	}
+	return names
+}
+
+// run runs a server binary, as the postgres OS user if this is root.
+func (s *pgServers) run(name string, args ...string) error {
+	path := filepath.Join(s.bin, name)
+	cmd := exec.Command(path, args...)
+	if os.Geteuid() == 0 {
+		cmd = exec.Command("runuser", append([]string{"-u", "postgres", "--", path}, args...)...)
+	}
+	cmd.Dir = s.dir
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+	return nil
+}
+
+func (s *pgServers) pgctl(args ...string) error { return s.run("pg_ctl", args...) }
+
+// start starts the server in data directory name on port, with extra
+// settings, and waits until it takes connections.
+func (s *pgServers) start(name string, port int, settings ...string) {
+	s.t.Helper()
+	opts := fmt.Sprintf("-p %d -k %s -c listen_addresses=127.0.0.1 -c fsync=off", port, s.dir)
+	for _, setting := range settings {
+		opts += " -c " + setting
+	}
+	dataDir := filepath.Join(s.dir, name)
+	if err := s.pgctl("-D", dataDir, "-l", dataDir+".log", "-o", opts, "-w", "-t", "60", "start"); err != nil {
+		log, _ := os.ReadFile(dataDir + ".log")
+		s.t.Fatalf("%v\n%s", err, log)
+	}
+}
+
+// waitFor polls cond until it is true, and fails the test if that takes
+// longer than within.
+func waitFor(t *testing.T, within time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not within %v", what, within)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func TestFailoverDrill(t *testing.T) {
+	t.Parallel()
+	pg := newPGServers(t)
+	primaryPort, standbyPort := freePort(t), freePort(t)
+
+	// A primary that waits for its standby on every commit. Only the
+	// primary gets synchronous_standby_names, on its command line: the
+	// standby, promoted, would otherwise wait for a standby of its own.
+	if err := pg.run("initdb", "-D", filepath.Join(pg.dir, "primary"), "-A", "trust", "-U", "postgres", "-N"); err != nil {
+		t.Fatal(err)
+	}
+	pg.start("primary", primaryPort, "synchronous_standby_names=standby")
+	if err := pg.run("pg_basebackup", "-d", fmt.Sprintf("host=127.0.0.1 port=%d user=postgres application_name=standby", primaryPort),
+		"-D", filepath.Join(pg.dir, "standby"), "-R", "-X", "stream", "-c", "fast"); err != nil {
+		t.Fatal(err)
+	}
+	pg.start("standby", standbyPort)
+	primaryDB := openDB(t, fmt.Sprintf("host=127.0.0.1 port=%d user=postgres dbname=postgres sslmode=disable", primaryPort))
+	waitFor(t, 30*time.Second, "the standby is synchronous", func() bool {
+		var state string
+		primaryDB.QueryRow(`SELECT sync_state FROM pg_stat_replication WHERE application_name = 'standby'`).Scan(&state)
+		return state == "sync"
+	})
+
+	// The service, on both, in the form operators copy from PostgreSQL's
+	// documentation, with its production bound; and a second copy told
+	// any host will do, whose writes reach the standby while it is
+	// read-only.
+	var envs []*testEnv
+	for _, attrs := range []string{"&target_session_attrs=read-write", ""} {
+		dsn, err := parseDatabaseURL(fmt.Sprintf("postgres://postgres@127.0.0.1:%d,127.0.0.1:%d/postgres?sslmode=disable%s", primaryPort, standbyPort, attrs))
+		if err != nil {
+			t.Fatal(err)
+		}
+		st, err := openStore(context.Background(), dsn, testPool, queryTimeout)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { st.Close() })
+		envs = append(envs, newTestEnv(t, withStore(st)))
+	}
+
+	// Creates, from four clients, until told to stop.
+	var mu sync.Mutex
+	var outcomes []outcome
+	count := func(status int, since time.Time) int {
+		mu.Lock()
+		defer mu.Unlock()
+		n := 0
+		for _, o := range outcomes {
+			if o.status == status && !o.start.Before(since) {
+				n++
+			}
+		}
+		return n
+	}
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	stopLoad := sync.OnceFunc(func() { close(stop); wg.Wait() })
+	t.Cleanup(stopLoad)
+	for w := 0; w < 4; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				email := fmt.Sprintf("drill%d-%d@example.com", w, i)
+				start := time.Now()
+				r := envs[w%2].do("POST", "/users", userBody("Drill", "Test", email, "password1"))
+				if r.status == http.StatusServiceUnavailable && r.header.Get("Retry-After") == "" {
+					t.Errorf("%s: 503 without Retry-After", r.what)
+				}
+				mu.Lock()
+				outcomes = append(outcomes, outcome{email, r.status, start, time.Now()})
+				mu.Unlock()
+			}
+		}()
+	}
+	begin := time.Now()
+	waitFor(t, 30*time.Second, "20 creates on the primary", func() bool { return count(http.StatusCreated, begin) >= 20 })
+
+	// The primary dies.
+	killStart := time.Now()
+	if err := pg.pgctl("-D", filepath.Join(pg.dir, "primary"), "-m", "immediate", "stop"); err != nil {
+		t.Fatal(err)
+	}
+	killed := time.Now()
+	waitFor(t, 20*time.Second, "503s while there is no primary", func() bool { return count(http.StatusServiceUnavailable, killed) >= 8 })
+	// The standby takes over.
+	promoted := time.Now()
+	if err := pg.pgctl("-D", filepath.Join(pg.dir, "standby"), "-w", "-t", "60", "promote"); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 15*time.Second, "a 201 from the new primary", func() bool { return count(http.StatusCreated, promoted) >= 1 })
+	waitFor(t, 30*time.Second, "20 creates on the new primary", func() bool { return count(http.StatusCreated, promoted) >= 20 })
+	stopLoad()
+
+	// Every 201 is on the new primary; a create answered 503 left nothing,
+	// unless it was in flight when the primary died: its commit may have
+	// reached the standby with its answer lost.
+	stored := map[string]bool{}
+	newPrimary := openDB(t, fmt.Sprintf("host=127.0.0.1 port=%d user=postgres dbname=postgres sslmode=disable", standbyPort))
+	rows, err := newPrimary.Query(`SELECT email FROM users`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var email string
+		rows.Scan(&email)
+		stored[email] = true
+	}
+	if err := rows.Err(); err != nil {
+		t.Fatal(err)
+	}
+	var created, unavailable, other, lost, inFlight, inFlightStored int
+	var slowest, firstAfter time.Duration
+	for _, o := range outcomes {
+		slowest = max(slowest, o.end.Sub(o.start))
+		switch o.status {
+		case http.StatusCreated:
+			created++
+			if !stored[o.email] {
+				lost++
+				t.Errorf("create of %s answered 201 at %v but is not on the new primary", o.email, o.end.Sub(killed))
+			}
+			if !o.start.Before(promoted) && (firstAfter == 0 || o.end.Sub(promoted) < firstAfter) {
+				firstAfter = o.end.Sub(promoted)
+			}
+		case http.StatusServiceUnavailable:
+			unavailable++
+			if o.start.Before(killed) && o.end.After(killStart) {
+				inFlight++
+				if stored[o.email] {
+					inFlightStored++
+				}
+				continue
+			}
+			if stored[o.email] {
+				t.Errorf("create of %s answered 503 but is on the new primary", o.email)
+			}
+		default:
+			other++
+			t.Errorf("create of %s answered %d, want 201 or 503", o.email, o.status)
+		}
+	}
+	if !strings.Contains(envs[1].logs.String(), "read-only transaction") {
+		t.Errorf("no create reached the read-only standby; the second service's log:\n%s", envs[1].logs)
+	}
+	if slowest > queryTimeout+time.Second {
+		t.Errorf("slowest answer %v, want at most the query bound %v plus a second", slowest, queryTimeout)
+	}
+	t.Logf("failover drill: %d creates: %d answered 201, %d answered 503 (%d in flight when the primary died, %d of those stored), %d other; slowest answer %v; first 201 %v after the promotion began; writes lost: %d",
+		len(outcomes), created, unavailable, inFlight, inFlightStored, other, slowest.Round(time.Millisecond), firstAfter.Round(time.Millisecond), lost)
+}
+
+// openDB opens a database/sql pool on dsn, closed when the test ends.
+func openDB(t *testing.T, dsn string) *sql.DB {
+	t.Helper()
+	db, err := sql.Open("postgres", dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	return db
+}
+
+func TestWritesAfterConnectionsAreKilled(t *testing.T) {
+	t.Parallel()
+	databaseURL, schema := newSchema(t)
+	databaseURL = withParam(databaseURL, "application_name", schema)
+	e := newTestEnv(t, withStore(newStoreAt(t, databaseURL)))
+	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
+	// Fill the pool with connections, then kill every one: the database
+	// is fine, and a write must not fail for a dead pooled connection.
+	concurrently(testPool.maxOpen, func(int) response { return e.do("GET", fmt.Sprintf("/users/%d", u.ID), "") })
+	killConnections(t, schema)
+	for i := 0; i < testPool.maxOpen; i++ {
+		if r := e.do("PUT", fmt.Sprintf("/users/%d", u.ID), fmt.Sprintf(`{"first_name":"Ann%d"}`, i)); r.status != 200 {
+			t.Fatalf("%s\n%s", r, e.logs)
+		}
+	}
 }

@@ -54,6 +54,11 @@ const (
 	listWriteTimeout = 30 * time.Second
 )
 
+// retryAfter is the Retry-After of every 503, in seconds: hashing slots free
+// up within a second, and a client that retries each second through a
+// database failover is back as soon as the new primary is.
+const retryAfter = "1"
+
 // Routes and the handler constructor.
 
 // server holds what the handlers need.
@@ -376,7 +381,7 @@ func (w *jsonErrorWriter) Write(b []byte) (int, error) {
 func (s *server) health(w http.ResponseWriter, r *http.Request) {
 	if err := s.store.Ping(r.Context()); err != nil {
 		s.logger.Warn("health check failed", "err", err)
-		writeError(w, http.StatusServiceUnavailable, "Service unavailable")
+		writeUnavailable(w)
 		return
 	}
 	encode(w, http.StatusOK, map[string]string{"status": "ok"})
@@ -640,8 +645,7 @@ func (s *server) allUsers(w http.ResponseWriter, r *http.Request, q listQuery) {
 		defer func() { <-s.streams }()
 	default:
 		s.logger.Warn("list users: every stream slot is taken", "max_streams", s.maxStreams)
-		w.Header().Set("Retry-After", "1")
-		writeError(w, http.StatusServiceUnavailable, "Service unavailable")
+		writeUnavailable(w)
 		return
 	}
 
@@ -1099,14 +1103,16 @@ func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 	case errors.Is(err, errEmailTaken):
 		writeError(w, http.StatusBadRequest, "Email already registered")
 	case r.Context().Err() != nil:
-		// The client went away; there is nobody to answer.
+		// The client went away, or closed its side: an answer would at best
+		// reach no one, and an empty one would read as a 200. Cutting the
+		// connection says the work was not done.
 		s.logger.Info("request canceled", "method", r.Method, "path", r.URL.Path, "err", err)
+		panic(http.ErrAbortHandler)
 	case errors.Is(err, errBusy):
-		w.Header().Set("Retry-After", "1")
-		writeError(w, http.StatusServiceUnavailable, "Service unavailable")
+		writeUnavailable(w)
 	case errors.Is(err, errUnavailable):
 		s.logger.Warn("database unavailable", "method", r.Method, "path", r.URL.Path, "err", err)
-		writeError(w, http.StatusServiceUnavailable, "Service unavailable")
+		writeUnavailable(w)
 	default:
 		s.logger.Error("internal error", "method", r.Method, "path", r.URL.Path, "err", err)
 		writeError(w, http.StatusInternalServerError, "Internal server error")
@@ -1122,6 +1128,13 @@ type errorBody struct {
 
 func writeError(w http.ResponseWriter, status int, detail string) {
 	encode(w, status, errorBody{Detail: detail})
+}
+
+// writeUnavailable answers 503: the work was not done, and may succeed if
+// tried again in Retry-After seconds.
+func writeUnavailable(w http.ResponseWriter) {
+	w.Header().Set("Retry-After", retryAfter)
+	writeError(w, http.StatusServiceUnavailable, "Service unavailable")
 }
 
 func writeInvalid(w http.ResponseWriter, problems map[string]string) {

@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"os"
 	"regexp"
 	"slices"
 	"strconv"
@@ -1835,6 +1836,62 @@ func TestAuthenticateTakesAsLongForUnknownEmails(t *testing.T) {
 		if ratios[i] < 1.0/3 || ratios[i] > 3 {
 			t.Errorf("%s takes %.2f times as long as a wrong password, want about 1", what, ratios[i])
 		}
+	}
+}
+
+func TestEvery503CarriesRetryAfter(t *testing.T) {
+	t.Parallel()
+	proxy, databaseURL := newDBProxy(t)
+	st, err := openStore(context.Background(), databaseURL, testPool, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	e := newTestEnv(t, withStore(st))
+	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
+	proxy.cut()
+	for _, rq := range everyUsersRoute(u.ID) {
+		mustRetryLater(t, e.do(rq.method, rq.path, rq.body))
+	}
+	mustRetryLater(t, e.do("GET", "/healthz", ""))
+}
+
+func TestClientThatLeftGetsNoSuccess(t *testing.T) {
+	t.Parallel()
+	h := newHasher(bcrypt.MinCost, 1, time.Minute)
+	e := newTestEnv(t, withHasher(h))
+	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
+	// Every hashing slot is taken: a request waits until its client leaves.
+	h.slots <- struct{}{}
+	for _, rq := range []struct{ method, path, body string }{
+		{"POST", "/users", userBody("Bob", "Ray", "bob@example.com", "password1")},
+		{"PUT", fmt.Sprintf("/users/%d", u.ID), `{"password":"password2","first_name":"Changed"}`},
+	} {
+		conn, err := net.Dial("tcp", strings.TrimPrefix(e.url, "http://"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		// A whole request, then the client closes its side: it will read
+		// no more than what is already on its way.
+		fmt.Fprintf(conn, "%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s",
+			rq.method, rq.path, len(rq.body), rq.body)
+		conn.(*net.TCPConn).CloseWrite()
+		conn.SetReadDeadline(time.Now().Add(20 * time.Second))
+		got, err := io.ReadAll(conn)
+		if os.IsTimeout(err) {
+			t.Fatalf("%s %s: no answer and no close within 20s", rq.method, rq.path)
+		}
+		if bytes.HasPrefix(got, []byte("HTTP/1.1 2")) {
+			t.Errorf("%s %s from a client that left: %q, want no success for work not done", rq.method, rq.path, got)
+		}
+	}
+	<-h.slots
+	if n := countUsers(t, e.store); n != 1 {
+		t.Errorf("%d users stored, want only the first", n)
+	}
+	if got := mustUser(t, e.do("GET", fmt.Sprintf("/users/%d", u.ID), ""), http.StatusOK); got != u {
+		t.Errorf("after the PUT of a client that left: %+v, want %+v", got, u)
 	}
 }
 
