@@ -1,7 +1,11 @@
 package main
 
 import (
+	"fmt"
+	"net/http"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -67,4 +71,57 @@ func TestHasherOutdated(t *testing.T) {
 	if h.outdated("x") {
 		t.Error(`outdated("x") = true, want false: what is not a hash is not rehashed`)
 	}
+}
+
+// gatedHasher returns a hasher whose hashes wait for release to be closed,
+// and counts how many run at once.
+func gatedHasher(concurrency int, maxWait time.Duration) (h *hasher, active, peak *atomic.Int32, release chan struct{}) {
+	h = newHasher(bcrypt.MinCost, concurrency, maxWait)
+	active, peak = new(atomic.Int32), new(atomic.Int32)
+	release = make(chan struct{})
+	h.generate = func(password []byte, cost int) ([]byte, error) {
+		n := active.Add(1)
+		defer active.Add(-1)
+		for p := peak.Load(); n > p && !peak.CompareAndSwap(p, n); p = peak.Load() {
+		}
+		<-release
+		return bcrypt.GenerateFromPassword(password, cost)
+	}
+	return h, active, peak, release
+}
+
+func TestHashingIsBounded(t *testing.T) {
+	t.Parallel()
+	const bound, creates = 2, 8
+	h, active, peak, release := gatedHasher(bound, time.Minute)
+	e := newTestEnv(t, withHasher(h))
+
+	var wg sync.WaitGroup
+	results := make(chan response, creates)
+	for i := 0; i < creates; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			results <- e.do("POST", "/users/", userBody("Ann", "Lee", fmt.Sprintf("u%d@example.com", i), "password1"))
+		}(i)
+	}
+	// Wait until the slots are full, give the others every chance to get
+	// past the bound, then let the hashes finish.
+	for active.Load() < bound {
+		time.Sleep(time.Millisecond)
+	}
+	time.Sleep(100 * time.Millisecond)
+	close(release)
+	wg.Wait()
+	close(results)
+	for r := range results {
+		if r.status != http.StatusCreated {
+			t.Errorf("%s, want 201", r)
+		}
+	}
+	if p := peak.Load(); p != bound {
+		t.Errorf("at most %d hashes ran at once, want the bound %d", p, bound)
+	}
+	// Reads are not held up by the hashing queue.
+	mustList(t, e.do("GET", "/users/", ""))
 }

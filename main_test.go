@@ -1047,3 +1047,218 @@ func TestRunRefusesMistypedDatabaseURL(t *testing.T) {
 		}
 	}
 }
+
+func TestSlowHeadersAreCut(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t, withServer(func(s *http.Server) { s.ReadHeaderTimeout = 200 * time.Millisecond }))
+	conn, err := net.Dial("tcp", strings.TrimPrefix(e.url, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	closed := make(chan struct{})
+	go func() {
+		conn.Read(make([]byte, 1024)) // returns when the server gives up on us
+		close(closed)
+	}()
+	request := "GET /healthz HTTP/1.1\r\nHost: x\r\nUser-Agent: slowloris\r\n\r\n"
+	for i := 0; i < len(request); i++ {
+		select {
+		case <-closed:
+			t.Logf("cut after %d of %d header bytes", i, len(request))
+			return
+		case <-time.After(50 * time.Millisecond): // the trickle would take 2.5s
+		}
+		if _, err := conn.Write([]byte{request[i]}); err != nil {
+			return // cut
+		}
+	}
+	select {
+	case <-closed:
+	case <-time.After(time.Second):
+		t.Fatal("the server waited for the whole trickled header")
+	}
+	t.Error("the server read a whole header trickled far past ReadHeaderTimeout")
+}
+
+func TestIdleConnectionsDoNotBlockNewClients(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	addr := strings.TrimPrefix(e.url, "http://")
+	const idle = 1000
+	conns := make([]net.Conn, 0, idle)
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	errs := make(chan error, idle)
+	for i := 0; i < idle; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c, err := net.Dial("tcp", addr)
+			if err != nil {
+				errs <- err
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+			// One request, then the connection idles, kept alive.
+			fmt.Fprintf(c, "GET /nope HTTP/1.1\r\nHost: x\r\n\r\n")
+			resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+			if err != nil {
+				errs <- err
+				return
+			}
+			resp.Body.Close()
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatalf("opening idle connections: %v", err)
+	}
+	if r := e.do("GET", "/healthz", ""); r.status != http.StatusOK {
+		t.Errorf("%s with %d idle connections open, want 200", r, idle)
+	}
+}
+
+func TestIdleConnectionsAreClosed(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t, withServer(func(s *http.Server) { s.IdleTimeout = 200 * time.Millisecond }))
+	c, err := net.Dial("tcp", strings.TrimPrefix(e.url, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fmt.Fprintf(c, "GET /nope HTTP/1.1\r\nHost: x\r\n\r\n")
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := br.ReadByte(); err == nil {
+		t.Fatal("the server sent more on an idle connection")
+	} else if ne, ok := err.(net.Error); ok && ne.Timeout() {
+		t.Fatal("an idle keep-alive connection was still open after 5s")
+	}
+}
+
+func TestGracefulShutdownUnderLoad(t *testing.T) {
+	t.Parallel()
+	databaseURL, schema := newSchema(t)
+	databaseURL = withParam(databaseURL, "application_name", schema)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	// Each hash takes tens of milliseconds at cost 10 (far more under the
+	// race detector), and run lets them use every P but one: the creates
+	// queue up, and are still in flight when the shutdown begins.
+	addr, _, done := startRun(t, ctx, map[string]string{"DATABASE_URL": databaseURL, "ADDR": "127.0.0.1:0", "BCRYPT_COST": "10"})
+	e := &testEnv{t: t, url: "http://" + addr}
+	const creates = 3
+	results := make(chan response, creates+1)
+	for i := 0; i < creates; i++ {
+		go func(i int) {
+			results <- e.do("POST", "/users/", userBody("Ann", "Lee", fmt.Sprintf("u%d@example.com", i), "password1"))
+		}(i)
+	}
+	go func() { results <- e.do("GET", "/users/?limit=5", "") }()
+	// One create is surely in flight: its body is only half sent when the
+	// shutdown begins, and the rest follows after.
+	slowBody, rest := io.Pipe()
+	slow := make(chan int, 1)
+	go func() {
+		resp, err := noRedirects.Post(e.url+"/users/", "application/json", slowBody)
+		if err != nil {
+			t.Errorf("POST with a slow body: %v", err)
+			slow <- 0
+			return
+		}
+		resp.Body.Close()
+		slow <- resp.StatusCode
+	}()
+	rest.Write([]byte(`{"first_name":"Slow","last_name":"Body",`))
+	time.Sleep(150 * time.Millisecond) // the requests are in; the hashes are not done
+	cancel()
+
+	// New connections are refused while the requests in flight finish.
+	refused := false
+	for i := 0; i < 100 && !refused; i++ {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			refused = true
+		} else {
+			c.Close()
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	if !refused {
+		t.Error("new connections were still accepted 1s after shutdown began")
+	}
+	select {
+	case status := <-slow:
+		t.Fatalf("the slow create answered %d before its body was complete", status)
+	default:
+	}
+	rest.Write([]byte(`"email":"slow@example.com","password":"password1"}`))
+	rest.Close()
+	if status := <-slow; status != http.StatusCreated {
+		t.Errorf("the create whose body came during shutdown answered %d, want 201", status)
+	}
+	created := 0
+	for i := 0; i < creates+1; i++ {
+		r := <-results
+		switch {
+		case strings.HasPrefix(r.what, "POST") && r.status == http.StatusCreated:
+			created++
+		case strings.HasPrefix(r.what, "GET") && r.status == http.StatusOK:
+		default:
+			t.Errorf("%s during shutdown, want its normal answer", r)
+		}
+	}
+	if created != creates {
+		t.Errorf("%d of %d creates in flight completed", created, creates)
+	}
+	waitStopped(t, done)
+	waitNoConnections(t, schema)
+}
+
+func TestTokenWarningOnOpenAddress(t *testing.T) {
+	t.Parallel()
+	databaseURL, _ := newSchema(t)
+	for _, tt := range []struct {
+		addr, token string
+		warn        bool
+	}{
+		{"127.0.0.1:0", "", false},
+		{"0.0.0.0:0", "", true},
+		{"0.0.0.0:0", "set", false},
+	} {
+		ctx, cancel := context.WithCancel(context.Background())
+		_, logs, done := startRun(t, ctx, map[string]string{"DATABASE_URL": databaseURL, "ADDR": tt.addr, "API_TOKEN": tt.token})
+		cancel()
+		waitStopped(t, done)
+		if got := strings.Contains(logs.String(), "API_TOKEN is not set"); got != tt.warn {
+			t.Errorf("ADDR=%s API_TOKEN=%q: warning logged = %v, want %v\n%s", tt.addr, tt.token, got, tt.warn, logs)
+		}
+	}
+}
+
+// everyUsersRoute is one request to each /users route.
+func everyUsersRoute(id int64) []struct{ method, path, body string } {
+	return []struct{ method, path, body string }{
+		{"POST", "/users/", userBody("Down", "Time", "down@example.com", "password1")},
+		{"POST", "/users", userBody("Down", "Time", "down@example.com", "password1")},
+		{"GET", "/users/", ""},
+		{"GET", "/users", ""},
+		{"GET", fmt.Sprintf("/users/%d", id), ""},
+		{"PUT", fmt.Sprintf("/users/%d", id), `{"first_name":"Changed"}`},
+		{"DELETE", fmt.Sprintf("/users/%d", id), ""},
+	}
+}

@@ -5,7 +5,9 @@ import (
 	"crypto/rand"
 	"database/sql"
 	"encoding/hex"
+	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/url"
@@ -23,6 +25,7 @@ import (
 	"time"
 
 	"github.com/lib/pq"
+	"golang.org/x/crypto/bcrypt"
 )
 
 // testClock is a clock that only a test moves, for the sign-in throttle.
@@ -1036,5 +1039,568 @@ func TestWritesAfterConnectionsAreKilled(t *testing.T) {
 		if r := e.do("PUT", fmt.Sprintf("/users/%d", u.ID), fmt.Sprintf(`{"first_name":"Ann%d"}`, i)); r.status != 200 {
 			t.Fatalf("%s\n%s", r, e.logs)
 		}
+	}
+}
+
+// concurrently runs f(i) for i in [0, n) at once and returns the responses.
+func concurrently(n int, f func(i int) response) []response {
+	out := make([]response, n)
+	start := make(chan struct{})
+	var wg sync.WaitGroup
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			<-start
+			out[i] = f(i)
+		}(i)
+	}
+	close(start)
+	wg.Wait()
+	return out
+}
+
+func TestRaceToCreateOneEmail(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	for round := 0; round < 20; round++ {
+		email := fmt.Sprintf("race%d@example.com", round)
+		rs := concurrently(50, func(i int) response {
+			return e.do("POST", "/users/", userBody("Ann", "Lee", email, "password1"))
+		})
+		created := 0
+		for _, r := range rs {
+			switch {
+			case r.status == http.StatusCreated:
+				created++
+			case r.status == http.StatusBadRequest && strings.Contains(string(r.body), `"Email already registered"`):
+			default:
+				t.Errorf("round %d: %s, want 201 or 400 Email already registered", round, r)
+			}
+		}
+		if created != 1 {
+			t.Errorf("round %d: %d of 50 creates of one email succeeded, want 1", round, created)
+		}
+	}
+	if n := countUsers(t, e.store); n != 20 {
+		t.Errorf("%d users stored after 20 rounds, want 20", n)
+	}
+}
+
+func TestRaceToTakeOneEmail(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	var ids []int64
+	for i := 0; i < 20; i++ {
+		ids = append(ids, e.createUser(t, "User", "Racer", fmt.Sprintf("u%d@example.com", i), "password1").ID)
+	}
+	rs := concurrently(20, func(i int) response {
+		return e.do("PUT", fmt.Sprintf("/users/%d", ids[i]), `{"email":"Wanted@Example.com"}`)
+	})
+	changed := 0
+	for _, r := range rs {
+		switch {
+		case r.status == http.StatusOK:
+			changed++
+		case r.status == http.StatusBadRequest && strings.Contains(string(r.body), `"Email already registered"`):
+		default:
+			t.Errorf("%s, want 200 or 400 Email already registered", r)
+		}
+	}
+	var holders int
+	e.store.db.QueryRow(`SELECT count(*) FROM users WHERE email = 'wanted@example.com'`).Scan(&holders)
+	if changed > 1 || holders != changed {
+		t.Errorf("%d updates to one email succeeded and %d users hold it; want at most one, the same", changed, holders)
+	}
+}
+
+func TestRaceUpdateAndDelete(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	for round := 0; round < 10; round++ {
+		u := e.createUser(t, "Ann", "Lee", fmt.Sprintf("ann%d@example.com", round), "password1")
+		path := fmt.Sprintf("/users/%d", u.ID)
+		rs := concurrently(10, func(i int) response {
+			if i%2 == 0 {
+				return e.do("DELETE", path, "")
+			}
+			return e.do("PUT", path, fmt.Sprintf(`{"first_name":"Name%d"}`, i))
+		})
+		deleted := 0
+		for _, r := range rs {
+			switch {
+			case r.status == http.StatusNoContent:
+				deleted++
+			case r.status == http.StatusOK && strings.HasPrefix(r.what, "PUT"):
+			case r.status == http.StatusNotFound && strings.Contains(string(r.body), `"User not found"`):
+			default:
+				t.Errorf("round %d: %s, want 200, 204 or 404", round, r)
+			}
+		}
+		if deleted != 1 {
+			t.Errorf("round %d: %d deletes succeeded, want exactly 1", round, deleted)
+		}
+		mustError(t, e.do("GET", path, ""), http.StatusNotFound, "User not found")
+	}
+}
+
+func TestConcurrentUpdatesLoseNoField(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	for round := 0; round < 10; round++ {
+		u := e.createUser(t, "Ann", "Lee", fmt.Sprintf("ann%d@example.com", round), "password1")
+		path := fmt.Sprintf("/users/%d", u.ID)
+		bodies := []string{
+			`{"first_name":"First"}`,
+			`{"last_name":"Last"}`,
+			fmt.Sprintf(`{"email":"new%d@example.com"}`, round),
+			`{"password":"new password"}`,
+		}
+		for _, r := range concurrently(len(bodies), func(i int) response { return e.do("PUT", path, bodies[i]) }) {
+			mustUser(t, r, http.StatusOK)
+		}
+		got := mustUser(t, e.do("GET", path, ""), http.StatusOK)
+		if got.FirstName != "First" || got.LastName != "Last" || got.Email != fmt.Sprintf("new%d@example.com", round) {
+			t.Errorf("round %d: after concurrent updates of different fields: %+v", round, got)
+		}
+		hash, _ := e.storedSecret(t, u.ID)
+		if bcrypt.CompareHashAndPassword([]byte(hash), []byte("new password")) != nil {
+			t.Errorf("round %d: the password update was lost", round)
+		}
+	}
+}
+
+// dbProxy forwards TCP connections to PostgreSQL. It can cut every
+// connection and refuse new ones, stall them (accept and forward nothing),
+// and restore itself.
+type dbProxy struct {
+	t       *testing.T
+	network string // of the database
+	target  string
+	addr    string // where the proxy listens
+
+	mu      sync.Mutex
+	ln      net.Listener
+	conns   map[net.Conn]bool
+	stalled bool
+}
+
+// newDBProxy starts a proxy to the test database and returns it with a
+// connection URL that goes through it to a fresh schema.
+func newDBProxy(t *testing.T) (*dbProxy, string) {
+	t.Helper()
+	databaseURL, _ := newSchema(t)
+	cfg, err := pq.NewConfig(databaseURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &dbProxy{t: t, network: "tcp", target: net.JoinHostPort(cfg.Host, strconv.Itoa(int(cfg.Port))), conns: map[net.Conn]bool{}}
+	if strings.HasPrefix(cfg.Host, "/") {
+		p.network, p.target = "unix", fmt.Sprintf("%s/.s.PGSQL.%d", cfg.Host, cfg.Port)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.addr = ln.Addr().String()
+	p.serve(ln)
+	t.Cleanup(p.cut)
+	return p, viaProxy(t, databaseURL, p.addr)
+}
+
+// viaProxy points databaseURL at addr.
+func viaProxy(t *testing.T, databaseURL, addr string) string {
+	host, port, _ := net.SplitHostPort(addr)
+	if u, err := url.Parse(databaseURL); err == nil && (u.Scheme == "postgres" || u.Scheme == "postgresql") {
+		u.Host = addr
+		q := u.Query()
+		q.Del("host")
+		q.Del("port")
+		u.RawQuery = q.Encode()
+		return u.String()
+	}
+	return databaseURL + " host=" + host + " port=" + port
+}
+
+func (p *dbProxy) serve(ln net.Listener) {
+	p.mu.Lock()
+	p.ln = ln
+	p.mu.Unlock()
+	go func() {
+		for {
+			client, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go p.forward(client)
+		}
+	}()
+}
+
+func (p *dbProxy) forward(client net.Conn) {
+	server, err := net.Dial(p.network, p.target)
+	if err != nil {
+		client.Close()
+		return
+	}
+	p.mu.Lock()
+	p.conns[client], p.conns[server] = true, true
+	p.mu.Unlock()
+	pipe := func(dst, src net.Conn) {
+		buf := make([]byte, 32<<10)
+		for {
+			n, err := src.Read(buf)
+			if err != nil {
+				break
+			}
+			p.mu.Lock()
+			stalled := p.stalled
+			p.mu.Unlock()
+			if stalled {
+				continue // the network eats it
+			}
+			if _, err := dst.Write(buf[:n]); err != nil {
+				break
+			}
+		}
+		client.Close()
+		server.Close()
+	}
+	go pipe(server, client)
+	go pipe(client, server)
+}
+
+// cut closes every proxied connection and refuses new ones.
+func (p *dbProxy) cut() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.ln != nil {
+		p.ln.Close()
+		p.ln = nil
+	}
+	for c := range p.conns {
+		c.Close()
+		delete(p.conns, c)
+	}
+}
+
+// stall makes the proxy swallow everything in both directions, as a
+// network that stops answering does.
+func (p *dbProxy) stall(on bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.stalled = on
+}
+
+// restore accepts connections again, on the same address.
+func (p *dbProxy) restore() {
+	var ln net.Listener
+	var err error
+	for i := 0; i < 50; i++ {
+		if ln, err = net.Listen("tcp", p.addr); err == nil {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err != nil {
+		p.t.Fatalf("proxy: listen again on %s: %v", p.addr, err)
+	}
+	p.serve(ln)
+}
+
+// clientWithTimeout gives up on an answer after a time far beyond the bound
+// the service sets itself, so a hang fails the test instead of stalling it.
+var clientWithTimeout = &http.Client{Timeout: 20 * time.Second}
+
+// outcome is one create's result, for matching against the table after.
+type outcome struct {
+	email      string
+	status     int
+	start, end time.Time
+}
+
+func TestDatabaseCutUnderLoad(t *testing.T) {
+	t.Parallel()
+	proxy, databaseURL := newDBProxy(t)
+	st, err := openStore(context.Background(), databaseURL, testPool, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	e := newTestEnv(t, withStore(st))
+	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
+
+	// Load: creates of fresh addresses, and reads, until told to stop.
+	stop := make(chan struct{})
+	var mu sync.Mutex
+	var outcomes []outcome
+	var wg sync.WaitGroup
+	for w := 0; w < 4; w++ {
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				email := fmt.Sprintf("load%d-%d@example.com", w, i)
+				start := time.Now()
+				status := post(t, e.url+"/users/", userBody("Load", "Test", email, "password1"))
+				mu.Lock()
+				outcomes = append(outcomes, outcome{email, status, start, time.Now()})
+				mu.Unlock()
+				if w == 0 {
+					e.do("GET", fmt.Sprintf("/users/%d", u.ID), "")
+				}
+			}
+		}(w)
+	}
+	time.Sleep(300 * time.Millisecond)
+	cutAt := time.Now()
+	proxy.cut()
+	cutDone := time.Now()
+
+	// While it is down, every route says so, within its bound.
+	for _, rq := range everyUsersRoute(u.ID) {
+		mustError(t, e.do(rq.method, rq.path, rq.body), http.StatusServiceUnavailable, "Service unavailable")
+	}
+	mustError(t, e.do("GET", "/healthz", ""), http.StatusServiceUnavailable, "Service unavailable")
+	time.Sleep(200 * time.Millisecond)
+
+	proxy.restore()
+	// It recovers by itself.
+	recovered := false
+	for i := 0; i < 200 && !recovered; i++ {
+		recovered = e.do("GET", "/healthz", "").status == http.StatusOK
+		time.Sleep(25 * time.Millisecond)
+	}
+	if !recovered {
+		t.Fatal("/healthz did not come back within 5s of the database")
+	}
+	time.Sleep(200 * time.Millisecond) // load on a healthy database again
+	close(stop)
+	wg.Wait()
+	mustUser(t, e.do("GET", fmt.Sprintf("/users/%d", u.ID), ""), http.StatusOK)
+	e.createUser(t, "After", "Wards", "after@example.com", "password1")
+
+	stored := map[string]bool{}
+	rows, err := adminDB.Query(`SELECT email FROM ` + schemaOf(t, st) + `.users`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var email string
+		rows.Scan(&email)
+		stored[email] = true
+	}
+	var created, unavailable, inFlight int
+	for _, o := range outcomes {
+		switch o.status {
+		case http.StatusCreated:
+			created++
+			if !stored[o.email] {
+				t.Errorf("create of %s answered 201 but no row exists", o.email)
+			}
+		case http.StatusServiceUnavailable:
+			unavailable++
+			// A create in flight when the connection was cut may have
+			// committed just before: its answer was lost with the
+			// connection, and no service can know. Any other error must
+			// have left nothing.
+			if o.start.Before(cutDone) && o.end.After(cutAt) {
+				inFlight++
+				continue
+			}
+			if stored[o.email] {
+				t.Errorf("create of %s answered 503 but left a row", o.email)
+			}
+		default:
+			t.Errorf("create of %s answered %d, want 201 or 503", o.email, o.status)
+		}
+	}
+	t.Logf("%d creates: %d created, %d unavailable (%d of them in flight at the cut)", len(outcomes), created, unavailable, inFlight)
+	if created == 0 || unavailable == 0 {
+		t.Errorf("the load saw %d creates and %d outages: the cut did not happen under load", created, unavailable)
+	}
+}
+
+// post creates a user and returns the status, failing on a client error.
+func post(t *testing.T, url, body string) int {
+	resp, err := clientWithTimeout.Post(url, "application/json", strings.NewReader(body))
+	if err != nil {
+		t.Errorf("POST %s: %v", url, err)
+		return 0
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
+// schemaOf returns the schema a store works in.
+func schemaOf(t *testing.T, st *store) string {
+	t.Helper()
+	var schema string
+	if err := st.db.QueryRow(`SELECT current_schema()`).Scan(&schema); err != nil {
+		t.Fatal(err)
+	}
+	return schema
+}
+
+func TestDatabaseStallIsBounded(t *testing.T) {
+	t.Parallel()
+	proxy, databaseURL := newDBProxy(t)
+	st, err := openStore(context.Background(), databaseURL, testPool, 300*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	e := newTestEnv(t, withStore(st))
+	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
+
+	proxy.stall(true)
+	for _, rq := range everyUsersRoute(u.ID) {
+		start := time.Now()
+		r := e.do(rq.method, rq.path, rq.body)
+		mustError(t, r, http.StatusServiceUnavailable, "Service unavailable")
+		// The bound is 300 ms: ten times that is not a timing, it is a hang.
+		if d := time.Since(start); d > 3*time.Second {
+			t.Errorf("%s answered 503 only after %v", r.what, d)
+		}
+	}
+	mustError(t, e.do("GET", "/healthz", ""), http.StatusServiceUnavailable, "Service unavailable")
+	proxy.stall(false)
+	proxy.cut() // drop the stalled connections
+	proxy.restore()
+	for i := 0; i < 200; i++ {
+		if e.do("GET", "/healthz", "").status == http.StatusOK {
+			break
+		}
+		time.Sleep(25 * time.Millisecond)
+	}
+	if got := mustUser(t, e.do("GET", fmt.Sprintf("/users/%d", u.ID), ""), http.StatusOK); got != u {
+		t.Errorf("after the stall: %+v, want %+v", got, u)
+	}
+}
+
+func TestDatabaseGoneAtStart(t *testing.T) {
+	t.Parallel()
+	// A server that accepts connections and never answers: only a connect
+	// timeout gets the service out.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var held []net.Conn
+	var mu sync.Mutex
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			held = append(held, c)
+			mu.Unlock()
+		}
+	}()
+	defer func() {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range held {
+			c.Close()
+		}
+	}()
+	env := map[string]string{"DATABASE_URL": "postgres://" + ln.Addr().String() + "/db?sslmode=disable", "ADDR": "127.0.0.1:0"}
+	done := make(chan error, 1)
+	start := time.Now()
+	go func() {
+		done <- run(context.Background(), nil, func(k string) string { return env[k] }, io.Discard, io.Discard)
+	}()
+	select {
+	case err := <-done:
+		if err == nil || !strings.Contains(err.Error(), "DATABASE_URL") || !strings.Contains(err.Error(), ln.Addr().String()) {
+			t.Errorf("run = %v, want an error naming DATABASE_URL and %s", err, ln.Addr())
+		}
+		t.Logf("gave up after %v: %v", time.Since(start).Round(time.Millisecond), err)
+	case <-time.After(20 * time.Second):
+		t.Fatal("run still waiting for a silent database after 20s")
+	}
+}
+
+func TestSchemaIsIdempotentAndSafeForReplicas(t *testing.T) {
+	t.Parallel()
+	databaseURL, _ := newSchema(t)
+	// Several replicas boot at once on an empty database.
+	const replicas = 4
+	errs := make(chan error, replicas)
+	for i := 0; i < replicas; i++ {
+		go func() {
+			st, err := openStore(context.Background(), databaseURL, testPool, 5*time.Second)
+			if err == nil {
+				st.Close()
+			}
+			errs <- err
+		}()
+	}
+	for i := 0; i < replicas; i++ {
+		if err := <-errs; err != nil {
+			t.Fatalf("concurrent openStore: %v", err)
+		}
+	}
+	// A restart keeps what is stored.
+	st, err := openStore(context.Background(), databaseURL, testPool, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	seedUsers(t, st, 3)
+	st.Close()
+	st, err = openStore(context.Background(), databaseURL, testPool, 5*time.Second)
+	if err != nil {
+		t.Fatalf("openStore after a restart: %v", err)
+	}
+	defer st.Close()
+	users, err := st.Users(context.Background(), 0, 10)
+	if err != nil || len(users) != 3 {
+		t.Fatalf("after a restart: %d users (%v), want 3", len(users), err)
+	}
+}
+
+func TestStorePassesTheContext(t *testing.T) {
+	t.Parallel()
+	st := newTestStore(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := st.Users(ctx, 0, 10); !errors.Is(err, context.Canceled) {
+		t.Errorf("Users with a cancelled context: err = %v, want context.Canceled", err)
+	}
+	if _, err := st.User(ctx, 1); !errors.Is(err, context.Canceled) {
+		t.Errorf("User with a cancelled context: err = %v, want context.Canceled", err)
+	}
+}
+
+func TestLookUpByEmailUsesTheUniqueIndex(t *testing.T) {
+	t.Parallel()
+	st := newTestStore(t)
+	seedUsers(t, st, 5000)
+	if _, err := st.db.Exec(`ANALYZE users`); err != nil {
+		t.Fatal(err)
+	}
+	rows, err := st.db.Query(`EXPLAIN `+userByEmailQuery, "user42@example.com")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	var plan strings.Builder
+	for rows.Next() {
+		var line string
+		rows.Scan(&line)
+		plan.WriteString(line + "\n")
+	}
+	if !strings.Contains(plan.String(), "Index Scan using users_email_key") {
+		t.Errorf("look-up by email does not use the unique index:\n%s", plan.String())
 	}
 }
