@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"errors"
+	"sync"
 	"time"
 
 	"golang.org/x/crypto/bcrypt"
@@ -30,6 +31,12 @@ type hasher struct {
 	// for an address no user has compares with it, so that it takes as long
 	// as a check of a wrong password.
 	dummy []byte
+	// padding[c] is a hash at cost c of a random password, made when first
+	// needed, to pad checks of hashes made at a lower cost (see matches).
+	padding [bcrypt.MaxCost + 1]struct {
+		once sync.Once
+		hash []byte
+	}
 }
 
 // newHasher returns a hasher that hashes at cost, running at most
@@ -99,7 +106,25 @@ func (h *hasher) matches(stored, password string) bool {
 		pw = pw[:maxPasswordBytes]
 	}
 	err := bcrypt.CompareHashAndPassword(hash, pw)
+	// A hash made before BCRYPT_COST was raised compares faster than the
+	// dummy does, which would tell who has an account. bcrypt's time
+	// doubles with each step of cost, so one comparison at each cost from
+	// the stored one up to the hasher's makes up the difference exactly.
+	if cost, costErr := bcrypt.Cost(hash); costErr == nil {
+		for ; cost < h.cost; cost++ {
+			bcrypt.CompareHashAndPassword(h.paddingAt(cost), pw)
+		}
+	}
 	return err == nil && stored != "" && len(password) <= maxPasswordBytes
+}
+
+// paddingAt returns padding[cost], making it if it is not made yet.
+func (h *hasher) paddingAt(cost int) []byte {
+	p := &h.padding[cost]
+	p.once.Do(func() {
+		p.hash, _ = bcrypt.GenerateFromPassword([]byte(rand.Text()), cost)
+	})
+	return p.hash
 }
 
 // outdated reports whether a stored hash was made at a cost other than the

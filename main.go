@@ -437,7 +437,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	clients := limitClients(srv, ln, cfg.maxClients, logger)
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(clients) }()
-	logger.Info("listening", "addr", ln.Addr().String(), databaseAttr(cfg.databaseURL), "bcrypt_cost", cfg.bcryptCost,
+	logger.Info("listening", "addr", ln.Addr().String(), databaseAttr(dsn), "bcrypt_cost", cfg.bcryptCost,
 		"max_clients", cfg.maxClients, "max_streams", cfg.maxStreams)
 
 	select {
@@ -517,6 +517,12 @@ func parseDatabaseURL(value string) (string, error) {
 	for i, kv := range kvs {
 		if kv.key == "password" {
 			password = kv.value
+		}
+		// libpq reads a whole connection string in dbname, lib/pq does
+		// not: it would send it to the server as a name, password and all,
+		// and print it in an error.
+		if kv.key != "password" && strings.Contains(kv.value, "://") {
+			return "", fmt.Errorf("the setting %s holds a URL: give the URL itself (the value is not shown, as it may hold a password)", kv.key)
 		}
 		dsn[i] = kv.key + "=" + quoteSetting(kv.value)
 	}
@@ -727,14 +733,19 @@ func quoteSetting(v string) string {
 	return "'" + strings.NewReplacer(`\`, `\\`, `'`, `\'`).Replace(v) + "'"
 }
 
-// databaseAttr names the database that databaseURL opens, for the start
+// databaseAttr names the database that dsn, the settings parseDatabaseURL
+// returns, opens, for the start
 // log: its host, port and name, never its password.
-func databaseAttr(databaseURL string) slog.Attr {
-	cfg, err := pq.NewConfig(databaseURL)
+func databaseAttr(dsn string) slog.Attr {
+	cfg, err := pq.NewConfig(dsn)
 	if err != nil {
 		return slog.String("database", "(unparsable)")
 	}
-	return slog.Group("database", "host", cfg.Host, "port", cfg.Port, "name", cfg.Database)
+	hosts, ports := []string{cfg.Host}, []string{strconv.Itoa(int(cfg.Port))}
+	for _, m := range cfg.Multi {
+		hosts, ports = append(hosts, m.Host), append(ports, strconv.Itoa(int(m.Port)))
+	}
+	return slog.Group("database", "host", strings.Join(hosts, ","), "port", strings.Join(ports, ","), "name", cfg.Database)
 }
 
 // redactURLError drops the URL that a *url.Error quotes, since a connection

@@ -76,7 +76,7 @@ func openStore(ctx context.Context, databaseURL string, pool poolConfig, timeout
 	db.SetMaxIdleConns(pool.maxIdle)
 	db.SetConnMaxIdleTime(pool.maxIdleTime)
 	s := &store{db: db, connector: c, timeout: timeout, setBounds: fmt.Sprintf(
-		`BEGIN; SET LOCAL statement_timeout = %d; SET LOCAL lock_timeout = %d`, b.statement.Milliseconds(), b.lock.Milliseconds())}
+		`BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL statement_timeout = %d; SET LOCAL lock_timeout = %d`, b.statement.Milliseconds(), b.lock.Milliseconds())}
 	if err := s.migrate(ctx); err != nil {
 		db.Close()
 		return nil, err
@@ -226,9 +226,11 @@ func (u *user) scan(row scanner, extra ...any) error {
 // then keeps the commit locally and reports success.
 //
 // The transaction begins with one simple query, BEGIN and the bounds as SET
-// LOCAL. Not per connection: a transaction-pooling proxy such as PgBouncer
-// refuses them as startup parameters and may hand a session's SET to
-// another client. And not database/sql's BeginTx: lib/pq sends BEGIN READ
+// LOCAL. It is READ COMMITTED whatever the database's default: the
+// statements are written for it, and a stricter level would fail some of
+// them under concurrency (40001), for no gain. Not per connection: a
+// transaction-pooling proxy such as PgBouncer refuses them as startup
+// parameters and may hand a session's SET to another client. And not database/sql's BeginTx: lib/pq sends BEGIN READ
 // WRITE, which would override a database's default_transaction_read_only.
 func (s *store) write(ctx context.Context, f func(ctx context.Context, conn *sql.Conn) error) error {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
@@ -591,6 +593,8 @@ func isUnavailable(err error) bool {
 			"53300", // too_many_connections
 			"57014", // query_canceled: a bound ran out
 			"55P03", // lock_not_available: lock_timeout ran out
+			"40001", // serialization_failure: try again
+			"40P01", // deadlock_detected: try again
 			"55000", // object_not_in_prerequisite_state: the database takes no connections
 			"25006": // read_only_sql_transaction: a standby, or a demoted primary
 			return true

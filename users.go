@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"crypto/subtle"
 	_ "embed"
@@ -541,14 +542,17 @@ func (s *server) authenticate(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, "Invalid email or password")
 		return
 	}
-	if err := s.store.ResetAuthFailures(r.Context(), in.email); err != nil {
-		s.fail(w, r, err)
-		return
+	// The check is done and the password is right: that is the answer,
+	// whether or not the client still waits for it. Resetting the count and
+	// rehashing are bookkeeping done on its behalf, so a client that leaves
+	// cannot leave a right password counted as a failure. If they fail
+	// (the database is going away, say), the next success tries again.
+	ctx := context.WithoutCancel(r.Context())
+	if err := s.store.ResetAuthFailures(ctx, in.email); err != nil {
+		s.logger.Warn("reset failed sign-ins", "user_id", u.ID, "err", err)
 	}
-	// The rehash is a chance taken, not a promise: if it fails, the next
-	// success tries again.
 	if newHash != "" {
-		_, rehashErr = s.store.RehashPassword(r.Context(), u.ID, stored, newHash)
+		_, rehashErr = s.store.RehashPassword(ctx, u.ID, stored, newHash)
 	}
 	if rehashErr != nil {
 		s.logger.Warn("rehash password", "user_id", u.ID, "err", rehashErr)
