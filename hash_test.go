@@ -1,10 +1,9 @@
 package main
 
 import (
-	"fmt"
-	"net/http"
+	"context"
+	"errors"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -12,64 +11,49 @@ import (
 	"golang.org/x/crypto/bcrypt"
 )
 
-func TestHasherMatches(t *testing.T) {
+func TestHasherReadsStoredHashes(t *testing.T) {
 	t.Parallel()
-	h := newHasher(bcrypt.MinCost, 1, time.Second)
+	h := newHasher(bcrypt.MinCost+1, 1, time.Second)
 	long := strings.Repeat("p", maxPasswordBytes)
-	hashOf := func(password string) string {
-		b, err := bcrypt.GenerateFromPassword([]byte(password), bcrypt.MinCost)
-		if err != nil {
-			t.Fatal(err)
-		}
+	hashOf := func(password string, cost int) string {
+		b, _ := bcrypt.GenerateFromPassword([]byte(password), cost) // fails only on a cost out of range
 		return string(b)
 	}
-	stored, storedLong := hashOf("password1"), hashOf(long)
+	stored, storedLong := hashOf("password1", h.cost), hashOf(long, h.cost)
 	for _, tt := range []struct {
 		name, stored, password string
-		want                   bool
+		matches, outdated      bool
 	}{
-		{"right password", stored, "password1", true},
-		{"wrong password", stored, "password2", false},
-		{"empty password", stored, "", false},
-		{"72 bytes, right", storedLong, long, true},
+		{"right password", stored, "password1", true, false},
+		{"wrong password", stored, "password2", false, false},
+		{"empty password", stored, "", false, false},
+		{"72 bytes, right", storedLong, long, true, false},
 		// bcrypt reads 72 bytes: this one would match if it were cut short.
-		{"over 72 bytes, first 72 right", storedLong, long + "x", false},
-		{"no such user", "", "password1", false},
-		{"not a bcrypt hash", "x", "password1", false},
+		{"over 72 bytes, first 72 right", storedLong, long + "x", false, false},
+		{"no such user", "", "password1", false, false},
+		{"not a bcrypt hash", "x", "password1", false, false},
+		{"hash at a lower cost", hashOf("password1", h.cost-1), "password1", true, true},
+		{"hash at a higher cost", hashOf("password1", h.cost+1), "password1", true, true},
 	} {
-		if got := h.matches(tt.stored, tt.password); got != tt.want {
-			t.Errorf("%s: matches = %v, want %v", tt.name, got, tt.want)
+		if got := h.matches(tt.stored, tt.password); got != tt.matches {
+			t.Errorf("%s: matches = %v, want %v", tt.name, got, tt.matches)
+		}
+		if got := h.outdated(tt.stored); got != tt.outdated {
+			t.Errorf("%s: outdated, with the hasher at cost %d = %v, want %v", tt.name, h.cost, got, tt.outdated)
 		}
 	}
 }
 
 func TestDummyHashIsAtTheConfiguredCost(t *testing.T) {
 	t.Parallel()
-	for _, cost := range []int{bcrypt.MinCost, bcrypt.MinCost + 1} {
-		h := newHasher(cost, 1, time.Second)
-		if got, err := bcrypt.Cost(h.dummy); err != nil || got != cost {
-			t.Errorf("dummy hash of a hasher at cost %d: cost %d (%v)", cost, got, err)
-		}
+	// An unknown address is checked against the dummy hash: at the hasher's
+	// cost, so that it takes as long as a wrong password, of a random one.
+	a, b := newHasher(bcrypt.MinCost+1, 1, time.Second), newHasher(bcrypt.MinCost+1, 1, time.Second)
+	if cost, err := bcrypt.Cost(a.dummy); err != nil || cost != a.cost {
+		t.Errorf("dummy hash of a hasher at cost %d: cost %d (%v)", a.cost, cost, err)
 	}
-	if a, b := newHasher(bcrypt.MinCost, 1, time.Second), newHasher(bcrypt.MinCost, 1, time.Second); string(a.dummy) == string(b.dummy) {
+	if string(a.dummy) == string(b.dummy) {
 		t.Error("two hashers made the same dummy hash, want a random password each")
-	}
-}
-
-func TestHasherOutdated(t *testing.T) {
-	t.Parallel()
-	h := newHasher(bcrypt.MinCost+1, 1, time.Second)
-	for _, tt := range []struct {
-		cost int
-		want bool
-	}{{bcrypt.MinCost, true}, {bcrypt.MinCost + 1, false}, {bcrypt.MinCost + 2, true}} {
-		b, _ := bcrypt.GenerateFromPassword([]byte("password1"), tt.cost)
-		if got := h.outdated(string(b)); got != tt.want {
-			t.Errorf("outdated(hash at cost %d) with the hasher at %d = %v, want %v", tt.cost, h.cost, got, tt.want)
-		}
-	}
-	if h.outdated("x") {
-		t.Error(`outdated("x") = true, want false: what is not a hash is not rehashed`)
 	}
 }
 
@@ -90,38 +74,26 @@ func gatedHasher(concurrency int, maxWait time.Duration) (h *hasher, active, pea
 	return h, active, peak, release
 }
 
-func TestHashingIsBounded(t *testing.T) {
+func TestHashingIsBoundedAndGivesUpWhenBusy(t *testing.T) {
 	t.Parallel()
-	const bound, creates = 2, 8
-	h, active, peak, release := gatedHasher(bound, time.Minute)
-	e := newTestEnv(t, withHasher(h))
-
-	var wg sync.WaitGroup
-	results := make(chan response, creates)
-	for i := 0; i < creates; i++ {
-		wg.Add(1)
-		go func(i int) {
-			defer wg.Done()
-			results <- e.do("POST", "/users/", userBody("Ann", "Lee", fmt.Sprintf("u%d@example.com", i), "password1"))
-		}(i)
+	const bound = 2
+	h, active, _, release := gatedHasher(bound, 50*time.Millisecond)
+	results := make(chan error, bound+1)
+	hash := func() { _, err := h.hash(context.Background(), "password1"); results <- err }
+	for range bound {
+		go hash()
 	}
-	// Wait until the slots are full, give the others every chance to get
-	// past the bound, then let the hashes finish.
-	for active.Load() < bound {
-		time.Sleep(time.Millisecond)
-	}
-	time.Sleep(100 * time.Millisecond)
-	close(release)
-	wg.Wait()
-	close(results)
-	for r := range results {
-		if r.status != http.StatusCreated {
-			t.Errorf("%s, want 201", r)
+	t.Cleanup(func() { close(release) })
+	waitFor(t, 10*time.Second, "every hashing slot taken", func() bool { return active.Load() == bound })
+	// One more waits maxWait for a slot, and gives up without hashing: had
+	// it passed the bound, it would wait for release instead.
+	go hash()
+	select {
+	case err := <-results:
+		if !errors.Is(err, errBusy) {
+			t.Errorf("hash with all %d slots taken: err = %v, want errBusy", bound, err)
 		}
+	case <-time.After(10 * time.Second):
+		t.Fatalf("hash with all %d slots taken: no answer within 10s; %d hashes running", bound, active.Load())
 	}
-	if p := peak.Load(); p != bound {
-		t.Errorf("at most %d hashes ran at once, want the bound %d", p, bound)
-	}
-	// Reads are not held up by the hashing queue.
-	mustList(t, e.do("GET", "/users/", ""))
 }
