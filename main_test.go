@@ -7,6 +7,8 @@ import (
 	"crypto/rand"
 	"database/sql"
 	"encoding/hex"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -102,6 +104,13 @@ var testPool = poolConfig{maxOpen: 8, maxIdle: 8, maxIdleTime: time.Minute}
 func newTestStore(t testing.TB) *store {
 	t.Helper()
 	databaseURL, _ := newSchema(t)
+	return newStoreAt(t, databaseURL)
+}
+
+// newStoreAt opens a store at databaseURL as the service does, closed when
+// the test ends. It is the tests' one way to open a store.
+func newStoreAt(t testing.TB, databaseURL string) *store {
+	t.Helper()
 	st, err := openStore(context.Background(), databaseURL, testPool, 5*time.Second)
 	if err != nil {
 		t.Fatalf("openStore: %v", err)
@@ -167,6 +176,7 @@ func newTestLogger(w io.Writer) *slog.Logger { return slog.New(slog.NewTextHandl
 // included, after the configure functions change what a test needs. It
 // returns the server's URL.
 func newTestHTTPServer(t testing.TB, h http.Handler, configure ...func(*http.Server)) string {
+	t.Helper()
 	srv := httptest.NewUnstartedServer(nil)
 	srv.Config = newHTTPServer(h, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	for _, c := range configure {
@@ -267,108 +277,152 @@ func (b *syncBuffer) String() string {
 	return b.buf.String()
 }
 
-// Tests of main.go: the process, its settings, its listener and its shutdown.
-
-// startRun calls run as main does, with env for the environment, and waits
-// until it listens. It returns the address, the log and run's result.
-func startRun(t *testing.T, ctx context.Context, env map[string]string) (addr string, logs *syncBuffer, done <-chan error) {
+// waitUntil polls cond until it holds, and fails the test if it does not
+// within 30 seconds: far beyond what any condition takes on a loaded machine.
+func waitUntil(t testing.TB, what string, cond func() bool) {
 	t.Helper()
-	logs = &syncBuffer{}
-	result := make(chan error, 1)
-	go func() { result <- run(ctx, nil, func(k string) string { return env[k] }, logs, io.Discard) }()
-	listening := regexp.MustCompile(`msg=listening addr=(\S+)`)
-	deadline := time.Now().Add(10 * time.Second)
-	for time.Now().Before(deadline) {
-		if m := listening.FindStringSubmatch(logs.String()); m != nil {
-			return m[1], logs, result
-		}
-		select {
-		case err := <-result:
-			t.Fatalf("run returned before listening: %v", err)
-		case <-time.After(10 * time.Millisecond):
+	for deadline := time.Now().Add(30 * time.Second); !cond(); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("waited 30s for %s", what)
 		}
 	}
-	t.Fatalf("run did not listen within 10s; log:\n%s", logs)
-	return "", nil, nil
 }
 
-func TestRunServesAndStopsCleanly(t *testing.T) {
+// waitNoConnections waits until no database connection with
+// applicationName is left.
+func waitNoConnections(t testing.TB, applicationName string) {
+	t.Helper()
+	waitUntil(t, "the database connections of "+applicationName+" to close", func() bool {
+		var n int
+		err := adminDB.QueryRow(`SELECT count(*) FROM pg_stat_activity WHERE application_name = $1`, applicationName).Scan(&n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n == 0
+	})
+}
+
+// everyUsersRoute is one request to each /users route.
+func everyUsersRoute(id int64) []struct{ method, path, body string } {
+	create := `{"first_name":"Down","last_name":"Time","email":"down@example.com","password":"password1"}`
+	return []struct{ method, path, body string }{
+		{"POST", "/users/", create},
+		{"POST", "/users", create},
+		{"GET", "/users/", ""},
+		{"GET", "/users", ""},
+		{"GET", fmt.Sprintf("/users/%d", id), ""},
+		{"PUT", fmt.Sprintf("/users/%d", id), `{"first_name":"Changed"}`},
+		{"DELETE", fmt.Sprintf("/users/%d", id), ""},
+	}
+}
+
+// Tests of main.go: the process, its settings, its listener and its shutdown.
+
+// runningService is run, started by startRun as main starts it.
+type runningService struct {
+	*testEnv // requests to it, by its loopback address
+	addr     string
+	logs     *syncBuffer
+	cancel   context.CancelFunc
+	exited   chan struct{} // closed when run has returned err
+	err      error
+}
+
+// startRun calls run with env for the environment and waits until it
+// listens. The service stops when the test ends, if the test has not
+// stopped it.
+func startRun(t *testing.T, env map[string]string) *runningService {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &runningService{logs: &syncBuffer{}, cancel: cancel, exited: make(chan struct{})}
+	go func() {
+		defer close(s.exited)
+		s.err = run(ctx, nil, func(k string) string { return env[k] }, s.logs, io.Discard)
+	}()
+	t.Cleanup(func() { s.stop(t) })
+	listening := regexp.MustCompile(`msg=listening addr=\S+:(\d+) `)
+	var m []string
+	waitUntil(t, "run to listen", func() bool {
+		select {
+		case <-s.exited:
+			t.Fatalf("run returned before listening: %v\n%s", s.err, s.logs)
+		default:
+		}
+		m = listening.FindStringSubmatch(s.logs.String())
+		return m != nil
+	})
+	s.addr = "127.0.0.1:" + m[1]
+	s.testEnv = &testEnv{t: t, url: "http://" + s.addr}
+	return s
+}
+
+// stop cancels run and waits for it to return, which must be nil.
+func (s *runningService) stop(t *testing.T) {
+	t.Helper()
+	s.cancel()
+	select {
+	case <-s.exited:
+		if s.err != nil {
+			t.Errorf("run after cancel = %v, want nil", s.err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Errorf("run did not return within 30s of cancel")
+	}
+}
+
+// refusesConnections reports whether nothing accepts connections at addr.
+func refusesConnections(addr string) bool {
+	c, err := net.Dial("tcp", addr)
+	if err == nil {
+		c.Close()
+	}
+	return err != nil
+}
+
+func TestRun(t *testing.T) {
 	t.Parallel()
 	databaseURL, schema := newSchema(t)
 	// application_name marks the service's connections, to see them closed.
-	databaseURL = withParam(databaseURL, "application_name", schema)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	addr, logs, done := startRun(t, ctx, map[string]string{
-		"DATABASE_URL": databaseURL,
-		"ADDR":         "127.0.0.1:0",
-		"BCRYPT_COST":  "10",
-	})
-	e := &testEnv{t: t, url: "http://" + addr}
-	if r := e.do("GET", "/healthz", ""); r.status != http.StatusOK {
+	// The test server trusts every local role, so any password will do.
+	databaseURL = withParam(withParam(databaseURL, "application_name", schema), "password", "hunter2")
+	s := startRun(t, map[string]string{"DATABASE_URL": databaseURL, "ADDR": "127.0.0.1:0", "BCRYPT_COST": "10"})
+	if r := s.do("GET", "/healthz", ""); r.status != http.StatusOK {
 		t.Fatalf("%s, want 200", r)
 	}
-	u := mustUser(t, e.do("POST", "/users", userBody("Ann", "Lee", "ann@example.com", "password1")), http.StatusCreated)
-	mustUser(t, e.do("GET", "/users/1", ""), http.StatusOK)
+	r := s.do("POST", "/users", `{"first_name":"Ann","last_name":"Lee","email":"ann@example.com","password":"password1"}`)
+	var u struct{ ID int64 }
+	if err := json.Unmarshal(r.body, &u); r.status != http.StatusCreated || err != nil {
+		t.Fatalf("%s, want 201 with a user", r)
+	}
 
-	cancel()
-	waitStopped(t, done)
-	if _, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
-		t.Errorf("%s still accepts connections after run returned", addr)
+	s.stop(t)
+	if !refusesConnections(s.addr) {
+		t.Errorf("%s still accepts connections after run returned", s.addr)
 	}
 	waitNoConnections(t, schema)
-	if !strings.Contains(logs.String(), "msg=stopped") {
+	logs := s.logs.String()
+	if !strings.Contains(logs, "msg=stopped") {
 		t.Errorf("log has no stop line:\n%s", logs)
 	}
-	// What was created is stored with the configured cost.
-	st := newStoreAt(t, databaseURL)
-	if _, err := st.User(context.Background(), u.ID); err != nil {
-		t.Errorf("user %d after restart: %v", u.ID, err)
-	}
-	var hash string
-	st.db.QueryRow(`SELECT password FROM users WHERE id = $1`, u.ID).Scan(&hash)
-	if !strings.HasPrefix(hash, "$2a$10$") {
-		t.Errorf("stored hash %q, want cost 10 from BCRYPT_COST", hash)
-	}
-}
-
-// waitStopped waits for run, cancelled, to return nil.
-func waitStopped(t *testing.T, done <-chan error) {
-	t.Helper()
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatalf("run after cancel = %v, want nil", err)
-		}
-	case <-time.After(30 * time.Second):
-		t.Fatal("run did not return within 30s of cancel")
-	}
-}
-
-// waitNoConnections waits until no connection with application_name is left.
-func waitNoConnections(t *testing.T, applicationName string) {
-	t.Helper()
-	var n int
-	for i := 0; i < 100; i++ {
-		if err := adminDB.QueryRow(`SELECT count(*) FROM pg_stat_activity WHERE application_name = $1`, applicationName).Scan(&n); err != nil {
-			t.Fatal(err)
-		}
-		if n == 0 {
-			return
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	t.Errorf("%d database connections still open: the pool was not closed", n)
-}
-
-func newStoreAt(t *testing.T, databaseURL string) *store {
-	t.Helper()
-	st, err := openStore(context.Background(), databaseURL, testPool, 5*time.Second)
+	// The start log names the database, and no line holds its password.
+	pqcfg, err := pq.NewConfig(databaseURL)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { st.Close() })
-	return st
+	want := fmt.Sprintf("database.host=%s database.port=%d database.name=%s ", pqcfg.Host, pqcfg.Port, pqcfg.Database)
+	if !strings.Contains(logs, want) || strings.Contains(logs, "hunter2") {
+		t.Errorf("log does not have %q, or holds the password:\n%s", want, logs)
+	}
+	several := "host=h1,h2 port=5432,5433 dbname=db password=hunter2"
+	if got, want := databaseAttr(several).String(), "database=[host=h1,h2 port=5432,5433 name=db]"; got != want {
+		t.Errorf("databaseAttr(%q) = %s, want %s: every host, no password", several, got, want)
+	}
+	// The user was stored, hashed at the cost BCRYPT_COST set.
+	var hash string
+	if err := adminDB.QueryRow(`SELECT password FROM `+schema+`.users WHERE id = $1`, u.ID).Scan(&hash); err != nil ||
+		!strings.HasPrefix(hash, "$2a$10$") {
+		t.Errorf("stored hash of user %d: %.7q, %v; want cost 10 from BCRYPT_COST", u.ID, hash, err)
+	}
 }
 
 // closedAddr returns a loopback address where nothing listens.
@@ -378,61 +432,71 @@ func closedAddr(t *testing.T) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return addr
+	defer ln.Close()
+	return ln.Addr().String()
 }
 
+// TestRunRefusesBadConfiguration checks that run refuses what it cannot use
+// with one line that starts with the setting, named as it was given (the
+// flag if it came from a flag), and shows no password: each value here
+// that holds one holds hunter2.
 func TestRunRefusesBadConfiguration(t *testing.T) {
 	t.Parallel()
 	databaseURL, _ := newSchema(t)
-	down := closedAddr(t)
+	down, other := closedAddr(t), closedAddr(t)
+	downURL := "postgres://ann:hunter2@" + down + "/db?sslmode=disable"
+	type env = map[string]string
 	tests := []struct {
 		name  string
-		env   map[string]string
+		env   env
 		args  []string
-		wants []string // in the error
+		want  string   // the error's start
+		wants []string // also in the error
 	}{
-		{"cost not a number", map[string]string{"BCRYPT_COST": "twelve"}, nil, []string{"BCRYPT_COST", `"twelve"`}},
-		{"cost too low", map[string]string{"BCRYPT_COST": "9"}, nil, []string{"BCRYPT_COST", "10 to 15"}},
-		{"cost too high", map[string]string{"BCRYPT_COST": "16"}, nil, []string{"BCRYPT_COST", "10 to 15"}},
-		{"cost flag out of range", nil, []string{"-bcrypt-cost", "4"}, []string{"-bcrypt-cost", "10 to 15"}},
-		{"pool size", map[string]string{"DB_MAX_CONNS": "0"}, nil, []string{"DB_MAX_CONNS"}},
-		{"pool beyond the file limit", map[string]string{"DB_MAX_CONNS": "100000000"}, nil, []string{"DB_MAX_CONNS", "no room"}},
-		{"token with spaces", map[string]string{"API_TOKEN": "tok "}, nil, []string{"API_TOKEN", "white space"}},
-		{"GOMAXPROCS not a number", map[string]string{"GOMAXPROCS": "abc"}, nil, []string{"GOMAXPROCS", `"abc"`}},
-		{"stray argument", nil, []string{"serve"}, []string{"unexpected arguments"}},
-		{"unknown flag", nil, []string{"-nope"}, []string{"-nope"}},
-		{"port not a number", map[string]string{"PORT": "http"}, nil, []string{"PORT", `"http"`}},
-		{"port out of range", map[string]string{"PORT": "65536"}, nil, []string{"PORT"}},
-		{"database down", map[string]string{"DATABASE_URL": "postgres://ann:hunter2@" + down + "/db?sslmode=disable"}, nil,
-			[]string{"DATABASE_URL", down}},
-		{"database URL unparsable", map[string]string{"DATABASE_URL": "postgres://ann:hunter2@host:port/db"}, nil,
-			[]string{"DATABASE_URL"}},
-		{"address taken", map[string]string{"DATABASE_URL": databaseURL, "ADDR": "127.0.0.1:-1"}, nil, []string{"ADDR"}},
+		{"cost not a number", env{"BCRYPT_COST": "twelve"}, nil, "BCRYPT_COST: ", []string{`"twelve"`}},
+		{"cost too low", env{"BCRYPT_COST": "9"}, nil, "BCRYPT_COST: ", []string{"10 to 15"}},
+		{"cost too high", env{"BCRYPT_COST": "16"}, nil, "BCRYPT_COST: ", []string{"10 to 15"}},
+		{"cost flag over a good variable", env{"BCRYPT_COST": "12"}, []string{"-bcrypt-cost=4"}, "-bcrypt-cost: ", []string{"10 to 15"}},
+		{"pool size", env{"DB_MAX_CONNS": "0"}, nil, "DB_MAX_CONNS: ", nil},
+		{"pool beyond the file limit", env{"DB_MAX_CONNS": "100000000"}, nil, "DB_MAX_CONNS: ", []string{"no room"}},
+		{"pooler mode", env{"DB_POOLER": "session"}, nil, `DB_POOLER: must be "none" or "transaction", got "session"`, nil},
+		{"pooler flag", nil, []string{"-db-pooler", "Transaction"}, "-db-pooler: ", []string{`"Transaction"`}},
+		{"token with spaces", env{"API_TOKEN": "tok "}, nil, "API_TOKEN: ", []string{"white space"}},
+		{"stream limit", env{"MAX_STREAMS": "x"}, nil, "MAX_STREAMS: ", []string{`"x"`}},
+		{"client limit", env{"MAX_CLIENTS": "0"}, nil, "MAX_CLIENTS: ", nil},
+		{"client limit flag", nil, []string{"-max-clients", "many"}, "-max-clients: ", []string{`"many"`}},
+		{"GOMAXPROCS not a number", env{"GOMAXPROCS": "abc"}, nil, "GOMAXPROCS: ", []string{`"abc"`}},
+		{"stray argument", nil, []string{"serve"}, "unexpected arguments", nil},
+		{"unknown flag", nil, []string{"-nope"}, "", []string{"-nope"}},
+		{"port not a number", env{"PORT": "http"}, nil, "PORT: ", []string{`"http"`}},
+		{"port out of range", env{"PORT": "65536"}, nil, "PORT: ", nil},
+		{"address variable", env{"DATABASE_URL": databaseURL, "ADDR": "127.0.0.1:-1"}, nil, "ADDR: ", nil},
+		{"address flag", env{"DATABASE_URL": databaseURL, "ADDR": "127.0.0.1:0"}, []string{"-addr", "127.0.0.1:-1"}, "-addr: ", nil},
+		{"database flag", env{"DATABASE_URL": databaseURL}, []string{"-database-url", downURL}, "-database-url: cannot use the database at " + down + ":", nil},
+		{"database URL in quotes", env{"DATABASE_URL": `"` + downURL + `"`}, nil, "DATABASE_URL: cannot use the database at " + down + ":", nil},
+		{"database settings with a stray word", env{"DATABASE_URL": "host=127.0.0.1 user=ann password=hunter2 hunter3 dbname=db"}, nil,
+			"DATABASE_URL: not a postgres:// URL, nor key=value settings", nil},
+		{"database hosts", env{"DATABASE_URL": "postgres://ann:hunter2@" + down + "," + other + "/db?sslmode=disable"}, nil,
+			"DATABASE_URL: cannot use the database at " + down + ", " + other + ":", nil},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			start := time.Now()
-			var stderr syncBuffer
-			err := run(context.Background(), tt.args, func(k string) string { return tt.env[k] }, io.Discard, &stderr)
-			if stderr.String() != "" {
-				t.Errorf("run wrote to stderr besides its error: %q", stderr.String())
-			}
+			var stdout, stderr syncBuffer
+			err := run(context.Background(), tt.args, func(k string) string { return tt.env[k] }, &stdout, &stderr)
 			if err == nil {
-				t.Fatal("run succeeded, want an error")
+				t.Fatalf("run(%q, %v) succeeded, want an error", tt.args, tt.env)
 			}
 			msg := err.Error()
+			if !strings.HasPrefix(msg, tt.want) || strings.Contains(msg, "\n") {
+				t.Errorf("run(%q, %v) = %q, want one line starting %q", tt.args, tt.env, msg, tt.want)
+			}
 			for _, want := range tt.wants {
 				if !strings.Contains(msg, want) {
-					t.Errorf("error %q does not mention %q", msg, want)
+					t.Errorf("run(%q, %v) = %q, want it to mention %q", tt.args, tt.env, msg, want)
 				}
 			}
-			if strings.Contains(msg, "\n") || strings.Contains(msg, "hunter2") {
-				t.Errorf("error %q is not one line free of the password", msg)
-			}
-			if d := time.Since(start); d > 6*time.Second {
-				t.Errorf("run took %v to fail, want a few seconds at most", d)
+			if out := msg + stdout.String() + stderr.String(); strings.Contains(out, "hunter") || stderr.String() != "" {
+				t.Errorf("run(%q, ...) wrote %q to stderr, or showed the password: %s", tt.args, stderr.String(), out)
 			}
 		})
 	}
@@ -440,61 +504,55 @@ func TestRunRefusesBadConfiguration(t *testing.T) {
 
 func TestLoadConfig(t *testing.T) {
 	t.Parallel()
+	defaults := config{addr: defaultAddr, databaseURL: defaultDatabaseURL, bcryptCost: defaultBcryptCost, maxStreams: defaultMaxStreams,
+		pool: poolConfig{maxOpen: 16, maxIdle: 16, maxIdleTime: 5 * time.Minute}}
+	defaults.maxClients, _ = parseMaxClients("", fileLimit(), defaults.pool.maxOpen)
+	with := func(change func(*config)) config {
+		c := defaults
+		change(&c)
+		return c
+	}
 	tests := []struct {
 		name string
 		env  map[string]string
 		args []string
 		want config
 	}{
-		{"defaults", nil, nil, config{addr: "127.0.0.1:8000", databaseURL: defaultDatabaseURL, bcryptCost: 12}},
-		{"platform PORT", map[string]string{"PORT": "9000"}, nil, config{addr: ":9000", databaseURL: defaultDatabaseURL, bcryptCost: 12}},
-		{"ADDR wins over PORT", map[string]string{"PORT": "9000", "ADDR": "0.0.0.0:80"}, nil, config{addr: "0.0.0.0:80", databaseURL: defaultDatabaseURL, bcryptCost: 12}},
-		{"environment", map[string]string{"DATABASE_URL": "postgres://db/x", "BCRYPT_COST": "10", "API_TOKEN": "t"}, nil,
-			config{addr: "127.0.0.1:8000", databaseURL: "postgres://db/x", bcryptCost: 10, apiToken: "t"}},
-		{"flags win over environment", map[string]string{"ADDR": ":1", "DATABASE_URL": "postgres://a/", "BCRYPT_COST": "10"},
-			[]string{"-addr", ":2", "-database-url", "postgres://b/", "-bcrypt-cost", "15"},
-			config{addr: ":2", databaseURL: "postgres://b/", bcryptCost: 15}},
+		{"defaults", nil, nil, defaults},
+		{"platform PORT", map[string]string{"PORT": "9000"}, nil, with(func(c *config) { c.addr = ":9000" })},
+		{"ADDR wins over PORT", map[string]string{"PORT": "9000", "ADDR": "0.0.0.0:80"}, nil, with(func(c *config) { c.addr = "0.0.0.0:80" })},
+		{"environment", map[string]string{
+			"DATABASE_URL": "postgres://db/x", "BCRYPT_COST": "10", "API_TOKEN": "t", "DB_MAX_CONNS": "8",
+			"DB_POOLER": "transaction", "MAX_STREAMS": "5", "MAX_CLIENTS": "100",
+		}, nil, with(func(c *config) {
+			c.databaseURL, c.bcryptCost, c.apiToken, c.maxStreams, c.maxClients = "postgres://db/x", 10, "t", 5, 100
+			c.pool.maxOpen, c.pool.maxIdle, c.pool.transactionPooler = 8, 8, true
+		})},
+		{"flags win over the environment", map[string]string{
+			"ADDR": ":1", "DATABASE_URL": "postgres://a/", "BCRYPT_COST": "10", "DB_POOLER": "transaction", "MAX_STREAMS": "5", "MAX_CLIENTS": "100",
+		}, []string{
+			"-addr", ":2", "-database-url", "postgres://b/", "-bcrypt-cost", "15", "-db-pooler", "none", "-max-streams", "6", "-max-clients", "200",
+		}, with(func(c *config) {
+			c.addr, c.databaseURL, c.bcryptCost, c.maxStreams, c.maxClients = ":2", "postgres://b/", 15, 6, 200
+		})},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			got, err := loadConfig(tt.args, func(k string) string { return tt.env[k] }, io.Discard)
 			if err != nil {
-				t.Fatal(err)
+				t.Fatalf("loadConfig(%q, %v) = %v", tt.args, tt.env, err)
 			}
-			got.pool = poolConfig{}
-			got.maxClients, got.maxStreams, got.maxClientsSet, got.maxClientsFrom = 0, 0, "", "" // TestClientAndStreamLimits
-			got.addrFrom, got.databaseURLFrom = "", ""                                           // TestSettingErrorsNameTheirSource
+			// Where a value came from shows in errors: see
+			// TestRunRefusesBadConfiguration.
+			got.maxClientsSet, got.maxClientsFrom, got.addrFrom, got.databaseURLFrom = "", "", "", ""
 			if got != tt.want {
-				t.Errorf("loadConfig = %+v, want %+v", got, tt.want)
+				t.Errorf("loadConfig(%q, %v) = %+v, want %+v", tt.args, tt.env, got, tt.want)
 			}
 		})
 	}
 }
 
-func TestServerTimeouts(t *testing.T) {
-	t.Parallel()
-	// The slow-client tests shorten these to run quickly; this one holds the
-	// values the service runs with, which the README documents.
-	srv := newHTTPServer(http.NotFoundHandler(), newTestLogger(io.Discard))
-	for _, tt := range []struct {
-		name      string
-		got, want time.Duration
-	}{
-		{"ReadHeaderTimeout", srv.ReadHeaderTimeout, 5 * time.Second},
-		{"ReadTimeout", srv.ReadTimeout, 16 * time.Second},
-		{"WriteTimeout", srv.WriteTimeout, 30 * time.Second},
-		{"IdleTimeout", srv.IdleTimeout, 60 * time.Second},
-	} {
-		if tt.got != tt.want {
-			t.Errorf("%s = %v, want %v", tt.name, tt.got, tt.want)
-		}
-	}
-	if srv.MaxHeaderBytes != 64<<10 {
-		t.Errorf("MaxHeaderBytes = %d, want 64 KiB", srv.MaxHeaderBytes)
-	}
-}
-
-func TestClientAndStreamLimits(t *testing.T) {
+func TestParseMaxClients(t *testing.T) {
 	t.Parallel()
 	for _, tt := range []struct {
 		value     string
@@ -502,15 +560,13 @@ func TestClientAndStreamLimits(t *testing.T) {
 		pool      int
 		want      int // 0: an error
 	}{
-		{"", 1024, 16, 1024 - 16 - 64},
-		{"", 1 << 20, 16, 4096},
+		{"", 1024, 16, 1024 - 16 - fileReserve},
+		{"", 1 << 20, 16, maxDefaultClients},
 		{"", 100, 16, 20},
 		{"", 80, 16, 0},
-		{"500", 1024, 16, 500},
 		{"944", 1024, 16, 944},
 		{"945", 1024, 16, 0},
 		{"0", 1024, 16, 0},
-		{"-1", 1024, 16, 0},
 		{"many", 1024, 16, 0},
 	} {
 		got, err := parseMaxClients(tt.value, tt.fileLimit, tt.pool)
@@ -518,413 +574,7 @@ func TestClientAndStreamLimits(t *testing.T) {
 			t.Errorf("parseMaxClients(%q, %d, %d) = %d, %v; want %d", tt.value, tt.fileLimit, tt.pool, got, err, tt.want)
 		}
 	}
-
-	for _, tt := range []struct {
-		name       string
-		env        map[string]string
-		args       []string
-		maxStreams int
-		maxClients int // 0: the default
-	}{
-		{"defaults", nil, nil, 32, 0},
-		{"environment", map[string]string{"MAX_STREAMS": "5", "MAX_CLIENTS": "100"}, nil, 5, 100},
-		{"flags win", map[string]string{"MAX_STREAMS": "5", "MAX_CLIENTS": "100"}, []string{"-max-streams", "6", "-max-clients", "200"}, 6, 200},
-	} {
-		cfg, err := loadConfig(tt.args, func(k string) string { return tt.env[k] }, io.Discard)
-		if err != nil {
-			t.Fatalf("%s: %v", tt.name, err)
-		}
-		wantClients := tt.maxClients
-		if wantClients == 0 {
-			wantClients, _ = parseMaxClients("", fileLimit(), cfg.pool.maxOpen)
-		}
-		if cfg.maxStreams != tt.maxStreams || cfg.maxClients != wantClients {
-			t.Errorf("%s: maxStreams %d, maxClients %d; want %d, %d", tt.name, cfg.maxStreams, cfg.maxClients, tt.maxStreams, wantClients)
-		}
-	}
-	for _, env := range []map[string]string{{"MAX_STREAMS": "0"}, {"MAX_STREAMS": "x"}, {"MAX_CLIENTS": "0"}, {"MAX_CLIENTS": "1e9"}} {
-		_, err := loadConfig(nil, func(k string) string { return env[k] }, io.Discard)
-		for name := range env {
-			if err == nil || !strings.Contains(err.Error(), name) {
-				t.Errorf("loadConfig with %v = %v, want an error naming %s", env, err, name)
-			}
-		}
-	}
 }
-
-// dialMany opens n connections to addr, closed in t.Cleanup. If request is
-// not empty, each sends it and reads the answer, which must have status.
-func dialMany(t *testing.T, addr string, n int, request string, status int) []net.Conn {
-	t.Helper()
-	conns := make([]net.Conn, 0, n)
-	t.Cleanup(func() {
-		for _, c := range conns {
-			c.Close()
-		}
-	})
-	for i := 0; i < n; i++ {
-		c, err := net.Dial("tcp", addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		conns = append(conns, c)
-		if request == "" {
-			continue
-		}
-		io.WriteString(c, request)
-		c.SetReadDeadline(time.Now().Add(10 * time.Second))
-		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
-		if err != nil {
-			t.Fatalf("connection %d: %v", i, err)
-		}
-		resp.Body.Close()
-		if resp.StatusCode != status {
-			t.Fatalf("connection %d: status %d, want %d", i, resp.StatusCode, status)
-		}
-	}
-	return conns
-}
-
-// openConns returns how many of conns the server has not closed: those
-// where a read finds nothing yet rather than the end.
-func openConns(conns []net.Conn) int {
-	open := 0
-	for _, c := range conns {
-		c.SetReadDeadline(time.Now().Add(time.Millisecond))
-		if _, err := c.Read(make([]byte, 1)); err != nil {
-			if ne, ok := err.(net.Error); ok && ne.Timeout() {
-				open++
-			}
-		}
-	}
-	return open
-}
-
-func TestIdleClientsMakeRoom(t *testing.T) {
-	t.Parallel()
-	databaseURL, _ := newSchema(t)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	const maxClients, token = 10, "tok-7"
-	addr, _, done := startRun(t, ctx, map[string]string{
-		"DATABASE_URL": databaseURL, "ADDR": "127.0.0.1:0", "API_TOKEN": token, "MAX_CLIENTS": strconv.Itoa(maxClients),
-	})
-	// Cleanups run last first: the connections close before the stop, which
-	// would otherwise wait for those that never spoke.
-	t.Cleanup(func() { cancel(); waitStopped(t, done) })
-
-	// Twice the limit: connections that never speak, connections that
-	// asked without the token, connections kept alive after a request.
-	flood := dialMany(t, addr, maxClients, "", 0)
-	flood = append(flood, dialMany(t, addr, maxClients/2, "GET /users/ HTTP/1.1\r\nHost: localhost\r\n\r\n", http.StatusUnauthorized)...)
-	flood = append(flood, dialMany(t, addr, maxClients/2, "GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n", http.StatusOK)...)
-
-	client := &http.Client{Transport: &http.Transport{}, Timeout: 30 * time.Second}
-	defer client.CloseIdleConnections()
-	req, _ := http.NewRequest("GET", "http://"+addr+"/users/?limit=1", nil)
-	req.Header.Set("Authorization", "Bearer "+token)
-	start := time.Now()
-	resp, err := client.Do(req)
-	if err != nil {
-		t.Fatalf("GET /users/ with the token, beside %d idle connections: %v", len(flood), err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("GET /users/ with the token, beside %d idle connections: %d, want 200", len(flood), resp.StatusCode)
-	}
-	t.Logf("answered in %v beside %d idle connections", time.Since(start), len(flood))
-
-	// The server holds no more than the limit: the client's own connection
-	// and at most maxClients-1 of the flood.
-	deadline := time.Now().Add(10 * time.Second)
-	for open := openConns(flood); open > maxClients-1; open = openConns(flood) {
-		if time.Now().After(deadline) {
-			t.Fatalf("%d of %d idle connections still open, want at most %d", open, len(flood), maxClients-1)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
-func TestBusyClientsRefuseNewOnes(t *testing.T) {
-	t.Parallel()
-	databaseURL, _ := newSchema(t)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	const maxClients = 3
-	addr, logs, done := startRun(t, ctx, map[string]string{
-		"DATABASE_URL": databaseURL, "ADDR": "127.0.0.1:0", "MAX_CLIENTS": strconv.Itoa(maxClients),
-	})
-	t.Cleanup(func() { cancel(); waitStopped(t, done) })
-
-	// Each busy connection is a create whose body has not come yet; the
-	// server asks for it with 100 Continue once the request is in hand.
-	busy := dialMany(t, addr, maxClients, "POST /users/ HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"+
-		"Content-Length: 2\r\nExpect: 100-continue\r\n\r\n", http.StatusContinue)
-
-	c, err := net.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	io.WriteString(c, "GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
-	c.SetReadDeadline(time.Now().Add(10 * time.Second))
-	br := bufio.NewReader(c)
-	resp, err := http.ReadResponse(br, nil)
-	if err != nil {
-		t.Fatalf("a connection past %d busy ones: %v", maxClients, err)
-	}
-	body, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode != http.StatusServiceUnavailable || resp.Header.Get("Retry-After") == "" || !resp.Close ||
-		string(body) != `{"detail":"Service unavailable"}`+"\n" {
-		t.Errorf("a connection past %d busy ones: %d, Retry-After %q, Connection: close %v, body %q; want 503, Retry-After, close",
-			maxClients, resp.StatusCode, resp.Header.Get("Retry-After"), resp.Close, body)
-	}
-	if _, err := br.ReadByte(); err != io.EOF {
-		t.Errorf("after the 503, reading the connection gave %v, want EOF", err)
-	}
-	if !strings.Contains(logs.String(), "max_clients="+strconv.Itoa(maxClients)) {
-		t.Errorf("the refusal was not logged:\n%s", logs)
-	}
-
-	// A burst of them: each gets its answer, not just a closed connection.
-	const burst = 100
-	answers := make(chan string, burst)
-	for i := 0; i < burst; i++ {
-		go func() {
-			c, err := net.Dial("tcp", addr)
-			if err != nil {
-				answers <- err.Error()
-				return
-			}
-			defer c.Close()
-			c.SetReadDeadline(time.Now().Add(10 * time.Second))
-			resp, err := http.ReadResponse(bufio.NewReader(c), nil)
-			if err != nil {
-				answers <- err.Error()
-				return
-			}
-			resp.Body.Close()
-			answers <- resp.Status
-		}()
-	}
-	for i := 0; i < burst; i++ {
-		if a := <-answers; a != "503 Service Unavailable" {
-			t.Errorf("connection %d of a burst past %d busy ones: %s, want 503", i, maxClients, a)
-		}
-	}
-
-	// The busy connections were kept, and finish as they would have.
-	for i, c := range busy {
-		io.WriteString(c, "{}")
-		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
-		if err != nil {
-			t.Fatalf("busy connection %d: %v", i, err)
-		}
-		resp.Body.Close()
-		if resp.StatusCode != http.StatusBadRequest {
-			t.Errorf("busy connection %d: %d after its body, want 400", i, resp.StatusCode)
-		}
-	}
-}
-
-func TestRunChecksHostWithoutToken(t *testing.T) {
-	t.Parallel()
-	databaseURL, _ := newSchema(t)
-	for _, tt := range []struct {
-		addr, token string
-		checked     bool
-	}{
-		{"127.0.0.1:0", "", true},
-		{"127.0.0.1:0", "set", false},
-		{"0.0.0.0:0", "", false},
-	} {
-		ctx, cancel := context.WithCancel(context.Background())
-		addr, _, done := startRun(t, ctx, map[string]string{"DATABASE_URL": databaseURL, "ADDR": tt.addr, "API_TOKEN": tt.token})
-		_, port, _ := net.SplitHostPort(addr)
-		e := &testEnv{t: t, url: "http://127.0.0.1:" + port}
-		r := e.do("GET", "/healthz", "", "Host: evil.example:"+port)
-		if got := r.status == http.StatusMisdirectedRequest; got != tt.checked {
-			t.Errorf("ADDR=%s API_TOKEN=%q: %s; want 421: %v", tt.addr, tt.token, r, tt.checked)
-		}
-		if r := e.do("GET", "/healthz", "", "Host: localhost:"+port); r.status != http.StatusOK {
-			t.Errorf("ADDR=%s API_TOKEN=%q: %s with Host localhost, want 200", tt.addr, tt.token, r)
-		}
-		cancel()
-		waitStopped(t, done)
-	}
-}
-
-func TestHelp(t *testing.T) {
-	t.Parallel()
-	// A bad setting in the environment does not stop -h.
-	env := map[string]string{"BCRYPT_COST": "3", "PORT": "x"}
-	for _, arg := range []string{"-h", "-help", "--help"} {
-		var stdout, stderr syncBuffer
-		if err := run(context.Background(), []string{arg}, func(k string) string { return env[k] }, &stdout, &stderr); err != nil {
-			t.Fatalf("run %s = %v, want nil", arg, err)
-		}
-		help := stdout.String()
-		if first, _, _ := strings.Cut(help, "\n"); first != "users serves a user-management REST API backed by PostgreSQL." {
-			t.Errorf("run %s: first line %q, want what the program is", arg, first)
-		}
-		if stderr.String() != "" {
-			t.Errorf("run %s wrote to stderr: %q", arg, stderr.String())
-		}
-		// Every setting, by its variable, flag and default.
-		wants := []string{
-			"DATABASE_URL, -database-url", "default: " + defaultDatabaseURL,
-			"PORT\n", "ADDR, -addr", "default: 127.0.0.1:8000",
-			"BCRYPT_COST, -bcrypt-cost", "default: 12",
-			"DB_MAX_CONNS\n", "default: 16", "API_TOKEN\n", "GOMAXPROCS\n",
-			"-version\n",
-		}
-		for _, st := range settings() {
-			wants = append(wants, "  "+st.env, st.usage)
-			if st.flag != "" {
-				wants = append(wants, ", -"+st.flag+"\n")
-			}
-			if st.def != "" {
-				wants = append(wants, "default: "+st.def+"\n")
-			}
-		}
-		for _, want := range wants {
-			if !strings.Contains(help, want) {
-				t.Errorf("run %s: help does not have %q:\n%s", arg, want, help)
-			}
-		}
-	}
-}
-
-func TestVersion(t *testing.T) {
-	t.Parallel()
-	var stdout, stderr syncBuffer
-	env := map[string]string{"BCRYPT_COST": "3"}
-	if err := run(context.Background(), []string{"-version"}, func(k string) string { return env[k] }, &stdout, &stderr); err != nil {
-		t.Fatalf("run -version = %v, want nil", err)
-	}
-	if !regexp.MustCompile(`^users \S+( [0-9a-f]{7} \S+)?\n$`).MatchString(stdout.String()) || stderr.String() != "" {
-		t.Errorf("run -version: stdout %q, stderr %q; want one line \"users <version> [<revision> <time>]\"", stdout.String(), stderr.String())
-	}
-
-	vcs := []debug.BuildSetting{
-		{Key: "-compiler", Value: "gc"},
-		{Key: "vcs.time", Value: "2026-11-28T10:00:00Z"},
-		{Key: "vcs.revision", Value: "5ba070a1b2c3d4e5f60718293a4b5c6d7e8f9012"},
-		{Key: "vcs.modified", Value: "false"},
-	}
-	for _, tt := range []struct {
-		version  string
-		settings []debug.BuildSetting
-		want     string
-	}{
-		{"(devel)", vcs, "users (devel) 5ba070a 2026-11-28T10:00:00Z"},
-		{"v1.2.3", vcs, "users v1.2.3 5ba070a 2026-11-28T10:00:00Z"},
-		{"(devel)", nil, "users (devel)"},
-		{"", nil, "users (devel)"},
-	} {
-		info := &debug.BuildInfo{Main: debug.Module{Path: "users", Version: tt.version}, Settings: tt.settings}
-		if got := formatVersion(info); got != tt.want {
-			t.Errorf("formatVersion(%q, %d settings) = %q, want %q", tt.version, len(tt.settings), got, tt.want)
-		}
-	}
-}
-
-// TestSettingErrorsNameTheirSource checks that an error names the setting
-// the way it was given: the flag if it came from a flag, the variable if
-// from the environment.
-func TestSettingErrorsNameTheirSource(t *testing.T) {
-	t.Parallel()
-	databaseURL, _ := newSchema(t)
-	down := "postgres://ann:hunter2@" + closedAddr(t) + "/db?sslmode=disable"
-	tests := []struct {
-		name   string
-		env    map[string]string
-		args   []string
-		prefix string
-	}{
-		{"cost variable", map[string]string{"BCRYPT_COST": "3"}, nil, "BCRYPT_COST: "},
-		{"cost flag", nil, []string{"-bcrypt-cost", "3"}, "-bcrypt-cost: "},
-		{"cost flag over a good variable", map[string]string{"BCRYPT_COST": "12"}, []string{"-bcrypt-cost=3"}, "-bcrypt-cost: "},
-		{"pool size", map[string]string{"DB_MAX_CONNS": "x"}, nil, "DB_MAX_CONNS: "},
-		{"port", map[string]string{"PORT": "0"}, nil, "PORT: "},
-		{"address variable", map[string]string{"DATABASE_URL": databaseURL, "ADDR": "127.0.0.1:-1"}, nil, "ADDR: "},
-		{"address flag", map[string]string{"DATABASE_URL": databaseURL, "ADDR": "127.0.0.1:0"}, []string{"-addr", "127.0.0.1:-1"}, "-addr: "},
-		{"database variable", map[string]string{"DATABASE_URL": down}, nil, "DATABASE_URL: "},
-		{"database flag", map[string]string{"DATABASE_URL": databaseURL}, []string{"-database-url", down}, "-database-url: "},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			err := run(context.Background(), tt.args, func(k string) string { return tt.env[k] }, io.Discard, io.Discard)
-			if err == nil || !strings.HasPrefix(err.Error(), tt.prefix) {
-				t.Errorf("run(%q, %v) = %v, want an error starting %q", tt.args, tt.env, err, tt.prefix)
-			}
-		})
-	}
-}
-
-func TestStartLogNamesTheDatabase(t *testing.T) {
-	t.Parallel()
-	databaseURL, _ := newSchema(t)
-	// The test server trusts every local role, so any password will do.
-	databaseURL = withParam(databaseURL, "password", "hunter2-secret")
-	pqcfg, err := pq.NewConfig(databaseURL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var name string
-	if err := adminDB.QueryRow(`SELECT current_database()`).Scan(&name); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	_, logs, done := startRun(t, ctx, map[string]string{"DATABASE_URL": databaseURL, "ADDR": "127.0.0.1:0", "BCRYPT_COST": "10"})
-	cancel()
-	waitStopped(t, done)
-	line, _, _ := strings.Cut(logs.String()[strings.Index(logs.String(), "msg=listening"):], "\n")
-	want := fmt.Sprintf("database.host=%s database.port=%d database.name=%s ", pqcfg.Host, pqcfg.Port, name)
-	if !strings.Contains(line, want) {
-		t.Errorf("start log %q does not have %q", line, want)
-	}
-	if strings.Contains(logs.String(), "hunter2") {
-		t.Errorf("the log holds the database password:\n%s", logs)
-	}
-}
-
-func TestLoadConfigPooler(t *testing.T) {
-	t.Parallel()
-	tests := []struct {
-		name    string
-		env     map[string]string
-		args    []string
-		want    bool   // transactionPooler
-		wantErr string // in the error, if one is wanted
-	}{
-		{"default", nil, nil, false, ""},
-		{"none", map[string]string{"DB_POOLER": "none"}, nil, false, ""},
-		{"transaction", map[string]string{"DB_POOLER": "transaction"}, nil, true, ""},
-		{"flag wins over environment", map[string]string{"DB_POOLER": "transaction"}, []string{"-db-pooler", "none"}, false, ""},
-		{"flag", nil, []string{"-db-pooler", "transaction"}, true, ""},
-		{"unknown mode", map[string]string{"DB_POOLER": "session"}, nil, false, `DB_POOLER: must be "none" or "transaction", got "session"`},
-		{"unknown mode by flag", nil, []string{"-db-pooler", "Transaction"}, false, `-db-pooler: must be "none" or "transaction", got "Transaction"`},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			got, err := loadConfig(tt.args, func(k string) string { return tt.env[k] }, io.Discard)
-			if tt.wantErr != "" {
-				if err == nil || err.Error() != tt.wantErr {
-					t.Errorf("loadConfig(%q) error = %v, want %q", tt.args, err, tt.wantErr)
-				}
-				return
-			}
-			if err != nil {
-				t.Fatal(err)
-			}
-			if got.pool.transactionPooler != tt.want {
-				t.Errorf("loadConfig(%q) transactionPooler = %v, want %v", tt.args, got.pool.transactionPooler, tt.want)
-			}
-		})
-	}
-}
-
 func TestParseDatabaseURL(t *testing.T) {
 	t.Parallel()
 	accepted := []struct{ name, value, want string }{
@@ -971,6 +621,7 @@ func TestParseDatabaseURL(t *testing.T) {
 		{"a stray word", "host=secret-host user=ann password=hunter2 hunter3"},
 		{"a password cut by a space", "host=secret-host password=hunter2 and more"},
 		{"an unterminated quote", "host=secret-host password='hunter2"},
+		{"a URL as a setting", "dbname=postgres://ann:hunter2@secret-host/db"},
 		{"empty", " "},
 		{"empty quotes", `""`},
 	}
@@ -992,273 +643,258 @@ func TestParseDatabaseURL(t *testing.T) {
 	}
 }
 
-func TestRunNamesEveryDatabaseHost(t *testing.T) {
+func TestServerTimeouts(t *testing.T) {
 	t.Parallel()
-	a, b := closedAddr(t), closedAddr(t)
-	_, portA, _ := net.SplitHostPort(a)
-	_, portB, _ := net.SplitHostPort(b)
-	for _, databaseURL := range []string{
-		"postgres://ann:hunter2@" + a + "," + b + "/db?sslmode=disable&target_session_attrs=read-write",
-		"POSTGRES://ann:hunter2@127.0.0.1,127.0.0.1/db?port=" + portA + "," + portB + "&sslmode=disable",
-		"host=127.0.0.1,127.0.0.1 port=" + portA + "," + portB + " user=ann password=hunter2 sslmode=disable",
-	} {
-		err := run(context.Background(), nil, func(k string) string {
-			return map[string]string{"DATABASE_URL": databaseURL, "ADDR": "127.0.0.1:0"}[k]
-		}, io.Discard, io.Discard)
-		if err == nil {
-			t.Fatalf("run with no database at %s or %s succeeded", a, b)
-		}
-		msg := err.Error()
-		if !strings.Contains(msg, "DATABASE_URL") || strings.Contains(msg, "\n") || strings.Contains(msg, "hunter2") {
-			t.Errorf("run = %q, want one line naming DATABASE_URL, free of the password", msg)
-		}
-		if want := "at " + a + ", " + b + ":"; !strings.Contains(msg, want) {
-			t.Errorf("run = %q, want it to name every host: %q", msg, want)
-		}
+	// Tests shorten these to run quickly; this one holds the values the
+	// service runs with, which the README documents.
+	srv := newHTTPServer(http.NotFoundHandler(), newTestLogger(io.Discard))
+	got := [...]any{srv.ReadHeaderTimeout, srv.ReadTimeout, srv.WriteTimeout, srv.IdleTimeout, srv.MaxHeaderBytes}
+	want := [...]any{5 * time.Second, 16 * time.Second, 30 * time.Second, 60 * time.Second, 64 << 10}
+	if got != want {
+		t.Errorf("newHTTPServer: ReadHeaderTimeout, ReadTimeout, WriteTimeout, IdleTimeout, MaxHeaderBytes = %v, want %v", got, want)
 	}
 }
 
-func TestRunRefusesMistypedDatabaseURL(t *testing.T) {
-	t.Parallel()
-	// Values that lib/pq alone reads as key=value settings: it quotes them
-	// whole in its error, or connects to localhost:5432 and sends the URL
-	// as a setting's name, into the server's log. Quotes and spaces around
-	// a URL are dropped and the URL read as such; the others are refused.
-	down := closedAddr(t)
-	for _, tt := range []struct {
-		value string
-		want  string // the error's start
-	}{
-		{`"postgres://ann:hunter2@` + down + `/db?sslmode=disable"`, "DATABASE_URL: cannot use the database at " + down + ":"},
-		{` postgres://ann:hunter2@` + down + `/db?sslmode=disable`, "DATABASE_URL: cannot use the database at " + down + ":"},
-		{`postgresql+asyncpg://ann:hunter2@` + down + `/db?sslmode=disable`, "DATABASE_URL: the URL's scheme must be"},
-		{`postgress://ann:hunter2@` + down + `/db?sslmode=disable`, "DATABASE_URL: the URL's scheme must be"},
-		{`host=127.0.0.1 user=ann password=hunter2 hunter3 dbname=db`, "DATABASE_URL: not a postgres:// URL, nor key=value settings"},
-	} {
-		var stdout, stderr syncBuffer
-		err := run(context.Background(), nil, func(k string) string {
-			return map[string]string{"DATABASE_URL": tt.value, "ADDR": "127.0.0.1:0"}[k]
-		}, &stdout, &stderr)
-		if err == nil || !strings.HasPrefix(err.Error(), tt.want) {
-			t.Errorf("DATABASE_URL=%s: run = %v, want an error starting %q", tt.value, err, tt.want)
-		}
-		if out := fmt.Sprint(err) + stdout.String() + stderr.String(); strings.Contains(out, "hunter") {
-			t.Errorf("DATABASE_URL=%s: the output shows the password: %s", tt.value, out)
-		}
-	}
-}
-
-func TestSlowHeadersAreCut(t *testing.T) {
-	t.Parallel()
-	e := newTestEnv(t, withServer(func(s *http.Server) { s.ReadHeaderTimeout = 200 * time.Millisecond }))
-	conn, err := net.Dial("tcp", strings.TrimPrefix(e.url, "http://"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	closed := make(chan struct{})
-	go func() {
-		conn.Read(make([]byte, 1024)) // returns when the server gives up on us
-		close(closed)
-	}()
-	request := "GET /healthz HTTP/1.1\r\nHost: x\r\nUser-Agent: slowloris\r\n\r\n"
-	for i := 0; i < len(request); i++ {
-		select {
-		case <-closed:
-			t.Logf("cut after %d of %d header bytes", i, len(request))
-			return
-		case <-time.After(50 * time.Millisecond): // the trickle would take 2.5s
-		}
-		if _, err := conn.Write([]byte{request[i]}); err != nil {
-			return // cut
-		}
-	}
-	select {
-	case <-closed:
-	case <-time.After(time.Second):
-		t.Fatal("the server waited for the whole trickled header")
-	}
-	t.Error("the server read a whole header trickled far past ReadHeaderTimeout")
-}
-
-func TestIdleConnectionsDoNotBlockNewClients(t *testing.T) {
-	t.Parallel()
-	e := newTestEnv(t)
-	addr := strings.TrimPrefix(e.url, "http://")
-	const idle = 1000
-	conns := make([]net.Conn, 0, idle)
-	defer func() {
-		for _, c := range conns {
-			c.Close()
-		}
-	}()
-	var mu sync.Mutex
-	var wg sync.WaitGroup
-	errs := make(chan error, idle)
-	for i := 0; i < idle; i++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			c, err := net.Dial("tcp", addr)
-			if err != nil {
-				errs <- err
-				return
-			}
-			mu.Lock()
-			conns = append(conns, c)
-			mu.Unlock()
-			// One request, then the connection idles, kept alive.
-			fmt.Fprintf(c, "GET /nope HTTP/1.1\r\nHost: x\r\n\r\n")
-			resp, err := http.ReadResponse(bufio.NewReader(c), nil)
-			if err != nil {
-				errs <- err
-				return
-			}
-			resp.Body.Close()
-		}()
-	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		t.Fatalf("opening idle connections: %v", err)
-	}
-	if r := e.do("GET", "/healthz", ""); r.status != http.StatusOK {
-		t.Errorf("%s with %d idle connections open, want 200", r, idle)
-	}
-}
-
-func TestIdleConnectionsAreClosed(t *testing.T) {
-	t.Parallel()
-	e := newTestEnv(t, withServer(func(s *http.Server) { s.IdleTimeout = 200 * time.Millisecond }))
-	c, err := net.Dial("tcp", strings.TrimPrefix(e.url, "http://"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	fmt.Fprintf(c, "GET /nope HTTP/1.1\r\nHost: x\r\n\r\n")
-	br := bufio.NewReader(c)
-	resp, err := http.ReadResponse(br, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp.Body.Close()
-	c.SetReadDeadline(time.Now().Add(5 * time.Second))
-	if _, err := br.ReadByte(); err == nil {
-		t.Fatal("the server sent more on an idle connection")
-	} else if ne, ok := err.(net.Error); ok && ne.Timeout() {
-		t.Fatal("an idle keep-alive connection was still open after 5s")
-	}
-}
-
-func TestGracefulShutdownUnderLoad(t *testing.T) {
-	t.Parallel()
-	databaseURL, schema := newSchema(t)
-	databaseURL = withParam(databaseURL, "application_name", schema)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	// Each hash takes tens of milliseconds at cost 10 (far more under the
-	// race detector), and run lets them use every P but one: the creates
-	// queue up, and are still in flight when the shutdown begins.
-	addr, _, done := startRun(t, ctx, map[string]string{"DATABASE_URL": databaseURL, "ADDR": "127.0.0.1:0", "BCRYPT_COST": "10"})
-	e := &testEnv{t: t, url: "http://" + addr}
-	const creates = 3
-	results := make(chan response, creates+1)
-	for i := 0; i < creates; i++ {
-		go func(i int) {
-			results <- e.do("POST", "/users/", userBody("Ann", "Lee", fmt.Sprintf("u%d@example.com", i), "password1"))
-		}(i)
-	}
-	go func() { results <- e.do("GET", "/users/?limit=5", "") }()
-	// One create is surely in flight: its body is only half sent when the
-	// shutdown begins, and the rest follows after.
-	slowBody, rest := io.Pipe()
-	slow := make(chan int, 1)
-	go func() {
-		resp, err := noRedirects.Post(e.url+"/users/", "application/json", slowBody)
-		if err != nil {
-			t.Errorf("POST with a slow body: %v", err)
-			slow <- 0
-			return
-		}
-		resp.Body.Close()
-		slow <- resp.StatusCode
-	}()
-	rest.Write([]byte(`{"first_name":"Slow","last_name":"Body",`))
-	time.Sleep(150 * time.Millisecond) // the requests are in; the hashes are not done
-	cancel()
-
-	// New connections are refused while the requests in flight finish.
-	refused := false
-	for i := 0; i < 100 && !refused; i++ {
-		c, err := net.Dial("tcp", addr)
-		if err != nil {
-			refused = true
-		} else {
-			c.Close()
-			time.Sleep(10 * time.Millisecond)
-		}
-	}
-	if !refused {
-		t.Error("new connections were still accepted 1s after shutdown began")
-	}
-	select {
-	case status := <-slow:
-		t.Fatalf("the slow create answered %d before its body was complete", status)
-	default:
-	}
-	rest.Write([]byte(`"email":"slow@example.com","password":"password1"}`))
-	rest.Close()
-	if status := <-slow; status != http.StatusCreated {
-		t.Errorf("the create whose body came during shutdown answered %d, want 201", status)
-	}
-	created := 0
-	for i := 0; i < creates+1; i++ {
-		r := <-results
-		switch {
-		case strings.HasPrefix(r.what, "POST") && r.status == http.StatusCreated:
-			created++
-		case strings.HasPrefix(r.what, "GET") && r.status == http.StatusOK:
-		default:
-			t.Errorf("%s during shutdown, want its normal answer", r)
-		}
-	}
-	if created != creates {
-		t.Errorf("%d of %d creates in flight completed", created, creates)
-	}
-	waitStopped(t, done)
-	waitNoConnections(t, schema)
-}
-
-func TestTokenWarningOnOpenAddress(t *testing.T) {
+// TestRunGuardsByAddressAndToken checks what run does when there is no
+// token: on a loopback address it refuses requests for other hosts (DNS
+// rebinding); on any other it warns in the log.
+func TestRunGuardsByAddressAndToken(t *testing.T) {
 	t.Parallel()
 	databaseURL, _ := newSchema(t)
 	for _, tt := range []struct {
-		addr, token string
-		warn        bool
+		addr, token         string
+		hostChecked, warned bool
 	}{
-		{"127.0.0.1:0", "", false},
-		{"0.0.0.0:0", "", true},
-		{"0.0.0.0:0", "set", false},
+		{"127.0.0.1:0", "", true, false},
+		{"127.0.0.1:0", "tok", false, false},
+		{"0.0.0.0:0", "", false, true},
+		{"0.0.0.0:0", "tok", false, false},
 	} {
-		ctx, cancel := context.WithCancel(context.Background())
-		_, logs, done := startRun(t, ctx, map[string]string{"DATABASE_URL": databaseURL, "ADDR": tt.addr, "API_TOKEN": tt.token})
-		cancel()
-		waitStopped(t, done)
-		if got := strings.Contains(logs.String(), "API_TOKEN is not set"); got != tt.warn {
-			t.Errorf("ADDR=%s API_TOKEN=%q: warning logged = %v, want %v\n%s", tt.addr, tt.token, got, tt.warn, logs)
+		s := startRun(t, map[string]string{"DATABASE_URL": databaseURL, "ADDR": tt.addr, "API_TOKEN": tt.token})
+		port := s.addr[strings.LastIndex(s.addr, ":")+1:]
+		r := s.do("GET", "/healthz", "", "Host: evil.example:"+port)
+		if checked := r.status == http.StatusMisdirectedRequest; checked != tt.hostChecked {
+			t.Errorf("ADDR=%s API_TOKEN=%q: %s; want 421: %v", tt.addr, tt.token, r, tt.hostChecked)
+		}
+		if r := s.do("GET", "/healthz", "", "Host: localhost:"+port); r.status != http.StatusOK {
+			t.Errorf("ADDR=%s API_TOKEN=%q: %s with Host localhost, want 200", tt.addr, tt.token, r)
+		}
+		s.stop(t)
+		if warned := strings.Contains(s.logs.String(), "API_TOKEN is not set"); warned != tt.warned {
+			t.Errorf("ADDR=%s API_TOKEN=%q: warning logged = %v, want %v\n%s", tt.addr, tt.token, warned, tt.warned, s.logs)
 		}
 	}
 }
 
-// everyUsersRoute is one request to each /users route.
-func everyUsersRoute(id int64) []struct{ method, path, body string } {
-	return []struct{ method, path, body string }{
-		{"POST", "/users/", userBody("Down", "Time", "down@example.com", "password1")},
-		{"POST", "/users", userBody("Down", "Time", "down@example.com", "password1")},
-		{"GET", "/users/", ""},
-		{"GET", "/users", ""},
-		{"GET", fmt.Sprintf("/users/%d", id), ""},
-		{"PUT", fmt.Sprintf("/users/%d", id), `{"first_name":"Changed"}`},
-		{"DELETE", fmt.Sprintf("/users/%d", id), ""},
+// dialMany opens n connections to addr, closed when the test ends. If
+// request is not empty, each sends it and reads the answer, which must have
+// status.
+func dialMany(t *testing.T, addr string, n int, request string, status int) []net.Conn {
+	t.Helper()
+	conns := make([]net.Conn, 0, n)
+	t.Cleanup(func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	for i := 0; i < n; i++ {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, c)
+		if request != "" {
+			if got := answerOn(c, request); !strings.HasPrefix(got, strconv.Itoa(status)+" ") {
+				t.Fatalf("connection %d to %s: %s, want %d", i, addr, got, status)
+			}
+		}
+	}
+	return conns
+}
+
+// answerOn sends request on c and describes the answer: its status,
+// Retry-After, whether the server closes the connection after it, and its
+// body.
+func answerOn(c net.Conn, request string) string {
+	c.SetReadDeadline(time.Now().Add(30 * time.Second))
+	io.WriteString(c, request)
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		return err.Error()
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return fmt.Sprintf("%d Retry-After=%q close=%v %q", resp.StatusCode, resp.Header.Get("Retry-After"), resp.Close, body)
+}
+
+// createExpectingBody is a create whose body has not come yet. The server
+// asks for it with 100 Continue once the handler has the request, busy.
+func createExpectingBody(body string) string {
+	return "POST /users/ HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n" +
+		"Content-Length: " + strconv.Itoa(len(body)) + "\r\nExpect: 100-continue\r\n\r\n"
+}
+
+func TestClientLimit(t *testing.T) {
+	t.Parallel()
+	databaseURL, _ := newSchema(t)
+	const maxClients = 4
+	s := startRun(t, map[string]string{"DATABASE_URL": databaseURL, "ADDR": "127.0.0.1:0", "MAX_CLIENTS": strconv.Itoa(maxClients)})
+
+	t.Run("idle connections make room", func(t *testing.T) {
+		// Twice the limit: connections that never spoke, then connections
+		// kept alive after a request.
+		idle := dialMany(t, s.addr, maxClients, "", 0)
+		idle = append(idle, dialMany(t, s.addr, maxClients, "GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n", http.StatusOK)...)
+		if r := s.do("GET", "/healthz", ""); r.status != http.StatusOK {
+			t.Fatalf("%s beside %d idle connections, want 200", r, len(idle))
+		}
+		// The server holds no more than the limit: the client's connection
+		// and at most maxClients-1 of the others.
+		waitUntil(t, "the server to close idle connections", func() bool {
+			open := 0
+			for _, c := range idle {
+				// A read finds the end of a closed connection, and times
+				// out on an open one.
+				c.SetReadDeadline(time.Now().Add(time.Millisecond))
+				if _, err := c.Read(make([]byte, 1)); errors.Is(err, os.ErrDeadlineExceeded) {
+					open++
+				}
+			}
+			return open <= maxClients-1
+		})
+	})
+
+	t.Run("busy connections refuse new ones", func(t *testing.T) {
+		busy := dialMany(t, s.addr, maxClients, createExpectingBody("{}"), http.StatusContinue)
+		c := dialMany(t, s.addr, 1, "", 0)[0]
+		refused := `503 Retry-After="1" close=true "{\"detail\":\"Service unavailable\"}\n"`
+		if got := answerOn(c, "GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n"); got != refused {
+			t.Errorf("a connection past %d busy ones: %s, want %s", maxClients, got, refused)
+		}
+		if !strings.Contains(s.logs.String(), "every client connection is busy") {
+			t.Errorf("the refusal was not logged:\n%s", s.logs)
+		}
+		// A burst of them, silent: each gets its answer, not just a closed
+		// connection.
+		const burst = 100
+		answers := make(chan string, burst)
+		for range burst {
+			go func() {
+				c, err := net.Dial("tcp", s.addr)
+				if err != nil {
+					answers <- err.Error()
+					return
+				}
+				defer c.Close()
+				answers <- answerOn(c, "")
+			}()
+		}
+		for i := range burst {
+			if got := <-answers; got != refused {
+				t.Errorf("connection %d of a burst past %d busy ones: %s, want %s", i, maxClients, got, refused)
+			}
+		}
+		// The busy connections were kept, and finish as they would have.
+		for i, c := range busy {
+			if got := answerOn(c, "{}"); !strings.HasPrefix(got, "400 ") {
+				t.Errorf("busy connection %d: %s after its body, want 400", i, got)
+			}
+		}
+	})
+}
+
+func TestGracefulShutdown(t *testing.T) {
+	t.Parallel()
+	databaseURL, schema := newSchema(t)
+	s := startRun(t, map[string]string{"DATABASE_URL": databaseURL, "ADDR": "127.0.0.1:0", "BCRYPT_COST": "10"})
+	body := func(i int) string {
+		return fmt.Sprintf(`{"first_name":"Ann","last_name":"Lee","email":"u%d@example.com","password":"password1"}`, i)
+	}
+	// Creates in flight: the server has each request, and waits for its body.
+	const inFlight = 3
+	conns := dialMany(t, s.addr, inFlight, createExpectingBody(body(0)), http.StatusContinue)
+
+	s.cancel()
+	waitUntil(t, "new connections to be refused", func() bool { return refusesConnections(s.addr) })
+	select {
+	case <-s.exited:
+		t.Fatalf("run returned %v with %d requests in flight", s.err, inFlight)
+	default:
+	}
+	for i, c := range conns {
+		if got := answerOn(c, body(i)); !strings.HasPrefix(got, "201 ") {
+			t.Errorf("create %d, its body sent during the shutdown: %s, want 201", i, got)
+		}
+	}
+	s.stop(t)
+	var n int
+	if err := adminDB.QueryRow(`SELECT count(*) FROM ` + schema + `.users`).Scan(&n); err != nil || n != inFlight {
+		t.Errorf("%d users stored (%v), want the %d created during the shutdown", n, err, inFlight)
+	}
+}
+
+// TestHelpAndVersion checks that -h prints what the program is and every
+// setting, by its variable, flag and default, and -version one line, both
+// whatever the environment holds.
+func TestHelpAndVersion(t *testing.T) {
+	t.Parallel()
+	help := []string{"users serves a user-management REST API backed by PostgreSQL.\n", "-version\n"}
+	for _, st := range settings() {
+		help = append(help, "  "+st.env, st.usage)
+		if st.flag != "" {
+			help = append(help, ", -"+st.flag+"\n")
+		}
+		if st.def != "" {
+			help = append(help, "default: "+st.def+"\n")
+		}
+	}
+	version := regexp.MustCompile(`^users \S+( [0-9a-f]{7} \S+)?\n$`)
+	env := map[string]string{"BCRYPT_COST": "3", "PORT": "x"}
+	for _, arg := range []string{"-h", "-help", "--help", "-version"} {
+		var stdout, stderr syncBuffer
+		err := run(context.Background(), []string{arg}, func(k string) string { return env[k] }, &stdout, &stderr)
+		if err != nil || stderr.String() != "" {
+			t.Errorf("run %s = %v, stderr %q; want nil and nothing on stderr", arg, err, stderr.String())
+		}
+		out := stdout.String()
+		if arg == "-version" {
+			if !version.MatchString(out) {
+				t.Errorf("run -version: %q, want one line \"users <version> [<revision> <time>]\"", out)
+			}
+			continue
+		}
+		if !strings.HasPrefix(out, help[0]) {
+			t.Errorf("run %s: %q, want it to start with what the program is", arg, out)
+		}
+		for _, want := range help {
+			if !strings.Contains(out, want) {
+				t.Errorf("run %s: help does not have %q:\n%s", arg, want, out)
+			}
+		}
+	}
+}
+
+func TestFormatVersion(t *testing.T) {
+	t.Parallel()
+	vcs := []debug.BuildSetting{
+		{Key: "-compiler", Value: "gc"},
+		{Key: "vcs.time", Value: "2026-11-28T10:00:00Z"},
+		{Key: "vcs.revision", Value: "5ba070a1b2c3d4e5f60718293a4b5c6d7e8f9012"},
+		{Key: "vcs.modified", Value: "false"},
+	}
+	for _, tt := range []struct {
+		version  string
+		settings []debug.BuildSetting
+		want     string
+	}{
+		{"(devel)", vcs, "users (devel) 5ba070a 2026-11-28T10:00:00Z"},
+		{"v1.2.3", vcs, "users v1.2.3 5ba070a 2026-11-28T10:00:00Z"},
+		{"(devel)", nil, "users (devel)"},
+		{"", nil, "users (devel)"},
+	} {
+		info := &debug.BuildInfo{Main: debug.Module{Path: "users", Version: tt.version}, Settings: tt.settings}
+		if got := formatVersion(info); got != tt.want {
+			t.Errorf("formatVersion(%q, %d settings) = %q, want %q", tt.version, len(tt.settings), got, tt.want)
+		}
 	}
 }
