@@ -24,9 +24,10 @@ type hasher struct {
 	cost    int
 	slots   chan struct{}
 	maxWait time.Duration
-	// generate is bcrypt.GenerateFromPassword; tests wrap it to watch the
-	// concurrency bound.
+	// generate and compare are bcrypt.GenerateFromPassword and
+	// bcrypt.CompareHashAndPassword; tests wrap them to watch what is done.
 	generate func(password []byte, cost int) ([]byte, error)
+	compare  func(hash, password []byte) error
 	// dummy is a hash at cost of a random password, made at start. A check
 	// for an address no user has compares with it, so that it takes as long
 	// as a check of a wrong password.
@@ -51,6 +52,7 @@ func newHasher(cost, concurrency int, maxWait time.Duration) *hasher {
 		slots:    make(chan struct{}, concurrency),
 		maxWait:  maxWait,
 		generate: bcrypt.GenerateFromPassword,
+		compare:  bcrypt.CompareHashAndPassword,
 		dummy:    dummy,
 	}
 }
@@ -105,14 +107,14 @@ func (h *hasher) matches(stored, password string) bool {
 	if len(pw) > maxPasswordBytes {
 		pw = pw[:maxPasswordBytes]
 	}
-	err := bcrypt.CompareHashAndPassword(hash, pw)
+	err := h.compare(hash, pw)
 	// A hash made before BCRYPT_COST was raised compares faster than the
 	// dummy does, which would tell who has an account. bcrypt's time
 	// doubles with each step of cost, so one comparison at each cost from
 	// the stored one up to the hasher's makes up the difference exactly.
 	if cost, costErr := bcrypt.Cost(hash); costErr == nil {
 		for ; cost < h.cost; cost++ {
-			bcrypt.CompareHashAndPassword(h.paddingAt(cost), pw)
+			h.compare(h.paddingAt(cost), pw)
 		}
 	}
 	return err == nil && stored != "" && len(password) <= maxPasswordBytes

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"errors"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -84,7 +85,7 @@ func TestHashingIsBoundedAndGivesUpWhenBusy(t *testing.T) {
 		go hash()
 	}
 	t.Cleanup(func() { close(release) })
-	waitFor(t, 10*time.Second, "every hashing slot taken", func() bool { return active.Load() == bound })
+	waitUntil(t, "every hashing slot taken", func() bool { return active.Load() == bound })
 	// One more waits maxWait for a slot, and gives up without hashing: had
 	// it passed the bound, it would wait for release instead.
 	go hash()
@@ -95,5 +96,44 @@ func TestHashingIsBoundedAndGivesUpWhenBusy(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatalf("hash with all %d slots taken: no answer within 10s; %d hashes running", bound, active.Load())
+	}
+}
+
+// A check of a hash made before BCRYPT_COST was raised is padded with one
+// comparison at each cost up to the hasher's: as bcrypt's time doubles with
+// each step, it then takes as long as a check of an unknown address, and
+// timing cannot tell who has an account.
+func TestChecksOfOlderHashesArePadded(t *testing.T) {
+	t.Parallel()
+	h := newHasher(bcrypt.MinCost+3, 1, time.Second)
+	var costs []int
+	compare := h.compare
+	h.compare = func(hash, password []byte) error {
+		cost, _ := bcrypt.Cost(hash)
+		costs = append(costs, cost)
+		return compare(hash, password)
+	}
+	for _, tt := range []struct {
+		name   string
+		stored int // cost of the stored hash; 0: no such user
+		want   []int
+	}{
+		{"no such user", 0, []int{h.cost}},
+		{"hash at the hasher's cost", h.cost, []int{h.cost}},
+		{"hash two steps cheaper", h.cost - 2, []int{h.cost - 2, h.cost - 2, h.cost - 1}},
+		{"hash at a higher cost", h.cost + 1, []int{h.cost + 1}},
+	} {
+		stored := ""
+		if tt.stored > 0 {
+			b, _ := bcrypt.GenerateFromPassword([]byte("password1"), tt.stored)
+			stored = string(b)
+		}
+		costs = nil
+		if !h.matches(stored, "password1") && tt.stored > 0 {
+			t.Errorf("%s: the right password does not match", tt.name)
+		}
+		if !slices.Equal(costs, tt.want) {
+			t.Errorf("%s: compared at costs %v, want %v", tt.name, costs, tt.want)
+		}
 	}
 }

@@ -107,11 +107,18 @@ func newTestStore(t testing.TB) *store {
 	return newStoreAt(t, databaseURL)
 }
 
-// newStoreAt opens a store at databaseURL as the service does, closed when
-// the test ends. It is the tests' one way to open a store.
+// newStoreAt opens a store at databaseURL with the tests' pool and the
+// service's 5 s bound.
 func newStoreAt(t testing.TB, databaseURL string) *store {
 	t.Helper()
-	st, err := openStore(context.Background(), databaseURL, testPool, 5*time.Second)
+	return newStoreWith(t, databaseURL, testPool, 5*time.Second)
+}
+
+// newStoreWith opens a store at databaseURL as the service does, closed when
+// the test ends. It is the tests' one way to open a store.
+func newStoreWith(t testing.TB, databaseURL string, pool poolConfig, bound time.Duration) *store {
+	t.Helper()
+	st, err := openStore(context.Background(), databaseURL, pool, bound)
 	if err != nil {
 		t.Fatalf("openStore: %v", err)
 	}

@@ -27,16 +27,6 @@ import (
 	"golang.org/x/crypto/bcrypt"
 )
 
-// newStoreWith opens a store on databaseURL, closed when the test ends.
-func newStoreWith(t *testing.T, databaseURL string, pool poolConfig, bound time.Duration) *store {
-	t.Helper()
-	st, err := openStore(context.Background(), databaseURL, pool, bound)
-	if err != nil {
-		t.Fatalf("openStore: %v", err)
-	}
-	t.Cleanup(func() { st.Close() })
-	return st
-}
 
 func TestSchemaIsIdempotentAndSafeForReplicas(t *testing.T) {
 	t.Parallel()
@@ -286,7 +276,7 @@ func startPgBouncer(t *testing.T) string {
 
 	bouncerURL := fmt.Sprintf("host=%s port=6432 user=%s dbname=%s sslmode=disable", dir, server.User, database)
 	db := openDB(t, bouncerURL)
-	waitFor(t, 30*time.Second, "PgBouncer answers", func() bool {
+	waitUntil(t, "PgBouncer answers", func() bool {
 		select {
 		case <-exited:
 			t.Fatalf("PgBouncer exited; its output:\n%s", out)
@@ -680,7 +670,7 @@ func TestDatabaseCutUnderLoad(t *testing.T) {
 	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
 	load := startCreateLoad(t, 4, func(_ int, body string) response { return e.do("POST", "/users", body) })
 	begin := time.Now()
-	waitFor(t, 30*time.Second, "20 creates before the cut", func() bool { return load.count(http.StatusCreated, begin) >= 20 })
+	waitUntil(t, "20 creates before the cut", func() bool { return load.count(http.StatusCreated, begin) >= 20 })
 
 	cutAt := time.Now()
 	proxy.cut()
@@ -690,14 +680,14 @@ func TestDatabaseCutUnderLoad(t *testing.T) {
 		mustRetryLater(t, e.do(rq.method, rq.path, rq.body))
 	}
 	mustRetryLater(t, e.do("GET", "/healthz", ""))
-	waitFor(t, 30*time.Second, "4 creates answered 503 while the database is cut off", func() bool {
+	waitUntil(t, "4 creates answered 503 while the database is cut off", func() bool {
 		return load.count(http.StatusServiceUnavailable, cutDone) >= 4
 	})
 
 	// It recovers by itself.
 	proxy.restore()
 	restored := time.Now()
-	waitFor(t, 30*time.Second, "20 creates after the database is back", func() bool { return load.count(http.StatusCreated, restored) >= 20 })
+	waitUntil(t, "20 creates after the database is back", func() bool { return load.count(http.StatusCreated, restored) >= 20 })
 	load.stop()
 	if r := e.do("GET", "/healthz", ""); r.status != http.StatusOK {
 		t.Errorf("%s after the database came back, want 200", r)
@@ -725,7 +715,7 @@ func TestDatabaseStallIsBounded(t *testing.T) {
 	mustRetryLater(t, e.do("GET", "/healthz", ""))
 	// Once the network answers again, the service recovers by itself.
 	proxy.stalled.Store(false)
-	waitFor(t, 30*time.Second, "/healthz answers 200 after the stall", func() bool { return e.do("GET", "/healthz", "").status == http.StatusOK })
+	waitUntil(t, "/healthz answers 200 after the stall", func() bool { return e.do("GET", "/healthz", "").status == http.StatusOK })
 	if got := mustUser(t, e.do("GET", fmt.Sprintf("/users/%d", u.ID), ""), http.StatusOK); got != u {
 		t.Errorf("after the stall: %+v, want %+v", got, u)
 	}
@@ -800,19 +790,6 @@ func mustRetryLater(t *testing.T, r response) {
 	mustError(t, r, http.StatusServiceUnavailable, "Service unavailable")
 	if n, err := strconv.Atoi(r.header.Get("Retry-After")); err != nil || n < 1 {
 		t.Errorf("%s: Retry-After = %q, want a number of seconds", r.what, r.header.Get("Retry-After"))
-	}
-}
-
-// waitFor polls cond until it is true, and fails the test if that takes
-// longer than within.
-func waitFor(t *testing.T, within time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(within)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within %v", what, within)
-		}
-		time.Sleep(20 * time.Millisecond)
 	}
 }
 
@@ -917,7 +894,7 @@ func TestTimedOutWritesAreNotAppliedLater(t *testing.T) {
 
 	// Whatever the server still had queued for the service runs now: wait
 	// until none of its statements is running.
-	waitFor(t, 10*time.Second, "no statement of the service running after the rows were released", func() bool {
+	waitUntil(t, "no statement of the service running after the rows were released", func() bool {
 		var running int
 		err := adminDB.QueryRow(`SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND state <> 'idle'`, schema).Scan(&running)
 		return err == nil && running == 0
@@ -1094,7 +1071,7 @@ func TestFailoverDrill(t *testing.T) {
 		"-D", "standby", "-R", "-X", "stream", "-c", "fast")
 	pg.start("standby", standbyPort, "")
 	primaryDB := openDB(t, "host=127.0.0.1 port="+primaryPort+" user=postgres dbname=postgres sslmode=disable")
-	waitFor(t, 30*time.Second, "the standby is synchronous", func() bool {
+	waitUntil(t, "the standby is synchronous", func() bool {
 		var state string
 		primaryDB.QueryRow(`SELECT sync_state FROM pg_stat_replication WHERE application_name = 'standby'`).Scan(&state)
 		return state == "sync"
@@ -1115,17 +1092,17 @@ func TestFailoverDrill(t *testing.T) {
 
 	load := startCreateLoad(t, 4, func(client int, body string) response { return envs[client%2].do("POST", "/users", body) })
 	begin := time.Now()
-	waitFor(t, 30*time.Second, "20 creates on the primary", func() bool { return load.count(http.StatusCreated, begin) >= 20 })
+	waitUntil(t, "20 creates on the primary", func() bool { return load.count(http.StatusCreated, begin) >= 20 })
 
 	// The primary dies.
 	killStart := time.Now()
 	pg.run("pg_ctl", "-D", "primary", "-m", "immediate", "stop")
 	killed := time.Now()
-	waitFor(t, 20*time.Second, "503s while there is no primary", func() bool { return load.count(http.StatusServiceUnavailable, killed) >= 8 })
+	waitUntil(t, "503s while there is no primary", func() bool { return load.count(http.StatusServiceUnavailable, killed) >= 8 })
 	// The standby takes over.
 	promoted := time.Now()
 	pg.run("pg_ctl", "-D", "standby", "-w", "-t", "60", "promote")
-	waitFor(t, 30*time.Second, "20 creates on the new primary", func() bool { return load.count(http.StatusCreated, promoted) >= 20 })
+	waitUntil(t, "20 creates on the new primary", func() bool { return load.count(http.StatusCreated, promoted) >= 20 })
 	load.stop()
 
 	// Every 201 is on the new primary; a create answered 503 left nothing, unless it was in flight
@@ -1146,4 +1123,37 @@ func TestFailoverDrill(t *testing.T) {
 		t.Errorf("slowest answer %v, want well within the bound %v", slowest, bound)
 	}
 	t.Logf("first 201 %v after the promotion began", firstAfter.Round(time.Millisecond))
+}
+
+// A write runs at READ COMMITTED whatever the database's default: at a
+// stricter level, an update that waited for another one's lock fails with a
+// serialization error instead of applying to the row as it now is.
+func TestWritesAreReadCommitted(t *testing.T) {
+	t.Parallel()
+	databaseURL, schema := newSchema(t)
+	dsn := withParam(withParam(databaseURL, "default_transaction_isolation", "serializable"), "application_name", schema)
+	e := newTestEnv(t, withStore(newStoreAt(t, dsn)))
+	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
+	other, err := adminDB.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Rollback()
+	if _, err := other.Exec(`UPDATE `+schema+`.users SET last_name = 'Ray' WHERE id = $1`, u.ID); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan response, 1)
+	go func() { done <- e.do("PUT", fmt.Sprintf("/users/%d", u.ID), `{"first_name":"Bo"}`) }()
+	waitUntil(t, "the PUT to wait for the other update's lock", func() bool {
+		var waiting int
+		err := adminDB.QueryRow(`SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock'`, schema).Scan(&waiting)
+		return err == nil && waiting == 1
+	})
+	if err := other.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	got := mustUser(t, <-done, http.StatusOK)
+	if got.FirstName != "Bo" || got.LastName != "Ray" {
+		t.Errorf("PUT after a concurrent update: %+v, want first_name Bo and the other update's last_name Ray", got)
+	}
 }
