@@ -27,7 +27,6 @@ import (
 	"golang.org/x/crypto/bcrypt"
 )
 
-
 func TestSchemaIsIdempotentAndSafeForReplicas(t *testing.T) {
 	t.Parallel()
 	databaseURL, _ := newSchema(t)
