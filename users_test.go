@@ -141,20 +141,14 @@ func (e *testEnv) storedSecret(t *testing.T, id int64) (hash, salt string) {
 	return hash, salt
 }
 
-func countUsers(t *testing.T, st *store) int {
-	t.Helper()
-	var n int
-	if err := st.db.QueryRow(`SELECT count(*) FROM users`).Scan(&n); err != nil {
-		t.Fatal(err)
-	}
-	return n
-}
+func countUsers(t *testing.T, st *store) int { t.Helper(); return countRows(t, st, "users") }
 
-// countAuthRows returns how many addresses have failures counted.
-func countAuthRows(t *testing.T, st *store) int {
+// countRows counts the rows of a table: auth_failures has one for each
+// address with failures counted.
+func countRows(t *testing.T, st *store, table string) int {
 	t.Helper()
 	var n int
-	if err := st.db.QueryRow(`SELECT count(*) FROM auth_failures`).Scan(&n); err != nil {
+	if err := st.db.QueryRow(`SELECT count(*) FROM ` + table).Scan(&n); err != nil {
 		t.Fatal(err)
 	}
 	return n
@@ -172,14 +166,12 @@ func seedUsers(t testing.TB, st *store, n int) {
 	}
 }
 
-// utcTimestamp is how the API writes timestamps: RFC 3339 in UTC,
+// parseTimestamp parses a timestamp as the API writes it: RFC 3339 in UTC,
 // fractional seconds only as far as PostgreSQL keeps them.
-var utcTimestamp = regexp.MustCompile(`^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?Z$`)
-
 func parseTimestamp(t *testing.T, s string) time.Time {
 	t.Helper()
 	ts, err := time.Parse(time.RFC3339Nano, s)
-	if err != nil || !utcTimestamp.MatchString(s) {
+	if err != nil || !regexp.MustCompile(`^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?Z$`).MatchString(s) {
 		t.Fatalf("timestamp %q is not RFC 3339 in UTC (%v)", s, err)
 	}
 	return ts
@@ -194,11 +186,6 @@ func storeAt(t *testing.T, databaseURL string, pool poolConfig, timeout time.Dur
 	}
 	t.Cleanup(func() { st.Close() })
 	return st
-}
-
-// routePath is a request path for a route pattern, with id for {id}.
-func routePath(pattern string, id int64) string {
-	return strings.NewReplacer("{$}", "", "{id}", strconv.FormatInt(id, 10)).Replace(pattern)
 }
 
 // waitUntil polls cond until it holds, and fails the test if it still
@@ -414,36 +401,25 @@ func TestIsJSONType(t *testing.T) {
 
 func TestCapProblems(t *testing.T) {
 	t.Parallel()
-	many := map[string]string{
-		"email":                        "must be a plain email address such as ann@example.com",
-		strings.Repeat("n", 10000):     "unknown field",
-		strings.Repeat("\u0001<", 100): "unknown field", // each byte escapes to six
-	}
+	// 2,000 names besides a known field's, some long, some that escape to
+	// six bytes a byte; and names that fill the 4 KiB before they reach 20.
+	many := map[string]string{"email": "must be a plain email address such as ann@example.com",
+		strings.Repeat("n", 10000): "unknown field", strings.Repeat("\u0001<", 100): "unknown field"}
+	escapes := map[string]string{"first_name": "must be a string"}
 	for i := 0; i < 2000; i++ {
 		many[fmt.Sprintf("unknown-%04d", i)] = "unknown field"
+		escapes[fmt.Sprintf("%04d%s", i%20, strings.Repeat("\u0001", 60))] = "unknown field"
 	}
-	// Names that fill the 4 KiB before they reach 20.
-	escapes := map[string]string{"first_name": "must be a string"}
-	for i := 0; i < 20; i++ {
-		escapes[fmt.Sprintf("%02d%s", i, strings.Repeat("\u0001", 62))] = "unknown field"
-	}
-	for _, tt := range []struct {
-		name     string
-		problems map[string]string
-		known    string
-	}{{"2,000 names, some long", many, "email"}, {"names that escape to six bytes a byte", escapes, "first_name"}} {
-		got := capProblems(tt.problems)
+	for known, problems := range map[string]map[string]string{"email": many, "first_name": escapes} {
+		got := capProblems(problems)
 		body, _ := json.Marshal(errorBody{Detail: "Invalid data", Errors: got})
-		if len(body)+1 > maxErrorBytes || len(got) > maxErrorEntries || len(got) == 0 {
-			t.Errorf("%s: an answer of %d bytes with %d problems, want some, at most %d bytes and %d",
-				tt.name, len(body)+1, len(got), maxErrorBytes, maxErrorEntries)
-		}
-		if _, ok := got[tt.known]; !ok {
-			t.Errorf("%s: %v leaves out %q, a known name, which comes first", tt.name, got, tt.known)
+		if len(body)+1 > maxErrorBytes || len(got) > maxErrorEntries || len(got) == 0 || got[known] == "" {
+			t.Errorf("%d problems capped to %d bytes with %d: %v; want some, %q first, at most %d bytes and %d",
+				len(problems), len(body)+1, len(got), got, known, maxErrorBytes, maxErrorEntries)
 		}
 		for name := range got {
 			if len(name) > maxErrorName+len("…") {
-				t.Errorf("%s: a name of %d bytes is kept: %.80q", tt.name, len(name), name)
+				t.Errorf("a name of %d bytes is kept: %.80q", len(name), name)
 			}
 		}
 	}
@@ -494,9 +470,6 @@ func TestReadUserInput(t *testing.T) {
 		{"object for a string", with(`"bob@example.com"`, `{"a":1}`), "email", false},
 		{"deeply nested JSON", with(`"Bob"`, strings.Repeat("[", 5000)+strings.Repeat("]", 5000)), "first_name", false},
 		{"empty name", with(`"Lee"`, `""`), "last_name", false},
-		{"empty email", with(`"bob@example.com"`, `""`), "email", false},
-		{"empty password", with(`"password1"`, `""`), "password", false},
-		{"escaped NUL in a name", with(`"Bob"`, `"Bob\u0000"`), "first_name", false},
 		{"unpaired surrogate in a name", with(`"Bob"`, `"Bob\ud800"`), "first_name", false},
 		{"escaped NUL in a password", with(`"password1"`, `"pass\u0000word"`), "password", false},
 		{"bad email", with("bob@example.com", "bob"), "email", false},
@@ -541,17 +514,12 @@ func TestReadUserInput(t *testing.T) {
 
 func TestReadCredentials(t *testing.T) {
 	t.Parallel()
-	read := func(w http.ResponseWriter, r *http.Request) bool {
-		in, ok := readCredentials(w, r)
-		// No length rule on the password: a wrong one of any length gets
-		// the answer any wrong password gets.
-		if ok && (in.email != "ann@example.com" || in.password != "") {
-			t.Errorf("credentials = %+v, want the email trimmed and lower-cased, the password as sent", in)
-		}
-		return ok
-	}
-	if r := readBody(t, `{"email":"  ANN@example.COM ","password":""}`, read); r.status != 0 {
-		t.Errorf("%s, want it taken", r)
+	var in credentials
+	read := func(w http.ResponseWriter, r *http.Request) (ok bool) { in, ok = readCredentials(w, r); return ok }
+	// No length rule on the password: a wrong one of any length gets the
+	// answer any wrong password gets.
+	if r := readBody(t, `{"email":"  ANN@example.COM ","password":""}`, read); r.status != 0 || in != (credentials{"ann@example.com", ""}) {
+		t.Errorf("%s: %+v, want it taken, the email trimmed and lower-cased", r, in)
 	}
 	for _, tt := range []struct{ body, field string }{
 		{"", "body"},
@@ -597,25 +565,18 @@ func TestErrorAnswers(t *testing.T) {
 		{"no route", "GET", "/nope", "", "", 404, "Not Found", ""},
 		{"the root", "GET", "/", "", "", 404, "Not Found", ""},
 		{"below a user", "GET", "/users/1/extra", "", "", 404, "Not Found", ""},
-		{"a near miss", "GET", "/user", "", "", 404, "Not Found", ""},
 		// The mux would redirect these to their clean form, which a client
 		// follows for a POST as a GET without its body, and in HTML.
 		{"double slash", "GET", "//users", "", "", 404, "Not Found", ""},
 		{"double slash, POST", "POST", "//users", newUser, "", 404, "Not Found", ""},
-		{"trailing double slash", "GET", "/users//", "", "", 404, "Not Found", ""},
-		{"dot segment", "GET", "/users/./1", "", "", 404, "Not Found", ""},
 		{"dot-dot segment, PUT", "PUT", "/users/../users/1", `{"first_name":"X"}`, "", 404, "Not Found", ""},
 		{"empty segment, DELETE", "DELETE", "/users//1", "", "", 404, "Not Found", ""},
-		{"final dot", "GET", "/users/1/.", "", "", 404, "Not Found", ""},
-		{"dot-dot after healthz", "GET", "/healthz/..", "", "", 404, "Not Found", ""},
 		{"PATCH a user", "PATCH", "/users/1", "", "", 405, "Method Not Allowed", "DELETE, GET, HEAD, PUT"},
 		{"POST a user", "POST", "/users/1", authBody("ann@example.com", "password1"), "", 405, "Method Not Allowed", "DELETE, GET, HEAD, PUT"},
 		{"DELETE the collection", "DELETE", "/users/", "", "", 405, "Method Not Allowed", "GET, HEAD, POST"},
 		{"PUT the collection", "PUT", "/users", "", "", 405, "Method Not Allowed", "GET, HEAD, POST"},
 		{"POST healthz", "POST", "/healthz", "", "", 405, "Method Not Allowed", "GET, HEAD"},
 		{"id not a number", "GET", "/users/abc", "", "", 404, "User not found", ""},
-		{"id zero", "PUT", "/users/0", `{"first_name":"X"}`, "", 404, "User not found", ""},
-		{"id negative", "DELETE", "/users/-1", "", "", 404, "User not found", ""},
 		{"id past int64", "GET", "/users/9223372036854775808", "", "", 404, "User not found", ""},
 		{"the largest id, nobody's", "GET", "/users/9223372036854775807", "", "", 404, "User not found", ""},
 		{"GET nobody", "GET", "/users/3", "", "", 404, "User not found", ""},
@@ -684,7 +645,7 @@ func TestErrorAnswers(t *testing.T) {
 			t.Errorf("user after refused requests = %+v, want %+v", got, u)
 		}
 	}
-	if n := countAuthRows(t, e.store); n != 0 {
+	if n := countRows(t, e.store, "auth_failures"); n != 0 {
 		t.Errorf("refused sign-ins counted failures for %d addresses, want none", n)
 	}
 }
@@ -855,6 +816,13 @@ func TestListUsers(t *testing.T) {
 			t.Errorf("%s: Link = %q on a full list", r.what, r.header.Get("Link"))
 		}
 	}
+	// A look-up by email finds its one user, whatever the case and spaces.
+	for _, q := range []string{"u1@example.com", "U1@EXAMPLE.COM", "%20U1@Example.com%20", "u1%40example.com"} {
+		r := e.do("GET", "/users/?email="+q, "")
+		if got := mustList(t, r); !slices.Equal(got, want[1:2]) || r.header.Get("Link") != "" {
+			t.Errorf("%s = %v, Link %q; want [%v] and no Link", r.what, got, r.header.Get("Link"), want[1])
+		}
+	}
 }
 
 func TestListStreamsEveryBatch(t *testing.T) {
@@ -893,22 +861,20 @@ func TestListPagination(t *testing.T) {
 	seedUsers(t, e.store, 25)
 	all := mustList(t, e.do("GET", "/users/", ""))
 
-	// Follow Link from the first page to the last.
+	// Follow Link from the first page to the last: there is one on a full
+	// page only.
 	var got []userJSON
 	pages := 0
 	for path := "/users/?limit=10"; path != ""; pages++ {
 		r := e.do("GET", path, "")
 		page := mustList(t, r)
 		got = append(got, page...)
-		path = ""
-		if link := r.header.Get("Link"); link != "" {
-			m := regexp.MustCompile(`^<(/users/\?[^>]+)>; rel="next"$`).FindStringSubmatch(link)
-			if m == nil || len(page) != 10 {
-				t.Fatalf("%s: Link = %q on a page of %d, want <...>; rel=\"next\" on a full one", r.what, link, len(page))
-			}
+		m := regexp.MustCompile(`^<(/users/\?[^>]+)>; rel="next"$`).FindStringSubmatch(r.header.Get("Link"))
+		if (m != nil) != (len(page) == 10) {
+			t.Fatalf("%s: Link = %q on a page of %d, want <...>; rel=\"next\" on a full one", r.what, r.header.Get("Link"), len(page))
+		}
+		if path = ""; m != nil {
 			path = m[1]
-		} else if len(page) == 10 {
-			t.Errorf("%s: no Link on a full page", r.what)
 		}
 	}
 	if pages != 3 || !slices.Equal(got, all) {
@@ -929,24 +895,8 @@ func TestListPagination(t *testing.T) {
 			t.Errorf("%s past the end, want 200 []", r)
 		}
 	}
-	if page := mustList(t, e.do("GET", "/users/?limit=1000", "")); len(page) != 25 {
-		t.Errorf("limit=1000 gave %d users, want 25", len(page))
-	}
 	if page := mustList(t, e.do("GET", "/users/?limit=1&after_id=0", "")); len(page) != 1 || page[0] != all[0] {
 		t.Errorf("limit=1&after_id=0 gave %v, want the first user", page)
-	}
-}
-
-func TestLookUpByEmail(t *testing.T) {
-	t.Parallel()
-	e := newTestEnv(t)
-	ann := e.createUser(t, "Ann", "Lee", "Ann@Example.com", "password1")
-	e.createUser(t, "Bob", "Ray", "bob@example.com", "password1")
-	for _, q := range []string{"ann@example.com", "ANN@EXAMPLE.COM", "%20Ann@Example.com%20", "ann%40example.com"} {
-		r := e.do("GET", "/users/?email="+q, "")
-		if got := mustList(t, r); len(got) != 1 || got[0] != ann || r.header.Get("Link") != "" {
-			t.Errorf("%s = %v, Link %q; want [%v] and no Link", r.what, got, r.header.Get("Link"), ann)
-		}
 	}
 }
 
@@ -1026,28 +976,17 @@ func TestWholeTableStreamsAreBounded(t *testing.T) {
 	}
 }
 
-func TestHealthz(t *testing.T) {
-	t.Parallel()
-	st := newTestStore(t)
-	e := newTestEnv(t, withStore(st))
-	if r := e.do("GET", "/healthz", ""); r.status != http.StatusOK || string(r.body) != "{\"status\":\"ok\"}\n" {
-		t.Errorf("%s, want 200 {\"status\":\"ok\"}", r)
-	}
-	st.Close()
-	mustError(t, e.do("GET", "/healthz", ""), http.StatusServiceUnavailable, "Service unavailable")
-}
-
 // Middleware.
 
 func TestAccessLog(t *testing.T) {
 	t.Parallel()
 	e := newTestEnv(t)
-	const password = "log-me-not-123"
-	e.createUser(t, "Ann", "Lee", "ann@example.com", password)
+	e.createUser(t, "Ann", "Lee", "ann@example.com", "log-me-not-123")
 	long := "/" + strings.Repeat("x", 198) + "éé"
 	// A request no route serves is logged with its path, cut at 200 bytes
 	// at a character's start; one a route serves is not.
 	tests := []struct{ method, path, want, wantPath string }{
+		{"POST", "/users/", `method=POST pattern="POST /users/{$}" status=201 duration=`, ""}, // the create
 		{"GET", "/users/1", `method=GET pattern="GET /users/{id}" status=200 duration=`, ""},
 		{"GET", "/users/2", `method=GET pattern="GET /users/{id}" status=404 duration=`, ""},
 		{"GET", "/nowhere", `method=GET pattern="" status=404 duration=`, "/nowhere"},
@@ -1055,24 +994,19 @@ func TestAccessLog(t *testing.T) {
 		{"GET", "/users//1", `method=GET pattern="" status=404 duration=`, "/users//1"},
 		{"GET", long, `method=GET pattern="" status=404 duration=`, long[:199]},
 	}
-	for _, tt := range tests {
+	for _, tt := range tests[1:] {
 		e.do(tt.method, tt.path, "")
 	}
 	lines := strings.Split(strings.TrimSpace(e.logs.String()), "\n")
-	if len(lines) != len(tests)+1 {
-		t.Fatalf("%d log lines for %d requests:\n%s", len(lines), len(tests)+1, e.logs)
-	}
-	if want := `msg=request method=POST pattern="POST /users/{$}" status=201 duration=`; !strings.Contains(lines[0], want) {
-		t.Errorf("log line of the create = %q, want %q", lines[0], want)
+	if len(lines) != len(tests) {
+		t.Fatalf("%d log lines for %d requests:\n%s", len(lines), len(tests), e.logs)
 	}
 	for i, tt := range tests {
-		line := lines[i+1]
-		_, path, _ := strings.Cut(line, " path=")
-		if !strings.Contains(line, "msg=request "+tt.want) || path != tt.wantPath {
-			t.Errorf("log line of %s %.40s = %q, want %q and path %q", tt.method, tt.path, line, tt.want, tt.wantPath)
+		if _, path, _ := strings.Cut(lines[i], " path="); !strings.Contains(lines[i], "msg=request "+tt.want) || path != tt.wantPath {
+			t.Errorf("log line of %s %.40s = %q, want %q and path %q", tt.method, tt.path, lines[i], tt.want, tt.wantPath)
 		}
 	}
-	if strings.Contains(e.logs.String(), password) || strings.Contains(e.logs.String(), "ann@example.com") {
+	if strings.Contains(e.logs.String(), "log-me-not-123") || strings.Contains(e.logs.String(), "ann@example.com") {
 		t.Errorf("the log holds a request body:\n%s", e.logs)
 	}
 }
@@ -1094,7 +1028,7 @@ func TestAPIToken(t *testing.T) {
 			}
 		}
 	}
-	if n, failures := countUsers(t, e.store), countAuthRows(t, e.store); n != 0 || failures != 0 {
+	if n, failures := countUsers(t, e.store), countRows(t, e.store, "auth_failures"); n != 0 || failures != 0 {
 		t.Fatalf("without the token: %d users created, failures counted for %d addresses; want none", n, failures)
 	}
 	// The scheme is case-insensitive; the public routes need no token.
@@ -1105,12 +1039,6 @@ func TestAPIToken(t *testing.T) {
 		if r := e.do("GET", path, ""); r.status != http.StatusOK {
 			t.Errorf("%s without a token, want 200", r)
 		}
-	}
-
-	// A 401 closes the connection.
-	if got := rawRequest(t, e, "GET /users/ HTTP/1.1\r\nHost: localhost\r\n\r\n", false); !bytes.HasPrefix(got, []byte("HTTP/1.1 401 ")) ||
-		!bytes.Contains(got, []byte("\r\nConnection: close\r\n")) {
-		t.Errorf("GET /users/ without a token: %q, want 401 with Connection: close", got)
 	}
 }
 
@@ -1123,8 +1051,9 @@ func TestOnlyLoopbackHostsWithoutToken(t *testing.T) {
 		if rt.method == http.MethodPost || rt.method == http.MethodPut {
 			body = userBody("Bob", "Ray", "bob@example.com", "password2")
 		}
+		path := strings.NewReplacer("{$}", "", "{id}", strconv.FormatInt(u.ID, 10)).Replace(rt.pattern)
 		for _, host := range []string{"evil.example:8000", "127.0.0.1.evil.example"} {
-			mustError(t, e.do(rt.method, routePath(rt.pattern, u.ID), body, "Host: "+host), http.StatusMisdirectedRequest, "Misdirected request")
+			mustError(t, e.do(rt.method, path, body, "Host: "+host), http.StatusMisdirectedRequest, "Misdirected request")
 		}
 	}
 	mustError(t, e.do("GET", "/nope", "", "Host: evil.example"), http.StatusMisdirectedRequest, "Misdirected request")
@@ -1195,19 +1124,22 @@ func rawRequest(t *testing.T, e *testEnv, request string, closeWrite bool) []byt
 	return got
 }
 
-// A request that declares a body the handler does not read is answered and
-// its connection closed at once: net/http would otherwise wait for the body,
-// up to the ReadTimeout, holding a MAX_CLIENTS place for a client that never
-// sends it.
-func TestUnreadBodyClosesTheConnection(t *testing.T) {
+// TestAnswersCloseTheConnection checks the answers after which the server
+// closes the connection at once: a 401, and the answer to a request that
+// declares a body the handler does not read (net/http would otherwise wait
+// for the body, up to the ReadTimeout, holding a MAX_CLIENTS place for a
+// client that never sends it).
+func TestAnswersCloseTheConnection(t *testing.T) {
 	t.Parallel()
 	e := newTestEnv(t, withToken("s3cret"), withServer(func(s *http.Server) { s.ReadTimeout = time.Hour }))
-	for _, request := range []string{
-		"GET /healthz HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1\r\n\r\n",
-		"POST /users/ HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n", // 401
+	for request, status := range map[string]string{
+		"GET /users/ HTTP/1.1\r\nHost: localhost\r\n\r\n":                                                           "401",
+		"GET /healthz HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1\r\n\r\n":                                     "200",
+		"POST /users/ HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n": "401",
 	} {
-		if got := rawRequest(t, e, request, false); !bytes.HasPrefix(got, []byte("HTTP/1.1 ")) {
-			t.Errorf("%q: answer %q, want an HTTP answer", request, got)
+		if got := rawRequest(t, e, request, false); !bytes.HasPrefix(got, []byte("HTTP/1.1 "+status+" ")) ||
+			!bytes.Contains(got, []byte("\r\nConnection: close\r\n")) {
+			t.Errorf("%q: answer %q, want %s with Connection: close", request, got, status)
 		}
 	}
 }
@@ -1302,7 +1234,7 @@ func TestHashingBusyAnswers503(t *testing.T) {
 			t.Errorf("%s: no Retry-After", r.what)
 		}
 	}
-	if n := countAuthRows(t, e.store); n != 1 {
+	if n := countRows(t, e.store, "auth_failures"); n != 1 {
 		t.Errorf("failures counted for %d addresses, want bob's alone: a 503 counts nothing", n)
 	}
 	// What needs no hashing is served meanwhile, an early attempt too.
@@ -1515,12 +1447,10 @@ func TestAuthenticateRehashes(t *testing.T) {
 	done := make(chan response, 1)
 	go func() { done <- raised.authenticate("ann@example.com", "password1") }()
 	waitUntil(t, "hashing", func() bool { return active.Load() == 1 })
-	mustUser(t, old.do("PUT", fmt.Sprintf("/users/%d", u.ID), `{"password":"password2"}`), http.StatusOK)
+	u = mustUser(t, old.do("PUT", fmt.Sprintf("/users/%d", u.ID), `{"password":"password2"}`), http.StatusOK)
 	changed, _ := old.storedSecret(t, u.ID)
 	letGo()
-	if got := mustUser(t, <-done, http.StatusOK); got.ID != u.ID {
-		t.Errorf("success: %+v, want user %d", got, u.ID)
-	}
+	mustUser(t, <-done, http.StatusOK)
 	if got, _ := old.storedSecret(t, u.ID); got != changed {
 		t.Fatalf("the rehash overwrote the password change")
 	}
@@ -1528,7 +1458,6 @@ func TestAuthenticateRehashes(t *testing.T) {
 
 	// With nothing in its way, the rehash is stored, for the same password,
 	// and the user looks the same.
-	u = mustUser(t, old.do("GET", fmt.Sprintf("/users/%d", u.ID), ""), http.StatusOK)
 	if got := mustUser(t, raised.authenticate("ann@example.com", "password2"), http.StatusOK); got != u {
 		t.Errorf("success: %+v, want %+v", got, u)
 	}
@@ -1566,60 +1495,48 @@ func authTimings(t testing.TB, cost, rounds int) (medians [3]time.Duration, rati
 		{"nobody@example.com", "wrong-password"},
 		{"ann@example.com", strings.Repeat("password1", 9)},
 	}
-	var times [3][]time.Duration
-	var rs [2][]float64
+	var samples [5][]float64 // the three times, in ns, and the two ratios
 	for i := 0; i < rounds; i++ {
 		clock.advance(24 * time.Hour) // every count forgotten: no 429
-		var round [3]time.Duration
+		var round [3]float64
 		for j := range checks {
 			k := (i + j) % len(checks)
 			start := time.Now()
-			r := e.authenticate(checks[k].email, checks[k].password)
-			round[k] = time.Since(start)
-			if r.status != http.StatusBadRequest {
+			if r := e.authenticate(checks[k].email, checks[k].password); r.status != http.StatusBadRequest {
 				t.Fatalf("%s, want 400", r)
 			}
-			times[k] = append(times[k], round[k])
+			round[k] = float64(time.Since(start))
 		}
-		rs[0] = append(rs[0], float64(round[1])/float64(round[0]))
-		rs[1] = append(rs[1], float64(round[2])/float64(round[0]))
+		for k, v := range []float64{round[0], round[1], round[2], round[1] / round[0], round[2] / round[0]} {
+			samples[k] = append(samples[k], v)
+		}
 	}
-	for k := range times {
-		slices.Sort(times[k])
-		medians[k] = times[k][rounds/2]
+	for k := range samples {
+		slices.Sort(samples[k])
 	}
-	for k := range rs {
-		slices.Sort(rs[k])
-		ratios[k] = rs[k][rounds/2]
-	}
-	return medians, ratios
+	m := func(k int) float64 { return samples[k][rounds/2] }
+	return [3]time.Duration{time.Duration(m(0)), time.Duration(m(1)), time.Duration(m(2))}, [2]float64{m(3), m(4)}
 }
 
-// The API description, kept true to the routes and to every answer.
-//
-// openapi.json is written by hand. These checks keep it true to the code:
-//
-//   - its paths and methods are exactly the route table, routes();
-//   - every answer a test gets through testEnv.do has its status documented
-//     for its route, its required headers, a Content-Type described, and
-//     in a JSON body every required member and no member undescribed;
-//   - after a full passing run, TestMain fails if openapi.json documents a
-//     status that no test produced, or a test got one it does not document.
-//
-// Values are not checked against the schemas' types, lengths and patterns:
-// the tests of the validation rules and TestOpenAPIPatternsFollowTheRules
-// keep those true.
+// The API description, openapi.json, written by hand and kept true to the
+// code: its operations are the route table; every answer a test gets
+// through testEnv.do is documented for its route, with its required headers
+// and its Content-Type; and after a full passing run, TestMain fails if it
+// documents a status that no test produced. Bodies are not checked against
+// the schemas: the tests decode them into the types the clients see
+// (userJSON, errorJSON, with no unknown field), and the validation rules'
+// tests and TestOpenAPIPatternsFollowTheRules keep the patterns true.
 
 // apiSpec is openapi.json, decoded.
 type apiSpec struct{ root map[string]any }
 
-// loadSpec decodes the openapi.json the service embeds, once.
-var loadSpec = sync.OnceValues(func() (*apiSpec, error) {
+// loadSpec decodes the openapi.json the service embeds, once. If it does
+// not parse, it describes nothing, and TestOpenAPIDescribesEveryRoute says
+// why.
+var loadSpec = sync.OnceValue(func() *apiSpec {
 	var root map[string]any
-	if err := json.Unmarshal(openAPI, &root); err != nil {
-		return nil, fmt.Errorf("openapi.json: %w", err)
-	}
-	return &apiSpec{root}, nil
+	json.Unmarshal(openAPI, &root)
+	return &apiSpec{root}
 })
 
 // operationMethods are the keys of an OpenAPI path item that are operations.
@@ -1667,9 +1584,8 @@ func (s *apiSpec) resolve(node any) map[string]any {
 }
 
 // checkAnswer reports where an answer differs from the description's
-// response desc: a required header missing or not its const, no body where
-// one is described or the other way round, a Content-Type not described, a
-// JSON body's members not as described.
+// response desc: a required header missing or not its const, a body where
+// none is described, a Content-Type not described.
 func (s *apiSpec) checkAnswer(desc map[string]any, r response) []string {
 	var problems []string
 	headers, _ := desc["headers"].(map[string]any)
@@ -1686,67 +1602,21 @@ func (s *apiSpec) checkAnswer(desc map[string]any, r response) []string {
 	}
 	content, _ := desc["content"].(map[string]any)
 	mediaType, _, _ := mime.ParseMediaType(r.header.Get("Content-Type"))
-	media, described := content[mediaType].(map[string]any)
-	switch {
+	switch _, described := content[mediaType]; {
 	case len(content) == 0 && len(r.body) > 0:
-		return append(problems, "a body where openapi.json describes none")
-	case len(content) == 0 || mediaType != "application/json" && described:
-		return problems
-	case !described:
-		return append(problems, fmt.Sprintf("Content-Type %q is not among those described", r.header.Get("Content-Type")))
-	}
-	var body any
-	dec := json.NewDecoder(bytes.NewReader(r.body))
-	if err := dec.Decode(&body); err != nil || dec.More() {
-		return append(problems, fmt.Sprintf("the body is not one JSON value (%v)", err))
-	}
-	return append(problems, s.checkMembers(media["schema"], body, "body")...)
-}
-
-// checkMembers reports the objects within v that lack a member the schema
-// requires, or have one that it does not describe and additionalProperties
-// does not allow: the description must name every field the service sends.
-func (s *apiSpec) checkMembers(schema, v any, at string) []string {
-	sch := s.resolve(schema)
-	var problems []string
-	switch v := v.(type) {
-	case []any:
-		for i, item := range v {
-			problems = append(problems, s.checkMembers(sch["items"], item, fmt.Sprintf("%s[%d]", at, i))...)
-		}
-	case map[string]any:
-		required, _ := sch["required"].([]any)
-		for _, name := range required {
-			if _, ok := v[name.(string)]; !ok {
-				problems = append(problems, fmt.Sprintf("%s: no %q", at, name))
-			}
-		}
-		properties, _ := sch["properties"].(map[string]any)
-		for name, value := range v {
-			if sub, ok := properties[name]; ok {
-				problems = append(problems, s.checkMembers(sub, value, at+"."+name)...)
-			} else if extra := sch["additionalProperties"]; extra == nil || extra == false {
-				problems = append(problems, fmt.Sprintf("%s: %q is not in openapi.json", at, name))
-			}
-		}
+		problems = append(problems, "a body where openapi.json describes none")
+	case len(content) > 0 && !described:
+		problems = append(problems, fmt.Sprintf("Content-Type %q is not among those described", r.header.Get("Content-Type")))
 	}
 	return problems
 }
 
-// answer is one (route, status) that the service answered a test with; the
-// route is as routes() registers it.
-type answer struct {
-	method, pattern string
-	status          int
-}
-
-func (a answer) String() string { return fmt.Sprintf("%s %s %d", a.method, a.pattern, a.status) }
-
-// answered holds every answer the tests got through testEnv.do.
+// answered holds every answer the tests got through testEnv.do, as
+// "METHOD pattern status" with the route as routes() registers it.
 var answered = struct {
 	sync.Mutex
-	set map[answer]bool
-}{set: make(map[answer]bool)}
+	set map[string]bool
+}{set: make(map[string]bool)}
 
 // routeMux matches a request to its pattern in routes(), as the server's
 // own mux does.
@@ -1772,14 +1642,10 @@ func (e *testEnv) checkAnswer(req *http.Request, r response) {
 	}
 	method, path, _ := strings.Cut(pattern, " ")
 	answered.Lock()
-	answered.set[answer{method, path, r.status}] = true
+	answered.set[fmt.Sprintf("%s %d", pattern, r.status)] = true
 	answered.Unlock()
 
-	spec, err := loadSpec()
-	if err != nil {
-		e.t.Errorf("%s: %v", r.what, err)
-		return
-	}
+	spec := loadSpec()
 	desc := spec.resolve(spec.responses()[method+" "+routeKey(path)][strconv.Itoa(r.status)])
 	if desc == nil {
 		e.t.Errorf("%s: openapi.json documents no %d for %s; answer: %.300s", r.what, r.status, pattern, r.body)
@@ -1805,21 +1671,15 @@ func fullRun() bool {
 // returns false if there is any. TestMain calls it after a full run that
 // passed, when the tests have produced every answer they will.
 func checkAnswersDocumented(w io.Writer) bool {
-	spec, err := loadSpec()
-	if err != nil {
-		fmt.Fprintln(w, err)
-		return false
-	}
-	documented := make(map[answer]bool)
-	described := spec.responses()
+	documented := make(map[string]bool)
+	described := loadSpec().responses()
 	for _, rt := range (&server{}).routes() {
 		for code := range described[rt.method+" "+routeKey(rt.pattern)] {
-			status, err := strconv.Atoi(code)
-			if err != nil {
+			if _, err := strconv.Atoi(code); err != nil {
 				fmt.Fprintf(w, "openapi.json: %s %s: response %q: only exact statuses can be checked\n", rt.method, rt.pattern, code)
 				return false
 			}
-			documented[answer{rt.method, rt.pattern, status}] = true
+			documented[rt.method+" "+rt.pattern+" "+code] = true
 		}
 	}
 	answered.Lock()
@@ -1827,12 +1687,12 @@ func checkAnswersDocumented(w io.Writer) bool {
 	var unproduced, undocumented []string
 	for a := range documented {
 		if !answered.set[a] {
-			unproduced = append(unproduced, a.String())
+			unproduced = append(unproduced, a)
 		}
 	}
 	for a := range answered.set {
 		if !documented[a] {
-			undocumented = append(undocumented, a.String())
+			undocumented = append(undocumented, a)
 		}
 	}
 	report := func(list []string, heading string) {
@@ -1848,11 +1708,10 @@ func checkAnswersDocumented(w io.Writer) bool {
 
 func TestOpenAPIDescribesEveryRoute(t *testing.T) {
 	t.Parallel()
-	spec, err := loadSpec()
-	if err != nil {
-		t.Fatal(err)
+	if err := json.Unmarshal(openAPI, new(map[string]any)); err != nil {
+		t.Fatalf("openapi.json: %v", err)
 	}
-	described := spec.responses()
+	described := loadSpec().responses()
 	served := make(map[string]bool)
 	for _, rt := range (&server{}).routes() {
 		key := rt.method + " " + routeKey(rt.pattern)
@@ -1871,13 +1730,8 @@ func TestOpenAPIDescribesEveryRoute(t *testing.T) {
 func TestOpenAPIAndDocsAreServed(t *testing.T) {
 	t.Parallel()
 	e := newTestEnv(t)
-	var doc struct {
-		OpenAPI string         `json:"openapi"`
-		Info    map[string]any `json:"info"`
-		Paths   map[string]any `json:"paths"`
-	}
-	if r := e.do("GET", "/openapi.json", ""); json.Unmarshal(r.body, &doc) != nil || !regexp.MustCompile(`^3\.1\.\d+$`).MatchString(doc.OpenAPI) {
-		t.Errorf("%.200s, want an OpenAPI 3.1 document", r)
+	if r := e.do("GET", "/openapi.json", ""); !bytes.Equal(r.body, openAPI) || !regexp.MustCompile(`^\{\s*"openapi": "3\.1\.\d+"`).Match(r.body) {
+		t.Errorf("%.200s, want the OpenAPI 3.1 description the service embeds", r)
 	}
 	r := e.do("GET", "/docs", "")
 	if mt, _, _ := mime.ParseMediaType(r.header.Get("Content-Type")); r.status != http.StatusOK || mt != "text/html" ||
@@ -1907,26 +1761,22 @@ func TestOpenAPIAndDocsAreServed(t *testing.T) {
 // value), and the pattern refuses what a regular expression can tell.
 func TestOpenAPIPatternsFollowTheRules(t *testing.T) {
 	t.Parallel()
-	spec, err := loadSpec()
-	if err != nil {
-		t.Fatal(err)
-	}
-	pattern := func(path ...string) *regexp.Regexp {
-		var node any = spec.root
-		for _, name := range path {
-			node = node.(map[string]any)[name]
+	// pattern is the pattern at path in openapi.json; "" (any string) if
+	// there is none, which the refusals below catch.
+	pattern := func(path string) *regexp.Regexp {
+		var node any = loadSpec().root
+		for _, name := range strings.Split(path, ".") {
+			m, _ := node.(map[string]any)
+			node = m[name]
 		}
-		p, ok := node.(string)
-		if !ok {
-			t.Fatalf("openapi.json: no pattern at %v", path)
-		}
+		p, _ := node.(string)
 		return regexp.MustCompile(p)
 	}
-	stored := pattern("components", "schemas", "User", "properties", "email", "pattern")
+	stored := pattern("components.schemas.User.properties.email.pattern")
 	emails := []*regexp.Regexp{
-		pattern("components", "schemas", "UserCreate", "properties", "email", "pattern"),
-		pattern("components", "schemas", "UserUpdate", "properties", "email", "pattern"),
-		pattern("components", "parameters", "Email", "schema", "pattern"),
+		pattern("components.schemas.UserCreate.properties.email.pattern"),
+		pattern("components.schemas.UserUpdate.properties.email.pattern"),
+		pattern("components.parameters.Email.schema.pattern"),
 	}
 	for _, email := range goodEmails {
 		raw := " \t" + email + "\n "
@@ -1952,7 +1802,7 @@ func TestOpenAPIPatternsFollowTheRules(t *testing.T) {
 	}
 	for _, schema := range []string{"UserCreate", "UserUpdate"} {
 		for _, field := range []string{"first_name", "last_name"} {
-			re := pattern("components", "schemas", schema, "properties", field, "pattern")
+			re := pattern("components.schemas." + schema + ".properties." + field + ".pattern")
 			for _, name := range goodNames {
 				if !re.MatchString(name) {
 					t.Errorf("%s.%s: pattern refuses %.40q, which the service accepts", schema, field, name)
