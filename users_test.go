@@ -1211,9 +1211,11 @@ func TestHashingBusyAnswers503(t *testing.T) {
 	t.Parallel()
 	clock := newTestClock()
 	h, active, _, release := gatedHasher(1, 50*time.Millisecond)
+	e := newTestEnv(t, withStore(newClockedStore(t, clock)), withHasher(h))
+	// Registered after the server, so that it runs before the server's
+	// close, which waits for the request the gate holds.
 	letGo := sync.OnceFunc(func() { close(release) })
 	t.Cleanup(letGo)
-	e := newTestEnv(t, withStore(newClockedStore(t, clock)), withHasher(h))
 	for i := 0; i < 5; i++ {
 		countAuthFailure(t, e.store, "bob@example.com")
 	}
@@ -1433,10 +1435,10 @@ func TestAuthenticateRehashes(t *testing.T) {
 	hash, _ := old.storedSecret(t, u.ID)
 	// The raised hasher's hashes wait for release.
 	h, active, _, release := gatedHasher(1, time.Minute)
-	letGo := sync.OnceFunc(func() { close(release) })
-	t.Cleanup(letGo)
 	h.cost = bcrypt.MinCost + 1
 	raised := newTestEnv(t, withStore(st), withHasher(h))
+	letGo := sync.OnceFunc(func() { close(release) }) // before the server's close, which waits for the gate
+	t.Cleanup(letGo)
 
 	// A failed check never rehashes.
 	mustWrongCredentials(t, raised.authenticate("ann@example.com", "wrong-password"))
