@@ -656,9 +656,9 @@ func TestCreateUser(t *testing.T) {
 	before := time.Now()
 	r := e.do("POST", "/users/", `{"first_name":" Ann ","last_name":"Lee","email":" Ann.Lee@Example.COM ","password":"correct horse"}`)
 	u := mustUser(t, r, http.StatusCreated)
-	want := userJSON{ID: u.ID, FirstName: "Ann", LastName: "Lee", Email: "ann.lee@example.com", CreatedAt: u.CreatedAt, UpdatedAt: u.UpdatedAt}
-	if u.ID <= 0 || u != want {
-		t.Errorf("%s: %+v, want %+v with a positive id", r.what, u, want)
+	// Trimmed, lower-cased, the fields in this order, and nothing else.
+	if !regexp.MustCompile(`^\{"id":[1-9]\d*,"first_name":"Ann","last_name":"Lee","email":"ann.lee@example.com","created_at":"[^"]+","updated_at":"[^"]+"\}\n$`).Match(r.body) {
+		t.Errorf("%s: body %s, want the user trimmed, lower-cased, its fields in order", r.what, r.body)
 	}
 	if got, want := r.header.Get("Location"), fmt.Sprintf("/users/%d", u.ID); got != want {
 		t.Errorf("%s: Location = %q, want %q", r.what, got, want)
@@ -666,14 +666,6 @@ func TestCreateUser(t *testing.T) {
 	created, updated := parseTimestamp(t, u.CreatedAt), parseTimestamp(t, u.UpdatedAt)
 	if d := created.Sub(before); !created.Equal(updated) || d < -time.Minute || d > time.Minute {
 		t.Errorf("created_at %s, updated_at %s: want both now", u.CreatedAt, u.UpdatedAt)
-	}
-	// The fields come in this order, and nothing else comes.
-	var keys []string
-	for _, k := range regexp.MustCompile(`"([a-z_]+)":`).FindAllStringSubmatch(string(r.body), -1) {
-		keys = append(keys, k[1])
-	}
-	if got, want := strings.Join(keys, ","), "id,first_name,last_name,email,created_at,updated_at"; got != want {
-		t.Errorf("%s: body keys = %s, want %s", r.what, got, want)
 	}
 	if got := mustUser(t, e.do("GET", r.header.Get("Location"), ""), http.StatusOK); got != u {
 		t.Errorf("GET after create = %+v, want %+v", got, u)
@@ -794,6 +786,9 @@ func TestListUsers(t *testing.T) {
 	e := newTestEnv(t)
 	for _, path := range []string{"/users", "/users/"} {
 		mustError(t, e.do("GET", path, ""), http.StatusNotFound, "No users found")
+		if r := e.do("HEAD", path, ""); r.status != http.StatusNotFound {
+			t.Errorf("%s on an empty table, want 404 as GET", r)
+		}
 	}
 	// With parameters, an empty table is an empty page, not an error.
 	for _, path := range []string{"/users/?limit=10", "/users/?after_id=0"} {
@@ -905,11 +900,6 @@ func TestListPagination(t *testing.T) {
 func TestHeadUsersReadsOneRow(t *testing.T) {
 	t.Parallel()
 	e := newTestEnv(t)
-	for _, path := range []string{"/users", "/users/"} {
-		if r := e.do("HEAD", path, ""); r.status != http.StatusNotFound {
-			t.Errorf("%s on an empty table, want 404", r)
-		}
-	}
 	seedUsers(t, e.store, 3*listBatchSize)
 	// A row that cannot be read, second in the table: GET fails on it, and
 	// HEAD must not get that far.
