@@ -177,28 +177,6 @@ func parseTimestamp(t *testing.T, s string) time.Time {
 	return ts
 }
 
-// storeAt opens a store on databaseURL with its own pool and query bound.
-func storeAt(t *testing.T, databaseURL string, pool poolConfig, timeout time.Duration) *store {
-	t.Helper()
-	st, err := openStore(context.Background(), databaseURL, pool, timeout)
-	if err != nil {
-		t.Fatalf("openStore: %v", err)
-	}
-	t.Cleanup(func() { st.Close() })
-	return st
-}
-
-// waitUntil polls cond until it holds, and fails the test if it still
-// does not after 20 s.
-func waitUntil(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	for deadline := time.Now().Add(20 * time.Second); !cond(); time.Sleep(5 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("still not %s after 20s", what)
-		}
-	}
-}
-
 // Validation rules, as pure functions.
 
 // Names the service takes, and names it refuses.
@@ -919,7 +897,12 @@ func TestHeadUsersReadsOneRow(t *testing.T) {
 func TestWholeTableStreamsAreBounded(t *testing.T) {
 	t.Parallel()
 	databaseURL, schema := newSchema(t)
-	st := storeAt(t, databaseURL, testPool, time.Minute)
+	// Queries wait for the lock below: a bound of a minute, not 5 s.
+	st, err := openStore(context.Background(), databaseURL, testPool, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
 	const streams = 2
 	e := newTestEnv(t, withStore(st), withOptions(serverOptions{maxStreams: streams}))
 	seedUsers(t, st, 3)
@@ -940,7 +923,7 @@ func TestWholeTableStreamsAreBounded(t *testing.T) {
 	for i := 0; i < streams; i++ {
 		get("/users/")
 	}
-	waitUntil(t, "2 database connections in use", func() bool { return st.db.Stats().InUse >= streams })
+	waitUntil(t, "2 streams to hold a connection", func() bool { return st.db.Stats().InUse >= streams })
 
 	// One more is refused at once (a wait would last until the test's
 	// client gives up, a failure too).
@@ -953,7 +936,7 @@ func TestWholeTableStreamsAreBounded(t *testing.T) {
 	// Pages and single reads are not streams: they wait for the table too.
 	get("/users/?limit=10")
 	get("/users/1")
-	waitUntil(t, "4 database connections in use", func() bool { return st.db.Stats().InUse >= streams+2 })
+	waitUntil(t, "a page and a read to wait for the table too", func() bool { return st.db.Stats().InUse >= streams+2 })
 	release()
 	for i := 0; i < streams+2; i++ {
 		if r := <-held; r.status != http.StatusOK {
@@ -1140,7 +1123,11 @@ func TestAnswersCloseTheConnection(t *testing.T) {
 func TestSlowBodyHoldsNoDatabaseConnection(t *testing.T) {
 	t.Parallel()
 	databaseURL, _ := newSchema(t)
-	st := storeAt(t, databaseURL, poolConfig{maxOpen: 1, maxIdle: 1, maxIdleTime: time.Minute}, 5*time.Second)
+	st, err := openStore(context.Background(), databaseURL, poolConfig{maxOpen: 1, maxIdle: 1, maxIdleTime: time.Minute}, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
 	e := newTestEnv(t, withStore(st))
 	body := userBody("Ann", "Lee", "ann@example.com", "password1")
 	head := fmt.Sprintf("POST /users/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n", len(body))
@@ -1211,7 +1198,7 @@ func TestHashingBusyAnswers503(t *testing.T) {
 	}
 	first := make(chan response, 1)
 	go func() { first <- e.do("POST", "/users/", userBody("Ann", "Lee", "ann@example.com", "password1")) }()
-	waitUntil(t, "hashing", func() bool { return active.Load() == 1 })
+	waitUntil(t, "a hash to start", func() bool { return active.Load() == 1 })
 
 	// The one hashing slot is taken: what needs it gets 503, and a check,
 	// even of an unknown address, counts nothing.
@@ -1438,7 +1425,7 @@ func TestAuthenticateRehashes(t *testing.T) {
 	// A success rehashes, but the password changes while it does.
 	done := make(chan response, 1)
 	go func() { done <- raised.authenticate("ann@example.com", "password1") }()
-	waitUntil(t, "hashing", func() bool { return active.Load() == 1 })
+	waitUntil(t, "a hash to start", func() bool { return active.Load() == 1 })
 	u = mustUser(t, old.do("PUT", fmt.Sprintf("/users/%d", u.ID), `{"password":"password2"}`), http.StatusOK)
 	changed, _ := old.storedSecret(t, u.ID)
 	letGo()
