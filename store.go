@@ -201,13 +201,19 @@ type scanner interface{ Scan(dest ...any) error }
 
 func scanUser(row scanner) (user, error) {
 	var u user
-	err := u.scan(row)
+	err := u.scan(row, nil)
 	return u, err
 }
 
-// scan reads u from row, whose columns are userColumns and then extra.
-func (u *user) scan(row scanner, extra ...any) error {
-	err := row.Scan(append([]any{&u.ID, &u.FirstName, &u.LastName, &u.Email, &u.CreatedAt, &u.UpdatedAt}, extra...)...)
+// scan reads u from row, whose columns are userColumns and then, if
+// password is not nil, the password hash.
+func (u *user) scan(row scanner, password *string) error {
+	var err error
+	if password == nil {
+		err = row.Scan(&u.ID, &u.FirstName, &u.LastName, &u.Email, &u.CreatedAt, &u.UpdatedAt)
+	} else {
+		err = row.Scan(&u.ID, &u.FirstName, &u.LastName, &u.Email, &u.CreatedAt, &u.UpdatedAt, password)
+	}
 	u.CreatedAt = u.CreatedAt.UTC()
 	u.UpdatedAt = u.UpdatedAt.UTC()
 	return err
@@ -366,7 +372,7 @@ func (s *store) EachUser(ctx context.Context, afterID int64, limit int, fn func(
 	defer rows.Close()
 	var u user
 	for rows.Next() {
-		if err := u.scan(rows); err != nil {
+		if err := u.scan(rows, nil); err != nil {
 			return dbError(err)
 		}
 		fn(&u)
@@ -686,12 +692,22 @@ func (d silenceDialer) DialContext(ctx context.Context, network, address string)
 
 type silenceConn struct {
 	net.Conn
-	timeout time.Duration
+	timeout  time.Duration
+	deadline time.Time // the read deadline set last
 }
 
+// silenceSlack is how much of the silence bound a read may find used up:
+// moving a deadline costs a timer update, and a busy connection reads
+// thousands of times a second, so the deadline moves only once it is this
+// much nearer than the whole bound.
+const silenceSlack = 50 * time.Millisecond
+
 func (c *silenceConn) Read(b []byte) (int, error) {
-	if err := c.Conn.SetReadDeadline(time.Now().Add(c.timeout)); err != nil {
-		return 0, err
+	if now := time.Now(); c.deadline.Sub(now) < c.timeout-silenceSlack {
+		c.deadline = now.Add(c.timeout)
+		if err := c.Conn.SetReadDeadline(c.deadline); err != nil {
+			return 0, err
+		}
 	}
 	return c.Conn.Read(b)
 }

@@ -135,14 +135,6 @@ func newServer(logger *slog.Logger, st *store, h *hasher, apiToken string, opts 
 func (s *server) wrap(mux *http.ServeMux) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
-		_, pattern := mux.Handler(r)
-		// The mux would answer a path that is not clean (//users,
-		// /users/./1) with an HTML redirect, which a client would follow
-		// for a POST as a GET without its body. No route has such a path.
-		unclean := !isCleanPath(r.URL.EscapedPath())
-		if unclean {
-			pattern = ""
-		}
 		rec := &statusRecorder{ResponseWriter: w}
 		if r.ContentLength != 0 {
 			rec.body = &bodyReader{ReadCloser: r.Body}
@@ -152,6 +144,9 @@ func (s *server) wrap(mux *http.ServeMux) http.Handler {
 		rec.Header().Set("X-Content-Type-Options", "nosniff")
 
 		defer func() {
+			// The mux sets the pattern it routed the request to: "" for
+			// none, and before it serves, so a handler's panic has it too.
+			pattern := r.Pattern
 			v := recover()
 			// Once part of a response is out it cannot be taken back:
 			// cutting the connection is the only way to say it failed.
@@ -184,13 +179,11 @@ func (s *server) wrap(mux *http.ServeMux) http.Handler {
 			writeError(rec, http.StatusMisdirectedRequest, "Misdirected request")
 			return
 		}
-		if unclean {
+		// The mux would answer a path that is not clean (//users,
+		// /users/./1) with an HTML redirect, which a client would follow
+		// for a POST as a GET without its body. No route has such a path.
+		if !isCleanPath(r.URL.EscapedPath()) {
 			writeError(rec, http.StatusNotFound, "Not Found")
-			return
-		}
-		if pattern == "" {
-			// The mux answers 404 or 405 (with Allow) in plain text.
-			mux.ServeHTTP(&jsonErrorWriter{rec, false}, r)
 			return
 		}
 		mux.ServeHTTP(rec, r)
@@ -295,15 +288,23 @@ func isLoopbackHost(host string) bool {
 	return err == nil && addr.Is6() == bracketed && addr.Zone() == "" && addr.IsLoopback()
 }
 
-// statusRecorder remembers the status of the response it writes, and
-// closes the connection of a request whose body is left unread.
+// statusRecorder remembers the status of the response it writes, closes
+// the connection of a request whose body is left unread, and gives the
+// plain-text error answers of net/http (the mux's 404 and 405) a JSON body,
+// {"detail": "<status text>"}, keeping their status and headers.
 type statusRecorder struct {
 	http.ResponseWriter
-	status int
-	body   *bodyReader // nil if the request has no body
+	status   int
+	body     *bodyReader // nil if the request has no body
+	replaced bool        // whether a plain-text error body is being dropped
 }
 
 func (rec *statusRecorder) WriteHeader(status int) {
+	if status >= 400 && strings.HasPrefix(rec.Header().Get("Content-Type"), "text/plain") {
+		writeError(rec, status, http.StatusText(status)) // back here, now as JSON
+		rec.replaced = true
+		return
+	}
 	if rec.status == 0 {
 		rec.status = status
 		// Before it answers, net/http would wait for a body left unread
@@ -325,6 +326,9 @@ func (rec *statusRecorder) WriteHeader(status int) {
 }
 
 func (rec *statusRecorder) Write(b []byte) (int, error) {
+	if rec.replaced {
+		return len(b), nil
+	}
 	if rec.status == 0 {
 		rec.WriteHeader(http.StatusOK)
 	}
@@ -354,28 +358,8 @@ func (b *bodyReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// jsonErrorWriter replaces the plain-text body of an error answer with
-// {"detail": "<status text>"}, keeping its status and headers.
-type jsonErrorWriter struct {
-	http.ResponseWriter
-	replaced bool
-}
 
-func (w *jsonErrorWriter) WriteHeader(status int) {
-	if status < 400 {
-		w.ResponseWriter.WriteHeader(status)
-		return
-	}
-	w.replaced = true
-	writeError(w.ResponseWriter, status, http.StatusText(status))
-}
 
-func (w *jsonErrorWriter) Write(b []byte) (int, error) {
-	if w.replaced {
-		return len(b), nil
-	}
-	return w.ResponseWriter.Write(b)
-}
 
 // Handlers.
 
