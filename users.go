@@ -358,9 +358,6 @@ func (b *bodyReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
-
-
-
 // Handlers.
 
 func (s *server) health(w http.ResponseWriter, r *http.Request) {
