@@ -655,10 +655,10 @@ func TestServerTimeouts(t *testing.T) {
 	// Tests shorten these to run quickly; this one holds the values the
 	// service runs with, which the README documents.
 	srv := newHTTPServer(http.NotFoundHandler(), newTestLogger(io.Discard))
-	got := [...]any{srv.ReadHeaderTimeout, srv.ReadTimeout, srv.WriteTimeout, srv.IdleTimeout, srv.MaxHeaderBytes}
-	want := [...]any{5 * time.Second, 16 * time.Second, 30 * time.Second, 60 * time.Second, 64 << 10}
+	got := [...]any{srv.ReadHeaderTimeout, srv.ReadTimeout, srv.WriteTimeout, srv.IdleTimeout, srv.MaxHeaderBytes, srv.DisableGeneralOptionsHandler}
+	want := [...]any{5 * time.Second, 16 * time.Second, 30 * time.Second, 60 * time.Second, 64 << 10, true}
 	if got != want {
-		t.Errorf("newHTTPServer: ReadHeaderTimeout, ReadTimeout, WriteTimeout, IdleTimeout, MaxHeaderBytes = %v, want %v", got, want)
+		t.Errorf("newHTTPServer: ReadHeaderTimeout, ReadTimeout, WriteTimeout, IdleTimeout, MaxHeaderBytes, DisableGeneralOptionsHandler = %v, want %v", got, want)
 	}
 }
 

@@ -164,7 +164,7 @@ func (s *server) wrap(mux *http.ServeMux) http.Handler {
 			case status == 0:
 				status = http.StatusOK
 			}
-			attrs := []any{"method", r.Method, "pattern", pattern, "status", status, "duration", time.Since(start)}
+			attrs := []any{"method", logPath(r.Method), "pattern", pattern, "status", status, "duration", time.Since(start)}
 			if pattern == "" {
 				attrs = append(attrs, "path", logPath(r.URL.Path))
 			}
@@ -182,7 +182,8 @@ func (s *server) wrap(mux *http.ServeMux) http.Handler {
 		// The mux would answer a path that is not clean (//users,
 		// /users/./1) with an HTML redirect, which a client would follow
 		// for a POST as a GET without its body. No route has such a path.
-		if !isCleanPath(r.URL.EscapedPath()) {
+		// Both forms: /users/%2F is clean as sent, but routes as /users//.
+		if !isCleanPath(r.URL.EscapedPath()) || !isCleanPath(r.URL.Path) {
 			writeError(rec, http.StatusNotFound, "Not Found")
 			return
 		}
@@ -204,11 +205,12 @@ func isCleanPath(p string) bool {
 	return clean == p
 }
 
-// maxLogPath is how much of a path the access log keeps.
+// maxLogPath is how much of a path, or a method, the access log keeps.
 const maxLogPath = 200
 
 // logPath returns p cut to at most maxLogPath bytes, at a character's start,
-// for the access log: a client chooses the path, and the log's size.
+// for the access log: a client chooses the path and the method, and so the
+// log's size.
 func logPath(p string) string {
 	if len(p) <= maxLogPath {
 		return p
@@ -605,6 +607,10 @@ func (s *server) usersPage(w http.ResponseWriter, r *http.Request, q listQuery) 
 // headUsers answers HEAD for the whole list: the status and headers a GET
 // would get, which takes one user to know, not the table.
 func (s *server) headUsers(w http.ResponseWriter, r *http.Request, q listQuery) {
+	if len(s.streams) == cap(s.streams) {
+		writeUnavailable(w) // as a GET would be answered now
+		return
+	}
 	first, err := s.store.Users(r.Context(), q.afterID, 1)
 	if err != nil {
 		s.fail(w, r, err)

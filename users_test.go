@@ -547,6 +547,7 @@ func TestErrorAnswers(t *testing.T) {
 		// follows for a POST as a GET without its body, and in HTML.
 		{"double slash", "GET", "//users", "", "", 404, "Not Found", ""},
 		{"double slash, POST", "POST", "//users", newUser, "", 404, "Not Found", ""},
+		{"escaped slash", "GET", "/users/%2F?limit=1", "", "", 404, "Not Found", ""},
 		{"dot-dot segment, PUT", "PUT", "/users/../users/1", `{"first_name":"X"}`, "", 404, "Not Found", ""},
 		{"empty segment, DELETE", "DELETE", "/users//1", "", "", 404, "Not Found", ""},
 		{"PATCH a user", "PATCH", "/users/1", "", "", 405, "Method Not Allowed", "DELETE, GET, HEAD, PUT"},
@@ -933,6 +934,10 @@ func TestWholeTableStreamsAreBounded(t *testing.T) {
 			t.Errorf("%s: no Retry-After", r.what)
 		}
 	}
+	// HEAD answers what a GET would get now.
+	if r := e.do("HEAD", "/users/", ""); r.status != http.StatusServiceUnavailable || r.header.Get("Retry-After") == "" {
+		t.Errorf("%s with every stream slot taken, Retry-After %q; want 503 with Retry-After", r, r.header.Get("Retry-After"))
+	}
 	// Pages and single reads are not streams: they wait for the table too.
 	get("/users/?limit=10")
 	get("/users/1")
@@ -966,6 +971,7 @@ func TestAccessLog(t *testing.T) {
 		{"PATCH", "/users/1", `method=PATCH pattern="" status=405 duration=`, "/users/1"},
 		{"GET", "/users//1", `method=GET pattern="" status=404 duration=`, "/users//1"},
 		{"GET", long, `method=GET pattern="" status=404 duration=`, long[:199]},
+		{strings.Repeat("A", 300), "/users/", `method=` + strings.Repeat("A", 200) + ` pattern="" status=405 duration=`, "/users/"},
 	}
 	for _, tt := range tests[1:] {
 		e.do(tt.method, tt.path, "")
