@@ -44,6 +44,9 @@ const (
 	maxErrorEntries = 20
 	maxErrorName    = 64
 	maxErrorBytes   = 4 << 10
+
+	// maxLogField is how much of a method or a path the access log keeps.
+	maxLogField = 200
 )
 
 // A whole-table list is streamed in batches of listBatchSize users, one
@@ -164,9 +167,11 @@ func (s *server) wrap(mux *http.ServeMux) http.Handler {
 			case status == 0:
 				status = http.StatusOK
 			}
-			attrs := []any{"method", logPath(r.Method), "pattern", pattern, "status", status, "duration", time.Since(start)}
+			// A client chooses the method and the path, and so the
+			// size of the line: each is cut at maxLogField bytes.
+			attrs := []any{"method", truncate(r.Method, maxLogField), "pattern", pattern, "status", status, "duration", time.Since(start)}
 			if pattern == "" {
-				attrs = append(attrs, "path", logPath(r.URL.Path))
+				attrs = append(attrs, "path", truncate(r.URL.Path, maxLogField))
 			}
 			if abort {
 				s.logger.Info("request", append(attrs, "aborted", true)...)
@@ -203,23 +208,6 @@ func isCleanPath(p string) bool {
 		clean += "/"
 	}
 	return clean == p
-}
-
-// maxLogPath is how much of a path, or a method, the access log keeps.
-const maxLogPath = 200
-
-// logPath returns p cut to at most maxLogPath bytes, at a character's start,
-// for the access log: a client chooses the path and the method, and so the
-// log's size.
-func logPath(p string) string {
-	if len(p) <= maxLogPath {
-		return p
-	}
-	n := maxLogPath
-	for n > 0 && !utf8.RuneStart(p[n]) {
-		n--
-	}
-	return p[:n]
 }
 
 // requireToken lets a request through only if it carries the API token as a
@@ -1177,17 +1165,24 @@ func capProblems(problems map[string]string) map[string]string {
 	return kept
 }
 
-// cutName cuts a name longer than maxErrorName bytes at a character
-// boundary and marks the cut with an ellipsis.
+// cutName cuts a name longer than maxErrorName bytes and marks the cut with
+// an ellipsis.
 func cutName(name string) string {
 	if len(name) <= maxErrorName {
 		return name
 	}
-	i := maxErrorName
-	for i > 0 && !utf8.RuneStart(name[i]) {
-		i--
+	return truncate(name, maxErrorName) + "…"
+}
+
+// truncate returns s cut to at most n bytes, at a character's start.
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
 	}
-	return name[:i] + "…"
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n]
 }
 
 // encode answers with v as JSON.
