@@ -257,7 +257,7 @@ func loadConfig(args []string, getenv func(string) string, stdout io.Writer) (co
 		}
 	}
 	for _, st := range all {
-		if v, ok := given[st.flag]; ok && st.flag != "" {
+		if v, ok := given[st.flag]; ok {
 			if err := st.set(&cfg, "-"+st.flag, v); err != nil {
 				return cfg, fmt.Errorf("-%s: %w", st.flag, err)
 			}

@@ -82,7 +82,9 @@ func newSchema(t testing.TB) (databaseURL, schema string) {
 			t.Errorf("drop schema %s: %v", schema, err)
 		}
 	})
-	return withParam(testDatabaseURL(), "search_path", schema), schema
+	// A session time zone other than UTC: the service must answer in UTC
+	// whatever the database's.
+	return withParam(withParam(testDatabaseURL(), "search_path", schema), "TimeZone", "Asia/Kolkata"), schema
 }
 
 // withParam adds a connection parameter to a URL or key=value DSN.

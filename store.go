@@ -49,7 +49,7 @@ type store struct {
 	// setBounds begins a write's transaction with its server-side bounds
 	// (see write).
 	setBounds string
-	// The reads are prepared statements: a query with arguments costs lib/pq
+	// The user look-ups are prepared statements: a query with arguments costs lib/pq
 	// two round trips (parse, then execute), a prepared one costs one.
 	// database/sql prepares them on each connection the first time it
 	// runs them there. Behind a transaction pooler they are nil: see
@@ -353,7 +353,7 @@ func (s *store) UserByEmail(ctx context.Context, email string) (user, error) {
 // Users returns up to limit users whose id is greater than afterID, ordered
 // by id.
 func (s *store) Users(ctx context.Context, afterID int64, limit int) ([]user, error) {
-	users := make([]user, 0, min(limit, 1000))
+	users := make([]user, 0, min(limit, maxPageSize))
 	err := s.EachUser(ctx, afterID, limit, func(u *user) { users = append(users, *u) })
 	return users, err
 }
@@ -608,11 +608,7 @@ func isUnavailable(err error) bool {
 		return pqErr.Code.Class() == "08" // connection_exception
 	}
 	var netErr net.Error
-	return errors.As(err, &netErr) ||
-		errors.Is(err, context.DeadlineExceeded) ||
-		errors.Is(err, driver.ErrBadConn) ||
-		errors.Is(err, io.EOF) ||
-		errors.Is(err, io.ErrUnexpectedEOF)
+	return deadConn(err) || errors.As(err, &netErr) || errors.Is(err, context.DeadlineExceeded)
 }
 
 // bounds are the limits on a store call, from the shortest to the longest.

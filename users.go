@@ -221,6 +221,9 @@ func (s *server) requireToken(next http.Handler) http.Handler {
 		got := sha256.Sum256([]byte(token))
 		if !strings.EqualFold(scheme, "Bearer") || subtle.ConstantTimeCompare(got[:], want[:]) != 1 {
 			w.Header().Set("WWW-Authenticate", "Bearer")
+			// A client without the token has nothing more to ask: its
+			// connection is closed rather than held for it.
+			w.Header().Set("Connection", "close")
 			writeError(w, http.StatusUnauthorized, "Not authenticated")
 			return
 		}
@@ -307,11 +310,6 @@ func (rec *statusRecorder) WriteHeader(status int) {
 			http.NewResponseController(rec.ResponseWriter).SetReadDeadline(time.Now())
 		}
 	}
-	// A client without the token has nothing more to ask: its connection
-	// is closed rather than held for it.
-	if status == http.StatusUnauthorized {
-		rec.Header().Set("Connection", "close")
-	}
 	rec.ResponseWriter.WriteHeader(status)
 }
 
@@ -359,7 +357,8 @@ func (s *server) health(w http.ResponseWriter, r *http.Request) {
 	encode(w, http.StatusOK, map[string]string{"status": "ok"})
 }
 
-// openAPI describes the API; openapi_test.go keeps it true to the code.
+// openAPI describes the API; TestOpenAPIDescribesEveryRoute and the check of
+// every answer in the tests keep it true to the code.
 //
 //go:embed openapi.json
 var openAPI []byte
@@ -720,7 +719,7 @@ func parseListQuery(rawQuery string) (listQuery, map[string]string) {
 		switch name {
 		case "limit":
 			if !ok || n < 1 || n > maxPageSize {
-				problems[name] = "must be an integer from 1 to 1000"
+				problems[name] = fmt.Sprintf("must be an integer from 1 to %d", maxPageSize)
 			}
 			q.limit = int(n)
 		case "after_id":

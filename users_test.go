@@ -895,6 +895,31 @@ func TestHeadUsersReadsOneRow(t *testing.T) {
 	}
 }
 
+// A whole list is read in batches: with a row that cannot be read in the
+// second batch, the first is already sent with its 200, and the stream is
+// then cut, never ended as a list that looks whole.
+func TestListStreamIsReadInBatches(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	seedUsers(t, e.store, listBatchSize+2)
+	if _, err := e.store.db.Exec(`ALTER TABLE users ALTER COLUMN first_name DROP NOT NULL;
+		UPDATE users SET first_name = NULL WHERE id = (SELECT max(id) FROM users)`); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := noRedirects.Get(e.url + "/users/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusOK || err == nil {
+		t.Fatalf("GET /users/ with a bad row in the second batch: %d, read error %v; want 200 and a cut stream", resp.StatusCode, err)
+	}
+	if n := bytes.Count(body, []byte(`"id":`)); n != listBatchSize {
+		t.Errorf("GET /users/ sent %d users before the cut, want the first batch of %d", n, listBatchSize)
+	}
+}
+
 func TestWholeTableStreamsAreBounded(t *testing.T) {
 	t.Parallel()
 	databaseURL, schema := newSchema(t)
