@@ -749,6 +749,10 @@ func TestDatabaseGoneAtStart(t *testing.T) {
 func retarget(t *testing.T, databaseURL string, kv ...string) string {
 	t.Helper()
 	dsn, err := parseDatabaseURL(databaseURL)
+	if err == nil && strings.HasPrefix(dsn, "postgres://") {
+		//lint:ignore SA1019 it turns a URL into settings, which later ones override
+		dsn, err = pq.ParseURL(dsn)
+	}
 	if err != nil {
 		t.Fatal(err)
 	}
