@@ -1228,6 +1228,7 @@ func TestHashingBusyAnswers503(t *testing.T) {
 	// 127.0.0.1 holds the one hashing slot, its share (half, rounded up).
 	for _, rq := range []struct{ method, path, body string }{
 		{"POST", "/users/", userBody("Bob", "Ray", "bob@example.com", "password1")},
+		{"POST", "/users", userBody("Bob", "Ray", "bob@example.com", "password1")},
 		{"PUT", "/users/1", `{"password":"password2"}`},
 		{"POST", "/users/authenticate", authBody("carol@example.com", "password1")},
 	} {
