@@ -485,3 +485,23 @@ func TestPasswordChangeAndDeleteForgetFailures(t *testing.T) {
 		t.Errorf("after DELETE: %d failures, %d familiar clients stored; want none", f, c)
 	}
 }
+
+// TestOldThrottleTableIsReplaced checks that a database from before clients
+// were told apart boots, its old counts gone.
+func TestOldThrottleTableIsReplaced(t *testing.T) {
+	t.Parallel()
+	databaseURL, schema := newSchema(t)
+	_, err := adminDB.Exec(`CREATE TABLE ` + schema + `.auth_failures (email text PRIMARY KEY, failures integer NOT NULL, failed_at timestamptz NOT NULL);
+		INSERT INTO ` + schema + `.auth_failures VALUES ('ann@example.com', 9, now())`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := newStoreAt(t, databaseURL)
+	if wait, err := st.AuthWait(context.Background(), "ann@example.com", "192.0.2.1"); err != nil || wait != 0 {
+		t.Errorf("AuthWait after the upgrade = %v, %v; want 0", wait, err)
+	}
+	var gone bool
+	if err := adminDB.QueryRow(`SELECT to_regclass($1) IS NULL`, schema+".auth_failures").Scan(&gone); err != nil || !gone {
+		t.Errorf("auth_failures still there after the upgrade (%v)", err)
+	}
+}
