@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/netip"
 	"runtime/debug"
 	"strconv"
 	"strings"
@@ -33,6 +34,7 @@ type config struct {
 	pool        poolConfig
 	maxClients  int
 	maxStreams  int
+	proxies     []netip.Prefix
 
 	// Which setting, as errors name it, gave addr and databaseURL, whose
 	// problems show only once run uses them.
@@ -107,6 +109,11 @@ func settings() []setting {
 			}},
 		{"MAX_STREAMS", "max-streams", strconv.Itoa(defaultMaxStreams), "whole-table GET /users streams served at once; pages and single reads are not counted",
 			intSetting(1, 0, func(cfg *config) *int { return &cfg.maxStreams })},
+		{"TRUSTED_PROXIES", "", "", "comma-separated CIDRs of reverse proxies whose X-Forwarded-For names the client, for the sign-in throttles and the log",
+			func(cfg *config, _, v string) (err error) {
+				cfg.proxies, err = parseCIDRs(v)
+				return err
+			}},
 		// The Go runtime reads GOMAXPROCS, and quietly ignores a bad value.
 		{"GOMAXPROCS", "", "", "how many threads run Go code at once (default: the CPUs Go finds, a container's limit included, plus 1); password hashes may use all but one",
 			func(_ *config, _, v string) error {

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
+	"reflect"
 	"regexp"
 	"strings"
 	"testing"
@@ -44,6 +46,7 @@ func TestRunRefusesBadConfiguration(t *testing.T) {
 		{"stream limit", env{"MAX_STREAMS": "x"}, nil, "MAX_STREAMS: ", []string{`"x"`}},
 		{"client limit", env{"MAX_CLIENTS": "0"}, nil, "MAX_CLIENTS: ", nil},
 		{"client limit flag", nil, []string{"-max-clients", "many"}, "-max-clients: ", []string{`"many"`}},
+		{"trusted proxies", env{"TRUSTED_PROXIES": "10.0.0.0/8 192.0.2.1"}, nil, "TRUSTED_PROXIES: ", []string{"CIDRs"}},
 		{"GOMAXPROCS not a number", env{"GOMAXPROCS": "abc"}, nil, "GOMAXPROCS: ", []string{`"abc"`}},
 		{"stray argument", nil, []string{"serve"}, "unexpected arguments", nil},
 		{"unknown flag", nil, []string{"-nope"}, "", []string{"-nope"}},
@@ -104,9 +107,10 @@ func TestLoadConfig(t *testing.T) {
 		{"ADDR wins over PORT", map[string]string{"PORT": "9000", "ADDR": "0.0.0.0:80"}, nil, with(func(c *config) { c.addr = "0.0.0.0:80" })},
 		{"environment", map[string]string{
 			"DATABASE_URL": "postgres://db/x", "BCRYPT_COST": "10", "API_TOKEN": "t", "DB_MAX_CONNS": "8",
-			"DB_POOLER": "transaction", "MAX_STREAMS": "5", "MAX_CLIENTS": "100",
+			"DB_POOLER": "transaction", "MAX_STREAMS": "5", "MAX_CLIENTS": "100", "TRUSTED_PROXIES": "10.0.0.0/8, ::1",
 		}, nil, with(func(c *config) {
 			c.databaseURL, c.bcryptCost, c.apiToken, c.maxStreams, c.maxClients = "postgres://db/x", 10, "t", 5, 100
+			c.proxies = []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8"), netip.MustParsePrefix("::1/128")}
 			c.pool.maxOpen, c.pool.maxIdle, c.pool.transactionPooler = 8, 8, true
 		})},
 		{"flags win over the environment", map[string]string{
@@ -126,7 +130,7 @@ func TestLoadConfig(t *testing.T) {
 			// Where a value came from shows in errors: see
 			// TestRunRefusesBadConfiguration.
 			got.addrFrom, got.databaseURLFrom = "", ""
-			if got != tt.want {
+			if !reflect.DeepEqual(got, tt.want) {
 				t.Errorf("loadConfig(%q, %v) = %+v, want %+v", tt.args, tt.env, got, tt.want)
 			}
 		})

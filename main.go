@@ -110,6 +110,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		// pages out that reach it through a name of their own (DNS
 		// rebinding).
 		loopbackHostsOnly: cfg.apiToken == "" && isLoopback(ln.Addr()),
+		trustedProxies:    cfg.proxies,
 	}
 	srv := newHTTPServer(newServer(logger, st, h, cfg.apiToken, opts), logger)
 	clients := limitClients(srv, ln, cfg.maxClients, logger)

@@ -18,7 +18,6 @@ import (
 	"net/url"
 	"os"
 	"regexp"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -134,6 +133,7 @@ type testEnv struct {
 	store  *store
 	hasher *hasher
 	logs   *syncBuffer
+	client *http.Client // nil for noRedirects, from 127.0.0.1
 }
 
 type envOption func(*envConfig)
@@ -170,7 +170,9 @@ func newTestEnv(t testing.TB, opts ...envOption) *testEnv {
 		cfg.store = newTestStore(t)
 	}
 	if cfg.hasher == nil {
-		cfg.hasher = newHasher(bcrypt.MinCost, runtime.GOMAXPROCS(0), 10*time.Second)
+		// Slots enough that a client's share (half) is no limit on the
+		// races tests run from one client; TestHashingBusyAnswers503 tests it.
+		cfg.hasher = newHasher(bcrypt.MinCost, 128, 10*time.Second)
 	}
 	logs := &syncBuffer{}
 	h := newServer(newTestLogger(logs), cfg.store, cfg.hasher, cfg.apiToken, cfg.options)
@@ -238,7 +240,11 @@ func (e *testEnv) do(method, path, body string, header ...string) response {
 	}
 	// Errorf, not Fatalf: tests call do from goroutines too. A failed
 	// request comes back as status 0, which no check accepts.
-	resp, err := noRedirects.Do(req)
+	client := noRedirects
+	if e.client != nil {
+		client = e.client
+	}
+	resp, err := client.Do(req)
 	if err != nil {
 		e.t.Errorf("%s %s: %v", method, path, err)
 		return response{what: method + " " + path}
@@ -257,6 +263,17 @@ func (e *testEnv) do(method, path, body string, header ...string) response {
 	r := response{status: resp.StatusCode, header: resp.Header, body: b, what: method + " " + path}
 	e.checkAnswer(req, r)
 	return r
+}
+
+// from returns e as seen from a client at ip, a loopback address such as
+// 127.0.0.2: Linux routes the whole of 127/8 to the host.
+func (e *testEnv) from(ip string) *testEnv {
+	dialer := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(ip)}}
+	transport := &http.Transport{DialContext: dialer.DialContext}
+	e.t.Cleanup(transport.CloseIdleConnections)
+	c := *e
+	c.client = &http.Client{Transport: transport, CheckRedirect: noRedirects.CheckRedirect, Timeout: noRedirects.Timeout}
+	return &c
 }
 
 // noRedirects shows a redirect as the answer it is, instead of following it.
