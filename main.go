@@ -102,6 +102,7 @@ type config struct {
 	pool        poolConfig
 	maxClients  int
 	maxStreams  int
+	jsonLogs    bool
 
 	// maxClientsSet is MAX_CLIENTS as given, and maxClientsFrom the setting
 	// that gave it: its default and its bound depend on the file limit and
@@ -193,6 +194,14 @@ func settings() []setting {
 					return fmt.Errorf("must be a positive integer, got %q", v)
 				}
 				cfg.maxStreams = n
+				return nil
+			}},
+		{"LOG_FORMAT", "log-format", "text", "text for logfmt lines, json for one JSON object per line",
+			func(cfg *config, _, v string) error {
+				if v != "text" && v != "json" {
+					return fmt.Errorf(`must be "text" or "json", got %q`, v)
+				}
+				cfg.jsonLogs = v == "json"
 				return nil
 			}},
 		{"GOMAXPROCS", "", "the CPUs Go finds (a container's limit included), plus 1",
@@ -402,7 +411,11 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if err != nil {
 		return err
 	}
-	logger := slog.New(slog.NewTextHandler(stdout, nil))
+	var handler slog.Handler = slog.NewTextHandler(stdout, nil)
+	if cfg.jsonLogs {
+		handler = slog.NewJSONHandler(stdout, nil)
+	}
+	logger := slog.New(handler)
 
 	dsn, err := parseDatabaseURL(cfg.databaseURL)
 	if err != nil {

@@ -986,33 +986,96 @@ func TestAccessLog(t *testing.T) {
 	e := newTestEnv(t)
 	e.createUser(t, "Ann", "Lee", "ann@example.com", "log-me-not-123")
 	long := "/" + strings.Repeat("x", 198) + "éé"
-	// A request no route serves is logged with its path, cut at 200 bytes
-	// at a character's start; one a route serves is not.
-	tests := []struct{ method, path, want, wantPath string }{
-		{"POST", "/users/", `method=POST pattern="POST /users/{$}" status=201 duration=`, ""}, // the create
-		{"GET", "/users/1", `method=GET pattern="GET /users/{id}" status=200 duration=`, ""},
-		{"GET", "/users/2", `method=GET pattern="GET /users/{id}" status=404 duration=`, ""},
-		{"GET", "/nowhere", `method=GET pattern="" status=404 duration=`, "/nowhere"},
-		{"PATCH", "/users/1", `method=PATCH pattern="" status=405 duration=`, "/users/1"},
-		{"GET", "/users//1", `method=GET pattern="" status=404 duration=`, "/users//1"},
-		{"GET", long, `method=GET pattern="" status=404 duration=`, long[:199]},
-		{strings.Repeat("A", 300), "/users/", `method=` + strings.Repeat("A", 200) + ` pattern="" status=405 duration=`, "/users/"},
+	// One line per request, with its id and client; the method and the
+	// path are cut at 200 bytes, at a character's start.
+	tests := []struct{ method, path, want string }{
+		{"POST", "/users/", `method=POST path=/users/ pattern="POST /users/{$}" status=201 duration=`}, // the create
+		{"GET", "/users/1", `method=GET path=/users/1 pattern="GET /users/{id}" status=200 duration=`},
+		{"GET", "/users/2", `method=GET path=/users/2 pattern="GET /users/{id}" status=404 duration=`},
+		{"GET", "/nowhere", `method=GET path=/nowhere pattern="" status=404 duration=`},
+		{"PATCH", "/users/1", `method=PATCH path=/users/1 pattern="" status=405 duration=`},
+		{"GET", "/users//1", `method=GET path=/users//1 pattern="" status=404 duration=`},
+		{"GET", long, `method=GET path=` + long[:199] + ` pattern="" status=404 duration=`},
+		{strings.Repeat("A", 300), "/users/", `method=` + strings.Repeat("A", 200) + ` path=/users/ pattern="" status=405 duration=`},
 	}
-	for _, tt := range tests[1:] {
-		e.do(tt.method, tt.path, "")
+	for i, tt := range tests[1:] {
+		e.do(tt.method, tt.path, "", fmt.Sprintf("X-Request-Id: id-%d", i+1))
 	}
 	lines := strings.Split(strings.TrimSpace(e.logs.String()), "\n")
 	if len(lines) != len(tests) {
 		t.Fatalf("%d log lines for %d requests:\n%s", len(lines), len(tests), e.logs)
 	}
 	for i, tt := range tests {
-		if _, path, _ := strings.Cut(lines[i], " path="); !strings.Contains(lines[i], "msg=request "+tt.want) || path != tt.wantPath {
-			t.Errorf("log line of %s %.40s = %q, want %q and path %q", tt.method, tt.path, lines[i], tt.want, tt.wantPath)
+		id := fmt.Sprintf("id-%d", i)
+		if i == 0 {
+			id = `[A-Z2-7]{10}-1`
+		}
+		if !regexp.MustCompile(`msg=request request_id=`+id+` client=127\.0\.0\.1 `).MatchString(lines[i]) || !strings.Contains(lines[i], tt.want) {
+			t.Errorf("log line of %s %.40s = %q, want its id, client and %q", tt.method, tt.path, lines[i], tt.want)
 		}
 	}
 	if strings.Contains(e.logs.String(), "log-me-not-123") || strings.Contains(e.logs.String(), "ann@example.com") {
 		t.Errorf("the log holds a request body:\n%s", e.logs)
 	}
+}
+
+func TestRequestID(t *testing.T) {
+	t.Parallel()
+	s := &server{idPrefix: "made-"}
+	for _, tt := range []struct {
+		ids  []string
+		want string
+	}{
+		{nil, "made-1"}, {[]string{"abc-123_X.Y:z"}, "abc-123_X.Y:z"}, {[]string{strings.Repeat("a", 128)}, strings.Repeat("a", 128)},
+		{[]string{strings.Repeat("a", 129)}, "made-2"}, {[]string{""}, "made-3"}, {[]string{"a b"}, "made-4"},
+		{[]string{"é"}, "made-5"}, {[]string{"a\x7f"}, "made-6"}, {[]string{"a", "b"}, "made-7"},
+	} {
+		r := httptest.NewRequest("GET", "/", nil)
+		r.Header["X-Request-Id"] = tt.ids
+		if got := s.requestID(r); got != tt.want {
+			t.Errorf("requestID with X-Request-Id %.40q = %q, want %q", tt.ids, got, tt.want)
+		}
+	}
+	e := newTestEnv(t)
+	if r := e.do("GET", "/healthz", "", "X-Request-Id: abc"); r.header.Get("X-Request-Id") != "abc" {
+		t.Errorf("%s: X-Request-Id %q, want the client's abc back", r, r.header.Get("X-Request-Id"))
+	}
+	if r := e.do("GET", "/nowhere", "", "X-Request-Id: a b"); !regexp.MustCompile(`^[A-Z2-7]{10}-\d+$`).MatchString(r.header.Get("X-Request-Id")) {
+		t.Errorf("%s: X-Request-Id %q, want one the service made", r, r.header.Get("X-Request-Id"))
+	}
+}
+
+// TestLogLinesAreBounded sends what makes long log lines, on every path that
+// logs: the longest line must stay within 2 KiB.
+func TestLogLinesAreBounded(t *testing.T) {
+	t.Parallel()
+	h := newHasher(bcrypt.MinCost, 1, time.Minute)
+	e := newTestEnv(t, withHasher(h))
+	zeros := "/users/" + strings.Repeat("0", 60000) + "1"
+	e.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
+	h.slots <- struct{}{} // a PUT waits for a hashing slot until its client leaves
+	for _, request := range []string{
+		"PUT " + zeros + " HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 24\r\n\r\n{\"password\":\"password2\"}",
+		"GET " + zeros + " HTTP/1.1\r\nHost: x\r\n\r\n",
+		"GET /" + strings.Repeat("%ff%00", 10000) + " HTTP/1.1\r\nHost: x\r\n\r\n",
+		"GET /users/?email=" + strings.Repeat("a", 60000) + " HTTP/1.1\r\nHost: x\r\n\r\n",
+		strings.Repeat("M", 60000) + " / HTTP/1.1\r\nHost: x\r\n\r\n",
+		"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Request-Id: " + strings.Repeat("\\\"", 30000) + "\r\n\r\n",
+		"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Request-Id: " + strings.Repeat("\\\"", 64) + "\r\n\r\n",
+	} {
+		rawRequest(t, e, request, true)
+	}
+	<-h.slots
+	longest := ""
+	for _, line := range strings.Split(e.logs.String(), "\n") {
+		if len(line) > len(longest) {
+			longest = line
+		}
+	}
+	if !strings.Contains(e.logs.String(), "msg=\"request canceled\"") || len(longest) > 2048 {
+		t.Errorf("longest log line %d bytes, want at most 2048 and a canceled request logged:\n%s", len(longest), e.logs)
+	}
+	t.Logf("longest log line: %d bytes", len(longest))
 }
 
 func TestAPIToken(t *testing.T) {
@@ -1079,7 +1142,7 @@ func TestPanicIsRecovered(t *testing.T) {
 		w.Header().Set("Content-Type", "application/json")
 		w.WriteHeader(http.StatusOK)
 		w.Write([]byte(`[{"id":1},`))
-		w.(http.Flusher).Flush()
+		http.NewResponseController(w).Flush()
 		panic("failed mid-stream")
 	})
 	srv := newTestHTTPServer(t, s.wrap(mux))
@@ -1096,8 +1159,8 @@ func TestPanicIsRecovered(t *testing.T) {
 	if err == nil {
 		t.Errorf("GET /half: the client got a complete response from a handler that panicked mid-stream")
 	}
-	for _, want := range []string{`msg=panic method=GET pattern="GET /panic" panic="handler bug" stack=`, "users_test.go",
-		`pattern="GET /panic" status=500`, `panic="failed mid-stream"`} {
+	for _, want := range []string{`msg=panic request_id=1 client=127.0.0.1 method=GET path=/panic pattern="GET /panic" panic="handler bug" stack=`, "users_test.go",
+		`pattern="GET /panic" status=500`, `panic="failed mid-stream"`, `pattern="GET /half" status=200 duration=`} {
 		if !strings.Contains(logs.String(), want) {
 			t.Errorf("log lacks %q:\n%s", want, logs)
 		}
@@ -1283,7 +1346,7 @@ func TestInternalErrorsAreGeneric(t *testing.T) {
 	}
 	mustError(t, e.do("DELETE", fmt.Sprintf("/users/%d", u.ID), ""), http.StatusInternalServerError, "Internal server error")
 	logs := e.logs.String()
-	if !strings.Contains(logs, `level=ERROR msg="internal error" method=PUT path=/users/`) || !strings.Contains(logs, "given_name") && !strings.Contains(logs, "first_name") {
+	if !regexp.MustCompile(`level=ERROR msg="internal error" request_id=\S+ client=127.0.0.1 method=PUT path=/users/`).MatchString(logs) || !strings.Contains(logs, "given_name") && !strings.Contains(logs, "first_name") {
 		t.Errorf("the log does not hold the cause with its request:\n%s", logs)
 	}
 }
