@@ -450,8 +450,11 @@ func (b *bodyReader) Read(p []byte) (int, error) {
 
 // Handlers.
 
+// health answers whether the database answers. The check is bounded by
+// the store, not by the client: net/http ends a request's context when the
+// client half-closes its connection, as some probes do after sending.
 func (s *server) health(w http.ResponseWriter, r *http.Request) {
-	if err := s.store.Ping(r.Context()); err != nil {
+	if err := s.store.Ping(context.WithoutCancel(r.Context())); err != nil {
 		s.log(w, r).Warn("health check failed", "err", err)
 		writeUnavailable(w)
 		return

@@ -1078,6 +1078,21 @@ func TestLogLinesAreBounded(t *testing.T) {
 	t.Logf("longest log line: %d bytes", len(longest))
 }
 
+// TestHealthIgnoresHalfClose sends GET /healthz and shuts the client's write
+// side, as some probes and proxies do: the answer is still the truth.
+func TestHealthIgnoresHalfClose(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	for i := range 20 {
+		if got := rawRequest(t, e, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", true); !bytes.HasPrefix(got, []byte("HTTP/1.1 200 ")) {
+			t.Fatalf("try %d: GET /healthz, then a half-close: %q, want 200", i, got)
+		}
+	}
+	if logs := e.logs.String(); strings.Contains(logs, "level=WARN") {
+		t.Errorf("a half-closed health check logged a warning:\n%s", logs)
+	}
+}
+
 func TestAPIToken(t *testing.T) {
 	t.Parallel()
 	const token = "tok-3f9a"
