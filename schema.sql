@@ -27,6 +27,14 @@ BEGIN
     END IF;
 END $$;
 
+-- The service stores addresses in Unicode NFC. A row stored before in another
+-- form is brought to NFC, unless another account already has that spelling:
+-- then both stay as they are.
+UPDATE users u SET email = n.email
+FROM (SELECT min(id) AS id, normalize(email, NFC) AS email
+      FROM users WHERE email IS NOT NFC NORMALIZED GROUP BY 2) n
+WHERE u.id = n.id AND NOT EXISTS (SELECT FROM users o WHERE o.email = n.email);
+
 -- Consecutive failed checks of POST /users/authenticate, per normalized email
 -- address, whether or not a user has it. Every replica reads and counts the
 -- same rows. A success deletes its row; a row whose last failure is 24 hours

@@ -501,7 +501,7 @@ func serveDocs(w http.ResponseWriter, r *http.Request) {
 
 func (s *server) createUser(w http.ResponseWriter, r *http.Request) {
 	in, ok := readUserInput(w, r, true)
-	if !ok {
+	if !ok || !s.nfc(w, r, in.Email) {
 		return
 	}
 	// Hash before the store takes a connection: a hash is slow on purpose.
@@ -542,7 +542,7 @@ func (s *server) updateUser(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	in, ok := readUserInput(w, r, false)
-	if !ok {
+	if !ok || !s.nfc(w, r, in.Email) {
 		return
 	}
 	change := userUpdate{FirstName: in.FirstName, LastName: in.LastName, Email: in.Email}
@@ -581,7 +581,7 @@ func (s *server) deleteUser(w http.ResponseWriter, r *http.Request) {
 // than the configured one stores a new hash.
 func (s *server) authenticate(w http.ResponseWriter, r *http.Request) {
 	in, ok := readCredentials(w, r)
-	if !ok {
+	if !ok || !s.nfc(w, r, &in.email) {
 		return
 	}
 	// An early attempt is turned away before it queues for a hashing slot.
@@ -667,6 +667,9 @@ func (s *server) listUsers(w http.ResponseWriter, r *http.Request) {
 
 // userByEmail answers a look-up by email: a list of one user, or 404.
 func (s *server) userByEmail(w http.ResponseWriter, r *http.Request, email string) {
+	if !s.nfc(w, r, &email) {
+		return
+	}
 	u, err := s.store.UserByEmail(r.Context(), email)
 	if errors.Is(err, errNotFound) {
 		writeError(w, http.StatusNotFound, "No users found")
@@ -1072,12 +1075,29 @@ func cleanName(s string) (string, string) {
 	case strings.ContainsRune(s, utf8.RuneError):
 		// What encoding/json makes of an unpaired surrogate escape.
 		return s, "must be valid Unicode text"
+	case strings.IndexFunc(s, isVisible) < 0:
+		return s, "must contain a visible character"
 	}
 	return s, ""
 }
 
+// isVisible reports whether r shows as something: not a space, not a
+// control character, not an invisible one.
+func isVisible(r rune) bool {
+	return unicode.IsGraphic(r) && !unicode.IsSpace(r) && !isInvisible(r)
+}
+
+// isInvisible reports whether r is a default-ignorable code point, which
+// shows nothing: a format character (zero-width space, joiners, U+FEFF,
+// the soft hyphen, bidirectional controls), a variation selector, a Hangul
+// filler; or the blank Braille pattern, a symbol that shows as a space.
+func isInvisible(r rune) bool {
+	return r == '\u2800' || unicode.In(r, unicode.Cf, unicode.Variation_Selector, unicode.Other_Default_Ignorable_Code_Point)
+}
+
 // cleanEmail trims and lower-cases an address and reports what is wrong with
-// it, if anything. Addresses are compared, stored and unique in lower case.
+// it, if anything. Addresses are compared, stored and unique in lower case
+// and, once the handler has called nfc, in NFC.
 func cleanEmail(s string) (string, string) {
 	s = strings.TrimSpace(s)
 	if len(s) > maxEmailBytes {
@@ -1137,6 +1157,8 @@ func emailWord(s string, ascii func(rune) bool) bool {
 			if !ascii(r) {
 				return false
 			}
+		case isInvisible(r):
+			return false
 		case unicode.IsLetter(r) || unicode.IsDigit(r):
 		case unicode.IsMark(r) && i > 0:
 		default:
@@ -1174,6 +1196,24 @@ func checkPassword(s string) string {
 		return fmt.Sprintf("must be at most %d bytes", maxPasswordBytes)
 	}
 	return ""
+}
+
+// nfc puts *email, if not nil, in Unicode NFC, in which addresses are
+// stored and compared: "ü" typed as one character or as u and a combining
+// mark is one address. Go's standard library cannot normalize, PostgreSQL
+// can. If it fails, nfc answers the request itself and returns false.
+func (s *server) nfc(w http.ResponseWriter, r *http.Request, email *string) bool {
+	// Below U+0300 no character combines or decomposes: such text is NFC.
+	if email == nil || strings.IndexFunc(*email, func(c rune) bool { return c >= 0x300 }) < 0 {
+		return true
+	}
+	normalized, err := s.store.NFC(r.Context(), *email)
+	if err != nil {
+		s.fail(w, r, err)
+		return false
+	}
+	*email = normalized
+	return true
 }
 
 // Writing answers.
