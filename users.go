@@ -479,6 +479,8 @@ func serveOpenAPI(w http.ResponseWriter, r *http.Request) {
 // the package, would otherwise run on this origin and see any token typed
 // into Authorize. To move to another release, change the version and the
 // hashes together; .ci/run checks the hashes against the npm package.
+// Without the CDN (offline, a strict proxy) the page says so and links the
+// description; Swagger UI replaces that text when it loads.
 const docsPage = `<!doctype html>
 <html lang="en">
 <head>
@@ -487,9 +489,13 @@ const docsPage = `<!doctype html>
 <link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5.35.0/swagger-ui.css" integrity="sha384-WlYgdmXYOOBWL5apwjDEZwN+U3HmXSSu5R6V5aGxEcf7z+KuRNwBhoxKVN1i3D5I" crossorigin="anonymous">
 </head>
 <body>
-<div id="swagger-ui"></div>
+<div id="swagger-ui">
+<h1>users API</h1>
+<p>Swagger UI, from cdn.jsdelivr.net, shows the API's description here. Without it,
+read the description itself: <a href="/openapi.json">/openapi.json</a> (OpenAPI 3.1).</p>
+</div>
 <script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5.35.0/swagger-ui-bundle.js" integrity="sha384-gjRm0bEPMeTmMh5jT2cHccIwCUZSTd8YC+j0d0sXw0MdGEfScduGpSyF3ZSSLkX9" crossorigin="anonymous"></script>
-<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
+<script>if (window.SwaggerUIBundle) SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
 </body>
 </html>
 `

@@ -1284,6 +1284,29 @@ func TestAnswersCloseTheConnection(t *testing.T) {
 	}
 }
 
+// TestAnswersBeforeTheService pins what README and openapi.json say of the
+// requests net/http answers itself: plain text, and no log line.
+func TestAnswersBeforeTheService(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	for request, status := range map[string]string{
+		"GET /healthz HTTP/1.1\r\nHost: x\r\nX: a\x01b\r\n\r\n":                             "400 ",
+		"GET /healthz HTTP/1.1\r\n\r\n":                                                     "400 ",
+		"GET /healthz HTTP/1.1\r\nHost: x\r\nX: " + strings.Repeat("a", 70000) + "\r\n\r\n": "431 ",
+		"POST /users HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n":                "501 ",
+		"GET /healthz HTTP/2.5\r\nHost: x\r\n\r\n":                                          "505 ",
+		"GET /healthz HTTP/1.1\r\nHost: x\r\nExpect: x\r\n\r\n":                             "417 ",
+	} {
+		if got := rawRequest(t, e, request, true); !bytes.HasPrefix(got, []byte("HTTP/1.1 "+status)) ||
+			bytes.Contains(got, []byte("application/json")) {
+			t.Errorf("%.50q: %.80q, want a plain %s", request, got, status)
+		}
+	}
+	if logs := e.logs.String(); logs != "" {
+		t.Errorf("requests net/http answered were logged:\n%s", logs)
+	}
+}
+
 // TestSlowBodyHoldsNoDatabaseConnection checks that a request takes a
 // database connection only once its body is in: a client that sends its
 // body slowly, or never in full, holds none.
@@ -1880,9 +1903,12 @@ func TestOpenAPIAndDocsAreServed(t *testing.T) {
 		t.Errorf("%.200s, want the OpenAPI 3.1 description the service embeds", r)
 	}
 	r := e.do("GET", "/docs", "")
+	// Without its scripts (the CDN out of reach), the page still shows text
+	// and a link to the description.
+	static := regexp.MustCompile(`(?s)<script.*?</script>|<head>.*</head>`).ReplaceAllString(string(r.body), "")
 	if mt, _, _ := mime.ParseMediaType(r.header.Get("Content-Type")); r.status != http.StatusOK || mt != "text/html" ||
-		!strings.Contains(string(r.body), `"/openapi.json"`) {
-		t.Fatalf("%s, Content-Type %q; want 200, an HTML page that loads /openapi.json", r, r.header.Get("Content-Type"))
+		!strings.Contains(string(r.body), `url: "/openapi.json"`) || !strings.Contains(static, `<a href="/openapi.json">`) {
+		t.Fatalf("%s, Content-Type %q; want 200, an HTML page that loads /openapi.json, and links it without scripts", r, r.header.Get("Content-Type"))
 	}
 	// Every file the page loads from elsewhere names an exact release and
 	// carries its hash: .ci/run checks the hashes.
