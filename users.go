@@ -1218,6 +1218,11 @@ func (s *server) nfc(w http.ResponseWriter, r *http.Request, email *string) bool
 		s.fail(w, r, err)
 		return false
 	}
+	// A few characters grow in NFC (क़ becomes क and a nukta): check again.
+	if _, problem := cleanEmail(normalized); problem != "" {
+		writeInvalid(w, map[string]string{"email": problem})
+		return false
+	}
 	*email = normalized
 	return true
 }
