@@ -193,12 +193,10 @@ func (s *server) requestID(r *http.Request) string {
 	return string(strconv.AppendUint([]byte(s.idPrefix), s.requests.Add(1), 10))
 }
 
-// client returns the address of r's client, as logs show it: the TCP peer.
+// client returns the address of r's client, as logs show it: the TCP
+// peer's (net/http sets RemoteAddr to its host:port).
 func (s *server) client(r *http.Request) string {
-	host, _, err := net.SplitHostPort(r.RemoteAddr)
-	if err != nil {
-		return r.RemoteAddr
-	}
+	host, _, _ := net.SplitHostPort(r.RemoteAddr)
 	return host
 }
 
