@@ -35,6 +35,7 @@ type config struct {
 	maxClients  int
 	maxStreams  int
 	proxies     []netip.Prefix
+	jsonLogs    bool
 
 	// Which setting, as errors name it, gave addr and databaseURL, whose
 	// problems show only once run uses them.
@@ -113,6 +114,14 @@ func settings() []setting {
 			func(cfg *config, _, v string) (err error) {
 				cfg.proxies, err = parseCIDRs(v)
 				return err
+			}},
+		{"LOG_FORMAT", "log-format", "text", "text for logfmt lines, json for one JSON object per line",
+			func(cfg *config, _, v string) error {
+				if v != "text" && v != "json" {
+					return fmt.Errorf(`must be "text" or "json", got %q`, v)
+				}
+				cfg.jsonLogs = v == "json"
+				return nil
 			}},
 		// The Go runtime reads GOMAXPROCS, and quietly ignores a bad value.
 		{"GOMAXPROCS", "", "", "how many threads run Go code at once (default: the CPUs Go finds, a container's limit included, plus 1); password hashes may use all but one",

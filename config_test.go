@@ -47,6 +47,7 @@ func TestRunRefusesBadConfiguration(t *testing.T) {
 		{"client limit", env{"MAX_CLIENTS": "0"}, nil, "MAX_CLIENTS: ", nil},
 		{"client limit flag", nil, []string{"-max-clients", "many"}, "-max-clients: ", []string{`"many"`}},
 		{"trusted proxies", env{"TRUSTED_PROXIES": "10.0.0.0/8 192.0.2.1"}, nil, "TRUSTED_PROXIES: ", []string{"CIDRs"}},
+		{"log format", env{"LOG_FORMAT": "logfmt"}, nil, `LOG_FORMAT: must be "text" or "json", got "logfmt"`, nil},
 		{"GOMAXPROCS not a number", env{"GOMAXPROCS": "abc"}, nil, "GOMAXPROCS: ", []string{`"abc"`}},
 		{"stray argument", nil, []string{"serve"}, "unexpected arguments", nil},
 		{"unknown flag", nil, []string{"-nope"}, "", []string{"-nope"}},
@@ -107,16 +108,18 @@ func TestLoadConfig(t *testing.T) {
 		{"ADDR wins over PORT", map[string]string{"PORT": "9000", "ADDR": "0.0.0.0:80"}, nil, with(func(c *config) { c.addr = "0.0.0.0:80" })},
 		{"environment", map[string]string{
 			"DATABASE_URL": "postgres://db/x", "BCRYPT_COST": "10", "API_TOKEN": "t", "DB_MAX_CONNS": "8",
-			"DB_POOLER": "transaction", "MAX_STREAMS": "5", "MAX_CLIENTS": "100", "TRUSTED_PROXIES": "10.0.0.0/8, ::1",
+			"DB_POOLER": "transaction", "MAX_STREAMS": "5", "MAX_CLIENTS": "100", "TRUSTED_PROXIES": "10.0.0.0/8, ::1", "LOG_FORMAT": "json",
 		}, nil, with(func(c *config) {
-			c.databaseURL, c.bcryptCost, c.apiToken, c.maxStreams, c.maxClients = "postgres://db/x", 10, "t", 5, 100
+			c.databaseURL, c.bcryptCost, c.apiToken, c.maxStreams, c.maxClients, c.jsonLogs = "postgres://db/x", 10, "t", 5, 100, true
 			c.proxies = []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8"), netip.MustParsePrefix("::1/128")}
 			c.pool.maxOpen, c.pool.maxIdle, c.pool.transactionPooler = 8, 8, true
 		})},
 		{"flags win over the environment", map[string]string{
 			"ADDR": ":1", "DATABASE_URL": "postgres://a/", "BCRYPT_COST": "10", "DB_POOLER": "transaction", "MAX_STREAMS": "5", "MAX_CLIENTS": "100",
+			"LOG_FORMAT": "json",
 		}, []string{
 			"-addr", ":2", "-database-url", "postgres://b/", "-bcrypt-cost", "15", "-db-pooler", "none", "-max-streams", "6", "-max-clients", "200",
+			"-log-format", "text",
 		}, with(func(c *config) {
 			c.addr, c.databaseURL, c.bcryptCost, c.maxStreams, c.maxClients = ":2", "postgres://b/", 15, 6, 200
 		})},

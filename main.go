@@ -79,7 +79,11 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if err != nil {
 		return err
 	}
-	logger := slog.New(slog.NewTextHandler(stdout, nil))
+	var handler slog.Handler = slog.NewTextHandler(stdout, nil)
+	if cfg.jsonLogs {
+		handler = slog.NewJSONHandler(stdout, nil)
+	}
+	logger := slog.New(handler)
 
 	startCtx, cancel := context.WithTimeout(ctx, connectTimeout)
 	st, err := openStore(startCtx, cfg.databaseURL, cfg.pool, queryTimeout)

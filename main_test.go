@@ -365,7 +365,7 @@ func startRun(t *testing.T, env map[string]string) *runningService {
 		s.err = run(ctx, nil, func(k string) string { return env[k] }, s.logs, io.Discard)
 	}()
 	t.Cleanup(func() { s.stop(t) })
-	listening := regexp.MustCompile(`msg=listening addr=\S+:(\d+) `)
+	listening := regexp.MustCompile(`(?:msg=listening addr=|"msg":"listening","addr":")[^ "]+:(\d+)[ "]`)
 	var m []string
 	waitUntil(t, "run to listen", func() bool {
 		select {
@@ -443,6 +443,23 @@ func TestRun(t *testing.T) {
 	if err := adminDB.QueryRow(`SELECT password FROM `+schema+`.users WHERE id = $1`, u.ID).Scan(&hash); err != nil ||
 		!strings.HasPrefix(hash, "$2a$10$") {
 		t.Errorf("stored hash of user %d: %.7q, %v; want cost 10 from BCRYPT_COST", u.ID, hash, err)
+	}
+}
+
+func TestRunLogsJSON(t *testing.T) {
+	t.Parallel()
+	databaseURL, _ := newSchema(t)
+	s := startRun(t, map[string]string{"DATABASE_URL": databaseURL, "ADDR": "127.0.0.1:0", "LOG_FORMAT": "json"})
+	s.do("GET", "/healthz", "", "X-Request-Id: probe-1")
+	s.stop(t)
+	logs := s.logs.String()
+	for _, line := range strings.Split(strings.TrimSpace(logs), "\n") {
+		if !json.Valid([]byte(line)) {
+			t.Errorf("LOG_FORMAT=json: log line %q is not JSON", line)
+		}
+	}
+	if !strings.Contains(logs, `"msg":"request","request_id":"probe-1","client":"127.0.0.1"`) {
+		t.Errorf("LOG_FORMAT=json: no request line with its id and client:\n%s", logs)
 	}
 }
 
