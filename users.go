@@ -1104,7 +1104,7 @@ var commonPasswordsText string
 // commonPasswords is the set of commonPasswordsText's passwords, which
 // NIST SP 800-63B says a new password must not be.
 var commonPasswords = func() map[string]bool {
-	set := make(map[string]bool)
+	set := make(map[string]bool, strings.Count(commonPasswordsText, "\n"))
 	for line := range strings.Lines(commonPasswordsText) {
 		if !strings.HasPrefix(line, "#") {
 			set[strings.TrimSuffix(line, "\n")] = true
