@@ -10,8 +10,12 @@ import (
 	"golang.org/x/crypto/bcrypt"
 )
 
-// errBusy means every hashing slot stayed taken for the whole wait.
-var errBusy = errors.New("password hashing is busy")
+// errBusy means every hashing slot stayed taken for the whole wait, and
+// errShare that the client already holds or waits for its share of them.
+var (
+	errBusy  = errors.New("password hashing is busy")
+	errShare = errors.New("client holds its share of password hashing")
+)
 
 // bcryptSaltLen is the length of a bcrypt hash's "$2a$12$" + salt prefix.
 const bcryptSaltLen = 29
@@ -19,11 +23,14 @@ const bcryptSaltLen = 29
 // hasher hashes passwords with bcrypt. A hash takes a core for a long time
 // on purpose, so at most cap(slots) run at once and a request waits at most
 // maxWait for a slot: a flood of creates cannot take every core and starve
-// the other requests.
+// the other requests. One client may hold or wait for at most half the
+// slots (rounded up), so that it cannot keep the others from hashing.
 type hasher struct {
 	cost    int
 	slots   chan struct{}
 	maxWait time.Duration
+	mu      sync.Mutex
+	clients map[string]int // slots each client holds or waits for
 	// generate and compare are bcrypt.GenerateFromPassword and
 	// bcrypt.CompareHashAndPassword; tests wrap them to watch what is done.
 	generate func(password []byte, cost int) ([]byte, error)
@@ -51,16 +58,17 @@ func newHasher(cost, concurrency int, maxWait time.Duration) *hasher {
 		cost:     cost,
 		slots:    make(chan struct{}, concurrency),
 		maxWait:  maxWait,
+		clients:  make(map[string]int),
 		generate: bcrypt.GenerateFromPassword,
 		compare:  bcrypt.CompareHashAndPassword,
 		dummy:    dummy,
 	}
 }
 
-// hash returns the bcrypt hash of password. It returns errBusy if no slot
-// frees up within maxWait, and ctx's error if ctx ends first.
-func (h *hasher) hash(ctx context.Context, password string) (string, error) {
-	release, err := h.acquire(ctx)
+// hash returns the bcrypt hash of password, for client. It returns the
+// errors of acquire.
+func (h *hasher) hash(ctx context.Context, client, password string) (string, error) {
+	release, err := h.acquire(ctx, client)
 	if err != nil {
 		return "", err
 	}
@@ -68,20 +76,43 @@ func (h *hasher) hash(ctx context.Context, password string) (string, error) {
 	return h.hashHeld(password)
 }
 
-// acquire takes a hashing slot, which the caller must give back by calling
-// release. It returns errBusy if no slot frees up within maxWait, and ctx's
-// error if ctx ends first.
-func (h *hasher) acquire(ctx context.Context) (release func(), err error) {
+// acquire takes a hashing slot for client, which the caller must give back
+// by calling release. It returns errShare at once if client holds or waits
+// for its share already, errBusy if no slot frees up within maxWait, and
+// ctx's error if ctx ends first.
+func (h *hasher) acquire(ctx context.Context, client string) (release func(), err error) {
+	if !h.share(client, 1) {
+		return nil, errShare
+	}
 	wait := time.NewTimer(h.maxWait)
 	defer wait.Stop()
 	select {
 	case h.slots <- struct{}{}:
-		return func() { <-h.slots }, nil
+		return func() { <-h.slots; h.share(client, -1) }, nil
 	case <-wait.C:
-		return nil, errBusy
+		err = errBusy
 	case <-ctx.Done():
-		return nil, ctx.Err()
+		err = ctx.Err()
 	}
+	h.share(client, -1)
+	return nil, err
+}
+
+// share adds d to the slots client holds or waits for, unless that would
+// pass half the slots (rounded up), and reports whether it did.
+func (h *hasher) share(client string, d int) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	n := h.clients[client] + d
+	switch {
+	case n > (cap(h.slots)+1)/2:
+		return false
+	case n == 0:
+		delete(h.clients, client)
+	default:
+		h.clients[client] = n
+	}
+	return true
 }
 
 // hashHeld is hash for a caller that holds a slot.

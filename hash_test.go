@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -80,15 +81,16 @@ func TestHashingIsBoundedAndGivesUpWhenBusy(t *testing.T) {
 	const bound = 2
 	h, active, _, release := gatedHasher(bound, 50*time.Millisecond)
 	results := make(chan error, bound+1)
-	hash := func() { _, err := h.hash(context.Background(), "password1"); results <- err }
-	for range bound {
-		go hash()
+	// From as many clients: one may hold only its share of the slots.
+	hash := func(client string) { _, err := h.hash(context.Background(), client, "password1"); results <- err }
+	for i := range bound {
+		go hash(fmt.Sprint(i))
 	}
 	t.Cleanup(func() { close(release) })
 	waitUntil(t, "every hashing slot taken", func() bool { return active.Load() == bound })
 	// One more waits maxWait for a slot, and gives up without hashing: had
 	// it passed the bound, it would wait for release instead.
-	go hash()
+	go hash("another")
 	select {
 	case err := <-results:
 		if !errors.Is(err, errBusy) {

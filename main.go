@@ -17,6 +17,7 @@ import (
 	"maps"
 	"net"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"os"
 	"os/signal"
@@ -102,6 +103,7 @@ type config struct {
 	pool        poolConfig
 	maxClients  int
 	maxStreams  int
+	proxies     []netip.Prefix
 
 	// maxClientsSet is MAX_CLIENTS as given, and maxClientsFrom the setting
 	// that gave it: its default and its bound depend on the file limit and
@@ -194,6 +196,11 @@ func settings() []setting {
 				}
 				cfg.maxStreams = n
 				return nil
+			}},
+		{"TRUSTED_PROXIES", "", "", "comma-separated CIDRs of reverse proxies whose X-Forwarded-For names the client, for the sign-in throttles and the log",
+			func(cfg *config, _, v string) (err error) {
+				cfg.proxies, err = parseCIDRs(v)
+				return err
 			}},
 		{"GOMAXPROCS", "", "the CPUs Go finds (a container's limit included), plus 1",
 			"how many threads run Go code at once; password hashes may use all but one (read by the Go runtime)", nil},
@@ -437,6 +444,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		// pages out that reach it through a name of their own (DNS
 		// rebinding).
 		loopbackHostsOnly: cfg.apiToken == "" && isLoopback(ln.Addr()),
+		trustedProxies:    cfg.proxies,
 	}
 	srv := newHTTPServer(newServer(logger, st, h, cfg.apiToken, opts), logger)
 	clients := limitClients(srv, ln, cfg.maxClients, logger)

@@ -15,10 +15,11 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"net/url"
 	"os"
+	"reflect"
 	"regexp"
-	"runtime"
 	"runtime/debug"
 	"strconv"
 	"strings"
@@ -135,6 +136,7 @@ type testEnv struct {
 	store  *store
 	hasher *hasher
 	logs   *syncBuffer
+	client *http.Client // nil for noRedirects, from 127.0.0.1
 }
 
 type envOption func(*envConfig)
@@ -171,7 +173,9 @@ func newTestEnv(t testing.TB, opts ...envOption) *testEnv {
 		cfg.store = newTestStore(t)
 	}
 	if cfg.hasher == nil {
-		cfg.hasher = newHasher(bcrypt.MinCost, runtime.GOMAXPROCS(0), 10*time.Second)
+		// Slots enough that a client's share (half) is no limit on the
+		// races tests run from one client; TestHashingBusyAnswers503 tests it.
+		cfg.hasher = newHasher(bcrypt.MinCost, 128, 10*time.Second)
 	}
 	logs := &syncBuffer{}
 	h := newServer(newTestLogger(logs), cfg.store, cfg.hasher, cfg.apiToken, cfg.options)
@@ -239,7 +243,11 @@ func (e *testEnv) do(method, path, body string, header ...string) response {
 	}
 	// Errorf, not Fatalf: tests call do from goroutines too. A failed
 	// request comes back as status 0, which no check accepts.
-	resp, err := noRedirects.Do(req)
+	client := noRedirects
+	if e.client != nil {
+		client = e.client
+	}
+	resp, err := client.Do(req)
 	if err != nil {
 		e.t.Errorf("%s %s: %v", method, path, err)
 		return response{what: method + " " + path}
@@ -258,6 +266,17 @@ func (e *testEnv) do(method, path, body string, header ...string) response {
 	r := response{status: resp.StatusCode, header: resp.Header, body: b, what: method + " " + path}
 	e.checkAnswer(req, r)
 	return r
+}
+
+// from returns e as seen from a client at ip, a loopback address such as
+// 127.0.0.2: Linux routes the whole of 127/8 to the host.
+func (e *testEnv) from(ip string) *testEnv {
+	dialer := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(ip)}}
+	transport := &http.Transport{DialContext: dialer.DialContext}
+	e.t.Cleanup(transport.CloseIdleConnections)
+	c := *e
+	c.client = &http.Client{Transport: transport, CheckRedirect: noRedirects.CheckRedirect, Timeout: noRedirects.Timeout}
+	return &c
 }
 
 // noRedirects shows a redirect as the answer it is, instead of following it.
@@ -474,6 +493,7 @@ func TestRunRefusesBadConfiguration(t *testing.T) {
 		{"stream limit", env{"MAX_STREAMS": "x"}, nil, "MAX_STREAMS: ", []string{`"x"`}},
 		{"client limit", env{"MAX_CLIENTS": "0"}, nil, "MAX_CLIENTS: ", nil},
 		{"client limit flag", nil, []string{"-max-clients", "many"}, "-max-clients: ", []string{`"many"`}},
+		{"trusted proxies", env{"TRUSTED_PROXIES": "10.0.0.0/8 192.0.2.1"}, nil, "TRUSTED_PROXIES: ", []string{"CIDRs"}},
 		{"GOMAXPROCS not a number", env{"GOMAXPROCS": "abc"}, nil, "GOMAXPROCS: ", []string{`"abc"`}},
 		{"stray argument", nil, []string{"serve"}, "unexpected arguments", nil},
 		{"unknown flag", nil, []string{"-nope"}, "", []string{"-nope"}},
@@ -532,9 +552,10 @@ func TestLoadConfig(t *testing.T) {
 		{"ADDR wins over PORT", map[string]string{"PORT": "9000", "ADDR": "0.0.0.0:80"}, nil, with(func(c *config) { c.addr = "0.0.0.0:80" })},
 		{"environment", map[string]string{
 			"DATABASE_URL": "postgres://db/x", "BCRYPT_COST": "10", "API_TOKEN": "t", "DB_MAX_CONNS": "8",
-			"DB_POOLER": "transaction", "MAX_STREAMS": "5", "MAX_CLIENTS": "100",
+			"DB_POOLER": "transaction", "MAX_STREAMS": "5", "MAX_CLIENTS": "100", "TRUSTED_PROXIES": "10.0.0.0/8, ::1",
 		}, nil, with(func(c *config) {
 			c.databaseURL, c.bcryptCost, c.apiToken, c.maxStreams, c.maxClients = "postgres://db/x", 10, "t", 5, 100
+			c.proxies = []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8"), netip.MustParsePrefix("::1/128")}
 			c.pool.maxOpen, c.pool.maxIdle, c.pool.transactionPooler = 8, 8, true
 		})},
 		{"flags win over the environment", map[string]string{
@@ -554,7 +575,7 @@ func TestLoadConfig(t *testing.T) {
 			// Where a value came from shows in errors: see
 			// TestRunRefusesBadConfiguration.
 			got.maxClientsSet, got.maxClientsFrom, got.addrFrom, got.databaseURLFrom = "", "", "", ""
-			if got != tt.want {
+			if !reflect.DeepEqual(got, tt.want) {
 				t.Errorf("loadConfig(%q, %v) = %+v, want %+v", tt.args, tt.env, got, tt.want)
 			}
 		})

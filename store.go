@@ -389,8 +389,9 @@ func (s *store) EachUser(ctx context.Context, afterID int64, limit int, fn func(
 // UpdateUser applies c to the user with the given id in one statement, so
 // concurrent changes to different fields cannot undo each other, and two
 // writers with the same c.Versions cannot both pass. updated_at and version
-// move forward only if a value actually changed. It returns errNotFound if
-// no user has that id, errStale if its version is not among c.Versions,
+// move forward only if a value actually changed. A new password forgets the
+// failed sign-ins of the user's address. It returns errNotFound if no user
+// has that id, errStale if its version is not among c.Versions,
 // errEmailTaken if another user has c.Email, and c.Check's error.
 func (s *store) UpdateUser(ctx context.Context, id int64, c userUpdate) (user, error) {
 	var salt *string
@@ -424,6 +425,9 @@ func (s *store) UpdateUser(ctx context.Context, id int64, c userUpdate) (user, e
 		if err == nil && c.Check != nil {
 			err = c.Check(u)
 		}
+		if err == nil && c.PasswordHash != nil {
+			_, err = conn.ExecContext(ctx, `DELETE FROM sign_in_failures WHERE email = $1`, u.Email)
+		}
 		return err
 	})
 	return u, err
@@ -442,12 +446,16 @@ func missingOrStale(ctx context.Context, conn *sql.Conn, id int64) error {
 	return errNotFound
 }
 
-// DeleteUser deletes the user with the given id if its version is among
-// versions (any version if versions is nil). It returns errNotFound if no
-// user has that id, and errStale if its version is not among versions.
+// DeleteUser deletes the user with the given id, with the failed sign-ins
+// of its address and its familiar clients, if its version is among versions
+// (any version if versions is nil). It returns errNotFound if no user has
+// that id, and errStale if its version is not among versions.
 func (s *store) DeleteUser(ctx context.Context, id int64, versions []int64) error {
 	return s.write(ctx, func(ctx context.Context, conn *sql.Conn) error {
-		res, err := conn.ExecContext(ctx, `DELETE FROM users WHERE id = $1 AND ($2::bigint[] IS NULL OR version = ANY ($2))`, id, pq.Array(versions))
+		// A stale version rolls back the failures' delete too.
+		res, err := conn.ExecContext(ctx, `
+			WITH failures AS (DELETE FROM sign_in_failures WHERE email = (SELECT email FROM users WHERE id = $1))
+			DELETE FROM users WHERE id = $1 AND ($2::bigint[] IS NULL OR version = ANY ($2))`, id, pq.Array(versions))
 		if err != nil {
 			return err
 		}
@@ -490,108 +498,6 @@ func (s *store) RehashPassword(ctx context.Context, id int64, old, hash string) 
 		return err
 	})
 	return n == 1, err
-}
-
-// The sign-in throttle counts consecutive failed checks per normalized email
-// address in the table auth_failures. The first five failures are free; from
-// the fifth on, the next attempt must wait 1 second after the last failure,
-// doubling with each further failure up to 15 minutes. A count is forgotten
-// 24 hours after its last failure. Times are the database's (or store.now's),
-// so that replicas whose clocks differ still agree.
-const (
-	// authClock is the throttle's "now".
-	authClock = `COALESCE($2::timestamptz, now())`
-	// authMemory is how long a count is kept after its last failure.
-	authMemory = `interval '24 hours'`
-	// authNextAttempt is when the next attempt is allowed, for a row of
-	// auth_failures named f.
-	authNextAttempt = `f.failed_at + CASE WHEN f.failures < 5 THEN interval '0'
-		ELSE LEAST(interval '1 second' * power(2, LEAST(f.failures - 5, 10)), interval '15 minutes') END`
-)
-
-// authWaitQuery returns how long, in microseconds, an attempt for $1 must
-// still wait, and no row if none.
-const authWaitQuery = `
-	SELECT (extract(epoch FROM (` + authNextAttempt + `) - ` + authClock + `) * 1000000)::bigint
-	FROM auth_failures f
-	WHERE f.email = $1 AND f.failed_at > ` + authClock + ` - ` + authMemory + `
-		AND ` + authNextAttempt + ` > ` + authClock
-
-// authFailQuery counts a failure for $1 unless the attempt is early, and
-// returns no row if it is. It also deletes up to ten forgotten rows of other
-// addresses, skipping any that another replica is deleting.
-const authFailQuery = `
-	WITH forgotten AS (
-		DELETE FROM auth_failures WHERE email IN (
-			SELECT email FROM auth_failures
-			WHERE failed_at <= ` + authClock + ` - ` + authMemory + ` AND email <> $1
-			ORDER BY failed_at LIMIT 10
-			FOR UPDATE SKIP LOCKED))
-	INSERT INTO auth_failures AS f (email, failures, failed_at)
-	VALUES ($1, 1, ` + authClock + `)
-	ON CONFLICT (email) DO UPDATE SET
-		failures = CASE WHEN f.failed_at <= excluded.failed_at - ` + authMemory + ` THEN 1 ELSE f.failures + 1 END,
-		failed_at = excluded.failed_at
-	WHERE ` + authNextAttempt + ` <= excluded.failed_at
-	RETURNING f.failures`
-
-// clock is the time the throttle's queries take as $2: nil for the
-// database's own.
-func (s *store) clock() any {
-	if s.now == nil {
-		return nil
-	}
-	return s.now()
-}
-
-// AuthWait returns how long an attempt to sign in as the normalized email
-// must still wait, or 0 if it may go ahead now.
-func (s *store) AuthWait(ctx context.Context, email string) (time.Duration, error) {
-	ctx, cancel := context.WithTimeout(ctx, s.timeout)
-	defer cancel()
-	var micros int64
-	err := s.db.QueryRowContext(ctx, authWaitQuery, email, s.clock()).Scan(&micros)
-	if errors.Is(err, sql.ErrNoRows) {
-		return 0, nil
-	}
-	return time.Duration(micros) * time.Microsecond, dbError(err)
-}
-
-// CountAuthFailure counts an attempt to sign in as the normalized email as a
-// failure, before its password is checked, so that attempts made at once
-// cannot all pass while the count is low; ResetAuthFailures undoes it on a
-// success. If the attempt is early it counts nothing and returns how long
-// it must still wait. Concurrent calls for one address are all counted.
-func (s *store) CountAuthFailure(ctx context.Context, email string) (time.Duration, error) {
-	var wait time.Duration
-	err := s.write(ctx, func(ctx context.Context, conn *sql.Conn) error {
-		// An early attempt leaves the row alone, and so returns none; its
-		// wait is read after. If the wait ended or the row went in between,
-		// the attempt is tried again.
-		for {
-			var failures int
-			err := conn.QueryRowContext(ctx, authFailQuery, email, s.clock()).Scan(&failures)
-			if !errors.Is(err, sql.ErrNoRows) {
-				return err
-			}
-			var micros int64
-			err = conn.QueryRowContext(ctx, authWaitQuery, email, s.clock()).Scan(&micros)
-			if !errors.Is(err, sql.ErrNoRows) {
-				wait = time.Duration(micros) * time.Microsecond
-				return err
-			}
-		}
-	})
-	return wait, err
-}
-
-// ResetAuthFailures forgets the failures counted for the normalized email,
-// after a success.
-func (s *store) ResetAuthFailures(ctx context.Context, email string) error {
-	return s.write(ctx, func(ctx context.Context, conn *sql.Conn) error {
-		_, err := conn.ExecContext(ctx, `DELETE FROM auth_failures WHERE email = $1`, email)
-		return err
-	})
 }
 
 // dbError translates a driver error into the store's sentinels, keeping the

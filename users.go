@@ -2,7 +2,6 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"crypto/sha256"
 	"crypto/subtle"
 	_ "embed"
@@ -59,7 +58,8 @@ const (
 	listWriteTimeout = 30 * time.Second
 )
 
-// retryAfter is the Retry-After of every 503, in seconds: hashing slots free
+// retryAfter is the Retry-After of every 503, and of a 429 for a client's
+// share of the hashing slots, in seconds: hashing slots free
 // up within a second, and a client that retries each second through a
 // database failover is back as soon as the new primary is.
 const retryAfter = "1"
@@ -84,6 +84,8 @@ type serverOptions struct {
 	// names a loopback host. Set when the service listens on loopback
 	// without a token, it keeps web pages out by DNS rebinding.
 	loopbackHostsOnly bool
+	// trustedProxies are the peers whose X-Forwarded-For names the client.
+	trustedProxies []netip.Prefix
 }
 
 // route is one entry of the API surface.
@@ -129,14 +131,14 @@ func newServer(logger *slog.Logger, st *store, h *hasher, apiToken string, opts 
 		}
 		mux.Handle(rt.method+" "+rt.pattern, h)
 	}
-	return s.wrap(mux)
+	return s.wrap(onlyPost("/users/authenticate", mux))
 }
 
 // Middleware.
 
 // wrap adds what every response gets: security headers, JSON bodies for the
 // mux's own 404 and 405 answers, recovery from panics, and an access log line.
-func (s *server) wrap(mux *http.ServeMux) http.Handler {
+func (s *server) wrap(mux http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
 		rec := &statusRecorder{ResponseWriter: w}
@@ -171,6 +173,7 @@ func (s *server) wrap(mux *http.ServeMux) http.Handler {
 			// A client chooses the method and the path, and so the
 			// size of the line: each is cut at maxLogField bytes.
 			attrs := []any{"method", truncate(r.Method, maxLogField), "pattern", pattern, "status", status, "duration", time.Since(start)}
+			attrs = append(attrs, "client", clientAddr(r, s.trustedProxies))
 			if pattern == "" {
 				attrs = append(attrs, "path", truncate(r.URL.Path, maxLogField))
 			}
@@ -226,6 +229,19 @@ func (s *server) requireToken(next http.Handler) http.Handler {
 			// connection is closed rather than held for it.
 			w.Header().Set("Connection", "close")
 			writeError(w, http.StatusUnauthorized, "Not authenticated")
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// onlyPost answers 405 to any method but POST on path, which the mux
+// would otherwise route to /users/{id}, or answer with its methods.
+func onlyPost(path string, next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == path && r.Method != http.MethodPost {
+			w.Header().Set("Allow", http.MethodPost)
+			writeError(w, http.StatusMethodNotAllowed, "Method Not Allowed")
 			return
 		}
 		next.ServeHTTP(w, r)
@@ -401,7 +417,7 @@ func (s *server) createUser(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	// Hash before the store takes a connection: a hash is slow on purpose.
-	hash, err := s.hasher.hash(r.Context(), *in.Password)
+	hash, err := s.hasher.hash(r.Context(), s.client(r), *in.Password)
 	if err != nil {
 		s.fail(w, r, err)
 		return
@@ -451,7 +467,7 @@ func (s *server) updateUser(w http.ResponseWriter, r *http.Request) {
 	versions, _ := tagVersions(r.Header.Values("If-Match"), false)
 	change := userUpdate{FirstName: in.FirstName, LastName: in.LastName, Email: in.Email, Versions: versions}
 	if in.Password != nil {
-		hash, err := s.hasher.hash(r.Context(), *in.Password)
+		hash, err := s.hasher.hash(r.Context(), s.client(r), *in.Password)
 		if err != nil {
 			s.fail(w, r, err)
 			return
@@ -486,78 +502,6 @@ func (s *server) deleteUser(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	w.WriteHeader(http.StatusNoContent)
-}
-
-// authenticate checks an email and password. Wrong passwords and unknown
-// addresses get one answer after the same work, and both are throttled per
-// address (see CountAuthFailure). A success with a hash at another cost
-// than the configured one stores a new hash.
-func (s *server) authenticate(w http.ResponseWriter, r *http.Request) {
-	in, ok := readCredentials(w, r)
-	if !ok {
-		return
-	}
-	// An early attempt is turned away before it queues for a hashing slot.
-	if wait, err := s.store.AuthWait(r.Context(), in.email); err != nil || wait > 0 {
-		s.throttled(w, r, wait, err)
-		return
-	}
-	u, stored, err := s.store.Credentials(r.Context(), in.email)
-	if err != nil && !errors.Is(err, errNotFound) {
-		s.fail(w, r, err)
-		return
-	}
-	release, err := s.hasher.acquire(r.Context())
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	// Counted with the slot held, so that a 503 for a busy hasher counts
-	// nothing, and checked again, since the wait may have begun meanwhile.
-	if wait, err := s.store.CountAuthFailure(r.Context(), in.email); err != nil || wait > 0 {
-		release()
-		s.throttled(w, r, wait, err)
-		return
-	}
-	match := s.hasher.matches(stored, in.password)
-	var newHash string
-	var rehashErr error
-	if match && s.hasher.outdated(stored) {
-		newHash, rehashErr = s.hasher.hashHeld(in.password)
-	}
-	release()
-	if !match {
-		writeError(w, http.StatusBadRequest, "Invalid email or password")
-		return
-	}
-	// The check is done and the password is right: that is the answer,
-	// whether or not the client still waits for it. Resetting the count and
-	// rehashing are bookkeeping done on its behalf, so a client that leaves
-	// cannot leave a right password counted as a failure. If they fail
-	// (the database is going away, say), the next success tries again.
-	ctx := context.WithoutCancel(r.Context())
-	if err := s.store.ResetAuthFailures(ctx, in.email); err != nil {
-		s.logger.Warn("reset failed sign-ins", "user_id", u.ID, "err", err)
-	}
-	if newHash != "" {
-		_, rehashErr = s.store.RehashPassword(ctx, u.ID, stored, newHash)
-	}
-	if rehashErr != nil {
-		s.logger.Warn("rehash password", "user_id", u.ID, "err", rehashErr)
-	}
-	encode(w, http.StatusOK, u)
-}
-
-// throttled answers an attempt to sign in that must wait, or whose
-// throttle could not be read.
-func (s *server) throttled(w http.ResponseWriter, r *http.Request, wait time.Duration, err error) {
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	seconds := (wait + time.Second - 1) / time.Second
-	w.Header().Set("Retry-After", strconv.FormatInt(int64(seconds), 10))
-	writeError(w, http.StatusTooManyRequests, "Too many failed attempts")
 }
 
 // listUsers answers a look-up by ?email=, one page if ?limit= is given,
@@ -1183,6 +1127,9 @@ func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 		panic(http.ErrAbortHandler)
 	case errors.Is(err, errBusy):
 		writeUnavailable(w)
+	case errors.Is(err, errShare):
+		w.Header().Set("Retry-After", retryAfter)
+		writeError(w, http.StatusTooManyRequests, "Too many requests")
 	case errors.Is(err, errUnavailable):
 		s.logger.Warn("database unavailable", "method", r.Method, "path", r.URL.Path, "err", err)
 		writeUnavailable(w)

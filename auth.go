@@ -1,0 +1,241 @@
+package main
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/netip"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// This file is sign-in and its throttle: who the client is, the handler,
+// and the SQL that counts failures per address and client (see README).
+
+// clientAddr returns the address of the client that sent r: the TCP peer,
+// or, if the peer is one of the trusted proxies, the right-most address of
+// X-Forwarded-For that is not.
+func clientAddr(r *http.Request, trusted []netip.Prefix) netip.Addr {
+	peer, _ := netip.ParseAddrPort(r.RemoteAddr)
+	addr := peer.Addr().Unmap()
+	hops := strings.Split(strings.Join(r.Header.Values("X-Forwarded-For"), ","), ",")
+	for i := len(hops) - 1; i >= 0 && slices.ContainsFunc(trusted, func(p netip.Prefix) bool { return p.Contains(addr) }); i-- {
+		hop := strings.TrimSpace(hops[i])
+		next, err := netip.ParseAddr(hop)
+		if withPort, portErr := netip.ParseAddrPort(hop); portErr == nil {
+			next, err = withPort.Addr(), nil // as some proxies write it
+		}
+		if err != nil {
+			break // what a trusted proxy did not write: its sender is the client
+		}
+		addr = next.Unmap().WithZone("")
+	}
+	return addr
+}
+
+// clientKey is what the throttles count a client by: its address, or for
+// IPv6 its /64, which a single host is commonly given whole.
+func clientKey(addr netip.Addr) string {
+	if addr.Is6() {
+		p, _ := addr.Prefix(64)
+		return p.String()
+	}
+	return addr.String()
+}
+
+// client returns the key of the client that sent r.
+func (s *server) client(r *http.Request) string {
+	return clientKey(clientAddr(r, s.trustedProxies))
+}
+
+// parseCIDRs reads TRUSTED_PROXIES: comma-separated CIDRs or addresses.
+func parseCIDRs(v string) ([]netip.Prefix, error) {
+	var prefixes []netip.Prefix
+	for _, f := range strings.Split(v, ",") {
+		f = strings.TrimSpace(f)
+		p, err := netip.ParsePrefix(f)
+		if a, aErr := netip.ParseAddr(f); aErr == nil {
+			p, err = a.Prefix(a.BitLen())
+		}
+		if err != nil {
+			return nil, fmt.Errorf("must be comma-separated CIDRs such as 10.0.0.0/8, got %q", f)
+		}
+		prefixes = append(prefixes, p.Masked())
+	}
+	return prefixes, nil
+}
+
+// authenticate checks an email and password. Wrong passwords and unknown
+// addresses get one answer after the same work, and both are throttled (see
+// CountAuthFailure). A success with a hash at another cost than the
+// configured one stores a new hash.
+func (s *server) authenticate(w http.ResponseWriter, r *http.Request) {
+	in, ok := readCredentials(w, r)
+	if !ok {
+		return
+	}
+	client := s.client(r)
+	// An early attempt is turned away before it queues for a hashing slot.
+	if wait, err := s.store.AuthWait(r.Context(), in.email, client); err != nil || wait > 0 {
+		s.throttled(w, r, wait, err)
+		return
+	}
+	u, stored, err := s.store.Credentials(r.Context(), in.email)
+	if err != nil && !errors.Is(err, errNotFound) {
+		s.fail(w, r, err)
+		return
+	}
+	release, err := s.hasher.acquire(r.Context(), client)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	// Counted with the slot held, so that a 503 for a busy hasher counts
+	// nothing, and checked again, since the wait may have begun meanwhile.
+	if wait, err := s.store.CountAuthFailure(r.Context(), in.email, client); err != nil || wait > 0 {
+		release()
+		s.throttled(w, r, wait, err)
+		return
+	}
+	match := s.hasher.matches(stored, in.password)
+	var newHash string
+	var rehashErr error
+	if match && s.hasher.outdated(stored) {
+		newHash, rehashErr = s.hasher.hashHeld(in.password)
+	}
+	release()
+	if !match {
+		writeError(w, http.StatusBadRequest, "Invalid email or password")
+		return
+	}
+	// The check is done and the password is right: that is the answer,
+	// whether or not the client still waits for it. Resetting the count and
+	// rehashing are bookkeeping done on its behalf, so a client that leaves
+	// cannot leave a right password counted as a failure. If they fail
+	// (the database is going away, say), the next success tries again.
+	ctx := context.WithoutCancel(r.Context())
+	if err := s.store.ResetAuthFailures(ctx, in.email, client, u.ID); err != nil {
+		s.logger.Warn("reset failed sign-ins", "user_id", u.ID, "err", err)
+	}
+	if newHash != "" {
+		_, rehashErr = s.store.RehashPassword(ctx, u.ID, stored, newHash)
+	}
+	if rehashErr != nil {
+		s.logger.Warn("rehash password", "user_id", u.ID, "err", rehashErr)
+	}
+	encode(w, http.StatusOK, u)
+}
+
+// throttled answers an attempt to sign in that must wait, or whose
+// throttle could not be read.
+func (s *server) throttled(w http.ResponseWriter, r *http.Request, wait time.Duration, err error) {
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	seconds := (wait + time.Second - 1) / time.Second
+	w.Header().Set("Retry-After", strconv.FormatInt(int64(seconds), 10))
+	writeError(w, http.StatusTooManyRequests, "Too many failed attempts")
+}
+
+// The throttle's queries take the normalized email as $1, the client as $2
+// and the time as $3: nil for the database's clock, which every replica
+// shares, or store.now's. A failure is counted for a day.
+const authClock = `COALESCE($3::timestamptz, now())`
+
+// authWaitQuery returns how long, in microseconds, an attempt must still
+// wait (NULL or not positive: none). It is the latest end of three waits:
+// this client's for this address (5 failures free, then 1 s doubling up to
+// 15 minutes after the last); the address's, past 100 failures in a day,
+// for a client that has not signed in to it in 30 days; and this client's,
+// past 100 failures in an hour for any addresses.
+const authWaitQuery = `
+	SELECT (extract(epoch FROM GREATEST(
+		(SELECT max(failed_at) + CASE WHEN count(*) < 5 THEN interval '0'
+			ELSE LEAST(interval '1 second' * power(2, LEAST(count(*) - 5, 10)), interval '15 minutes') END
+		FROM sign_in_failures
+		WHERE email = $1 AND client = $2 AND failed_at > ` + authClock + ` - interval '24 hours'),
+		(SELECT failed_at + interval '24 hours' FROM sign_in_failures
+		WHERE email = $1 AND failed_at > ` + authClock + ` - interval '24 hours' AND NOT EXISTS (
+			SELECT FROM sign_in_clients c JOIN users u ON u.id = c.user_id
+			WHERE u.email = $1 AND c.client = $2 AND c.signed_in_at > ` + authClock + ` - interval '30 days')
+		ORDER BY failed_at DESC OFFSET 99 LIMIT 1),
+		(SELECT failed_at + interval '1 hour' FROM sign_in_failures
+		WHERE client = $2 AND failed_at > ` + authClock + ` - interval '1 hour'
+		ORDER BY failed_at DESC OFFSET 99 LIMIT 1)
+	) - ` + authClock + `) * 1000000)::bigint`
+
+// AuthWait returns how long an attempt by client to sign in as the
+// normalized email must still wait, or 0 if it may go ahead now.
+func (s *store) AuthWait(ctx context.Context, email, client string) (time.Duration, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	return authWait(s.db.QueryRowContext(ctx, authWaitQuery, email, client, s.clock()))
+}
+
+func authWait(row *sql.Row) (time.Duration, error) {
+	var micros sql.NullInt64
+	err := row.Scan(&micros)
+	return time.Duration(max(micros.Int64, 0)) * time.Microsecond, dbError(err)
+}
+
+// CountAuthFailure counts an attempt by client to sign in as the normalized
+// email as a failure, before its password is checked, so that attempts made
+// at once cannot all pass while the counts are low; ResetAuthFailures undoes
+// it on a success. If the attempt must wait it counts nothing and returns
+// the wait. Concurrent calls are all counted: locks on the address and the
+// client, always in that order, hold every count still while it is read.
+func (s *store) CountAuthFailure(ctx context.Context, email, client string) (wait time.Duration, err error) {
+	err = s.write(ctx, func(ctx context.Context, conn *sql.Conn) error {
+		_, err := conn.ExecContext(ctx, `SELECT pg_advisory_xact_lock(1, hashtext($1)), pg_advisory_xact_lock(2, hashtext($2))`, email, client)
+		if err != nil {
+			return err
+		}
+		if wait, err = authWait(conn.QueryRowContext(ctx, authWaitQuery, email, client, s.clock())); err != nil || wait > 0 {
+			return err
+		}
+		// Up to ten failures a day old go too, skipping any that another
+		// replica is deleting, so the table holds about a day's failures.
+		_, err = conn.ExecContext(ctx, `
+			WITH forgotten AS (
+				DELETE FROM sign_in_failures WHERE id IN (
+					SELECT id FROM sign_in_failures WHERE failed_at <= `+authClock+` - interval '24 hours'
+					ORDER BY failed_at LIMIT 10 FOR UPDATE SKIP LOCKED))
+			INSERT INTO sign_in_failures (email, client, failed_at) VALUES ($1, $2, `+authClock+`)`,
+			email, client, s.clock())
+		return err
+	})
+	return wait, err
+}
+
+// ResetAuthFailures forgets the failures of client for the normalized email
+// after a success, and remembers client as familiar to the user with the
+// given id; up to ten clients unseen for 30 days are forgotten.
+func (s *store) ResetAuthFailures(ctx context.Context, email, client string, userID int64) error {
+	return s.write(ctx, func(ctx context.Context, conn *sql.Conn) error {
+		_, err := conn.ExecContext(ctx, `
+			WITH reset AS (DELETE FROM sign_in_failures WHERE email = $1 AND client = $2),
+			forgotten AS (
+				DELETE FROM sign_in_clients WHERE (user_id, client) IN (
+					SELECT user_id, client FROM sign_in_clients
+					WHERE signed_in_at <= `+authClock+` - interval '30 days' AND (user_id, client) <> ($4::bigint, $2)
+					ORDER BY signed_in_at LIMIT 10 FOR UPDATE SKIP LOCKED))
+			INSERT INTO sign_in_clients (user_id, client, signed_in_at) VALUES ($4, $2, `+authClock+`)
+			ON CONFLICT (user_id, client) DO UPDATE SET signed_in_at = excluded.signed_in_at`,
+			email, client, s.clock(), userID)
+		return err
+	})
+}
+
+// clock is the time the throttle's queries take as $3: nil for the
+// database's own.
+func (s *store) clock() any {
+	if s.now == nil {
+		return nil
+	}
+	return s.now()
+}
