@@ -75,7 +75,7 @@ func parseCIDRs(v string) ([]netip.Prefix, error) {
 // configured one stores a new hash.
 func (s *server) authenticate(w http.ResponseWriter, r *http.Request) {
 	in, ok := readCredentials(w, r)
-	if !ok {
+	if !ok || !s.nfc(w, r, &in.email) {
 		return
 	}
 	client := s.client(r)
@@ -119,13 +119,13 @@ func (s *server) authenticate(w http.ResponseWriter, r *http.Request) {
 	// (the database is going away, say), the next success tries again.
 	ctx := context.WithoutCancel(r.Context())
 	if err := s.store.ResetAuthFailures(ctx, in.email, client, u.ID); err != nil {
-		s.logger.Warn("reset failed sign-ins", "user_id", u.ID, "err", err)
+		s.log(w, r).Warn("reset failed sign-ins", "user_id", u.ID, "err", err)
 	}
 	if newHash != "" {
 		_, rehashErr = s.store.RehashPassword(ctx, u.ID, stored, newHash)
 	}
 	if rehashErr != nil {
-		s.logger.Warn("rehash password", "user_id", u.ID, "err", rehashErr)
+		s.log(w, r).Warn("rehash password", "user_id", u.ID, "err", rehashErr)
 	}
 	encode(w, http.StatusOK, u)
 }

@@ -104,6 +104,7 @@ type config struct {
 	maxClients  int
 	maxStreams  int
 	proxies     []netip.Prefix
+	jsonLogs    bool
 
 	// maxClientsSet is MAX_CLIENTS as given, and maxClientsFrom the setting
 	// that gave it: its default and its bound depend on the file limit and
@@ -201,6 +202,14 @@ func settings() []setting {
 			func(cfg *config, _, v string) (err error) {
 				cfg.proxies, err = parseCIDRs(v)
 				return err
+			}},
+		{"LOG_FORMAT", "log-format", "text", "text for logfmt lines, json for one JSON object per line",
+			func(cfg *config, _, v string) error {
+				if v != "text" && v != "json" {
+					return fmt.Errorf(`must be "text" or "json", got %q`, v)
+				}
+				cfg.jsonLogs = v == "json"
+				return nil
 			}},
 		{"GOMAXPROCS", "", "the CPUs Go finds (a container's limit included), plus 1",
 			"how many threads run Go code at once; password hashes may use all but one (read by the Go runtime)", nil},
@@ -409,7 +418,11 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if err != nil {
 		return err
 	}
-	logger := slog.New(slog.NewTextHandler(stdout, nil))
+	var handler slog.Handler = slog.NewTextHandler(stdout, nil)
+	if cfg.jsonLogs {
+		handler = slog.NewJSONHandler(stdout, nil)
+	}
+	logger := slog.New(handler)
 
 	dsn, err := parseDatabaseURL(cfg.databaseURL)
 	if err != nil {

@@ -368,7 +368,7 @@ func startRun(t *testing.T, env map[string]string) *runningService {
 		s.err = run(ctx, nil, func(k string) string { return env[k] }, s.logs, io.Discard)
 	}()
 	t.Cleanup(func() { s.stop(t) })
-	listening := regexp.MustCompile(`msg=listening addr=\S+:(\d+) `)
+	listening := regexp.MustCompile(`(?:msg=listening addr=|"msg":"listening","addr":")[^ "]+:(\d+)[ "]`)
 	var m []string
 	waitUntil(t, "run to listen", func() bool {
 		select {
@@ -453,6 +453,23 @@ func TestRun(t *testing.T) {
 	}
 }
 
+func TestRunLogsJSON(t *testing.T) {
+	t.Parallel()
+	databaseURL, _ := newSchema(t)
+	s := startRun(t, map[string]string{"DATABASE_URL": databaseURL, "ADDR": "127.0.0.1:0", "LOG_FORMAT": "json"})
+	s.do("GET", "/healthz", "", "X-Request-Id: probe-1")
+	s.stop(t)
+	logs := s.logs.String()
+	for _, line := range strings.Split(strings.TrimSpace(logs), "\n") {
+		if !json.Valid([]byte(line)) {
+			t.Errorf("LOG_FORMAT=json: log line %q is not JSON", line)
+		}
+	}
+	if !strings.Contains(logs, `"msg":"request","request_id":"probe-1","client":"127.0.0.1"`) {
+		t.Errorf("LOG_FORMAT=json: no request line with its id and client:\n%s", logs)
+	}
+}
+
 // closedAddr returns a loopback address where nothing listens.
 func closedAddr(t *testing.T) string {
 	t.Helper()
@@ -494,6 +511,7 @@ func TestRunRefusesBadConfiguration(t *testing.T) {
 		{"client limit", env{"MAX_CLIENTS": "0"}, nil, "MAX_CLIENTS: ", nil},
 		{"client limit flag", nil, []string{"-max-clients", "many"}, "-max-clients: ", []string{`"many"`}},
 		{"trusted proxies", env{"TRUSTED_PROXIES": "10.0.0.0/8 192.0.2.1"}, nil, "TRUSTED_PROXIES: ", []string{"CIDRs"}},
+		{"log format", env{"LOG_FORMAT": "logfmt"}, nil, `LOG_FORMAT: must be "text" or "json", got "logfmt"`, nil},
 		{"GOMAXPROCS not a number", env{"GOMAXPROCS": "abc"}, nil, "GOMAXPROCS: ", []string{`"abc"`}},
 		{"stray argument", nil, []string{"serve"}, "unexpected arguments", nil},
 		{"unknown flag", nil, []string{"-nope"}, "", []string{"-nope"}},
@@ -552,16 +570,18 @@ func TestLoadConfig(t *testing.T) {
 		{"ADDR wins over PORT", map[string]string{"PORT": "9000", "ADDR": "0.0.0.0:80"}, nil, with(func(c *config) { c.addr = "0.0.0.0:80" })},
 		{"environment", map[string]string{
 			"DATABASE_URL": "postgres://db/x", "BCRYPT_COST": "10", "API_TOKEN": "t", "DB_MAX_CONNS": "8",
-			"DB_POOLER": "transaction", "MAX_STREAMS": "5", "MAX_CLIENTS": "100", "TRUSTED_PROXIES": "10.0.0.0/8, ::1",
+			"DB_POOLER": "transaction", "MAX_STREAMS": "5", "MAX_CLIENTS": "100", "TRUSTED_PROXIES": "10.0.0.0/8, ::1", "LOG_FORMAT": "json",
 		}, nil, with(func(c *config) {
-			c.databaseURL, c.bcryptCost, c.apiToken, c.maxStreams, c.maxClients = "postgres://db/x", 10, "t", 5, 100
+			c.databaseURL, c.bcryptCost, c.apiToken, c.maxStreams, c.maxClients, c.jsonLogs = "postgres://db/x", 10, "t", 5, 100, true
 			c.proxies = []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8"), netip.MustParsePrefix("::1/128")}
 			c.pool.maxOpen, c.pool.maxIdle, c.pool.transactionPooler = 8, 8, true
 		})},
 		{"flags win over the environment", map[string]string{
 			"ADDR": ":1", "DATABASE_URL": "postgres://a/", "BCRYPT_COST": "10", "DB_POOLER": "transaction", "MAX_STREAMS": "5", "MAX_CLIENTS": "100",
+			"LOG_FORMAT": "json",
 		}, []string{
 			"-addr", ":2", "-database-url", "postgres://b/", "-bcrypt-cost", "15", "-db-pooler", "none", "-max-streams", "6", "-max-clients", "200",
+			"-log-format", "text",
 		}, with(func(c *config) {
 			c.addr, c.databaseURL, c.bcryptCost, c.maxStreams, c.maxClients = ":2", "postgres://b/", 15, 6, 200
 		})},

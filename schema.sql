@@ -33,6 +33,14 @@ BEGIN
     END IF;
 END $$;
 
+-- The service stores addresses in Unicode NFC. A row stored before in another
+-- form is brought to NFC, unless another account already has that spelling:
+-- then both stay as they are.
+UPDATE users u SET email = n.email
+FROM (SELECT min(id) AS id, normalize(email, NFC) AS email
+      FROM users WHERE email IS NOT NFC NORMALIZED GROUP BY 2) n
+WHERE u.id = n.id AND NOT EXISTS (SELECT FROM users o WHERE o.email = n.email);
+
 -- Failed sign-ins, one row per failure, per normalized email address (with
 -- or without a user) and client (see auth.go). A success deletes that
 -- client's rows for the address; rows older than a day are deleted by later

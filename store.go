@@ -356,6 +356,15 @@ func (s *store) UserByEmail(ctx context.Context, email string) (user, error) {
 	return u, dbError(err)
 }
 
+// NFC returns text in Unicode Normalization Form C.
+func (s *store) NFC(ctx context.Context, text string) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	var nfc string
+	err := s.db.QueryRowContext(ctx, `SELECT normalize($1, NFC)`, text).Scan(&nfc)
+	return nfc, dbError(err)
+}
+
 // Users returns up to limit users whose id is greater than afterID, ordered
 // by id.
 func (s *store) Users(ctx context.Context, afterID int64, limit int) ([]user, error) {

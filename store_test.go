@@ -79,6 +79,31 @@ func TestOldDatabaseIsUpgraded(t *testing.T) {
 	}
 }
 
+// TestOldAddressesAreBroughtToNFC boots on rows stored before addresses
+// were normalized: each is brought to NFC, unless another account has that
+// spelling already; then both keep theirs, and the boot succeeds.
+func TestOldAddressesAreBroughtToNFC(t *testing.T) {
+	t.Parallel()
+	databaseURL, _ := newSchema(t)
+	st := newStoreAt(t, databaseURL)
+	old := []string{"ju\u0308rgen@example.com", "zöe@example.com", "zo\u0308e@example.com", "a\u0302\u0323@example.com", "a\u0323\u0302@example.com"}
+	want := []string{"jürgen@example.com", "zöe@example.com", "zo\u0308e@example.com", "ậ@example.com", "a\u0323\u0302@example.com"}
+	for _, email := range old {
+		if _, err := st.db.Exec(`INSERT INTO users (first_name, last_name, email, password, salt) VALUES ('A', 'B', $1, 'x', 'x')`, email); err != nil {
+			t.Fatal(err)
+		}
+	}
+	users, err := newStoreAt(t, databaseURL).Users(context.Background(), 0, 10)
+	if err != nil || len(users) != len(want) {
+		t.Fatalf("Users after a boot: %v, %v", users, err)
+	}
+	for i, u := range users {
+		if u.Email != want[i] {
+			t.Errorf("stored as %+q, after a boot %+q, want %+q", old[i], u.Email, want[i])
+		}
+	}
+}
+
 func TestStorePassesTheContext(t *testing.T) {
 	t.Parallel()
 	st := newTestStore(t)

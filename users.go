@@ -2,6 +2,8 @@ package main
 
 import (
 	"bytes"
+	"context"
+	"crypto/rand"
 	"crypto/sha256"
 	"crypto/subtle"
 	_ "embed"
@@ -20,6 +22,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 	"unicode"
 	"unicode/utf8"
@@ -45,8 +48,10 @@ const (
 	maxErrorName    = 64
 	maxErrorBytes   = 4 << 10
 
-	// maxLogField is how much of a method or a path the access log keeps.
-	maxLogField = 200
+	// maxLogField is how much of a method or a path a log line keeps, and
+	// maxRequestID the longest X-Request-Id taken from a client.
+	maxLogField  = 200
+	maxRequestID = 128
 )
 
 // A whole-table list is streamed in batches of listBatchSize users, one
@@ -74,6 +79,9 @@ type server struct {
 	apiToken string
 	serverOptions
 	streams chan struct{} // a slot for each whole-table list stream
+	// Request ids the service makes are idPrefix and a count.
+	idPrefix string
+	requests atomic.Uint64
 }
 
 // serverOptions are newServer's settings besides the API token.
@@ -119,7 +127,7 @@ func (s *server) routes() []route {
 // and PUT body must be labelled JSON.
 func newServer(logger *slog.Logger, st *store, h *hasher, apiToken string, opts serverOptions) http.Handler {
 	s := &server{logger: logger, store: st, hasher: h, apiToken: apiToken, serverOptions: opts,
-		streams: make(chan struct{}, opts.maxStreams)}
+		streams: make(chan struct{}, opts.maxStreams), idPrefix: rand.Text()[:10] + "-"}
 	mux := http.NewServeMux()
 	for _, rt := range s.routes() {
 		var h http.Handler = rt.handler
@@ -134,71 +142,185 @@ func newServer(logger *slog.Logger, st *store, h *hasher, apiToken string, opts 
 	return s.wrap(onlyPost("/users/authenticate", mux))
 }
 
-// Middleware.
+// Middleware, outermost first: each does one job.
 
-// wrap adds what every response gets: security headers, JSON bodies for the
-// mux's own 404 and 405 answers, recovery from panics, and an access log line.
+// wrap adds what every request gets: an id and an access log line,
+// recovery from panics, a prompt close of bodies left unread, security
+// headers, the loopback Host check, refusal of unclean paths, and JSON
+// bodies for the mux's own 404 and 405 answers.
 func (s *server) wrap(mux http.Handler) http.Handler {
+	h := refuseUncleanPaths(jsonErrors(mux))
+	if s.loopbackHostsOnly {
+		h = requireLoopbackHost(h)
+	}
+	return s.logRequests(closeUnreadBodies(s.recoverPanics(secureHeaders(h))))
+}
+
+// logRequests gives each request an id, sent back as X-Request-Id, and
+// writes one line once it is answered: status 499 if the client left before
+// any answer, aborted=true if the answer was cut short.
+func (s *server) logRequests(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
+		w.Header().Set("X-Request-Id", s.requestID(r))
 		rec := &statusRecorder{ResponseWriter: w}
-		if r.ContentLength != 0 {
-			rec.body = &bodyReader{ReadCloser: r.Body}
-			r.Body = rec.body
-		}
-		rec.Header().Set("Cache-Control", "no-store")
-		rec.Header().Set("X-Content-Type-Options", "nosniff")
-
+		aborted := true // unless next returns
 		defer func() {
-			// The mux sets the pattern it routed the request to: "" for
-			// none, and before it serves, so a handler's panic has it too.
-			pattern := r.Pattern
-			v := recover()
-			// Once part of a response is out it cannot be taken back:
-			// cutting the connection is the only way to say it failed.
-			abort := v == http.ErrAbortHandler || (v != nil && rec.status != 0)
-			if v != nil && v != http.ErrAbortHandler {
-				s.logger.Error("panic", "method", r.Method, "pattern", pattern, "panic", v, "stack", string(debug.Stack()))
-			}
-			if v != nil && !abort {
-				writeError(rec, http.StatusInternalServerError, "Internal server error")
-			}
 			status := rec.status
 			switch {
 			case status == 0 && r.Context().Err() != nil:
-				status = 499 // the client went away before an answer
+				status = 499
 			case status == 0:
 				status = http.StatusOK
 			}
-			// A client chooses the method and the path, and so the
-			// size of the line: each is cut at maxLogField bytes.
-			attrs := []any{"method", truncate(r.Method, maxLogField), "pattern", pattern, "status", status, "duration", time.Since(start)}
-			attrs = append(attrs, "client", clientAddr(r, s.trustedProxies))
-			if pattern == "" {
-				attrs = append(attrs, "path", truncate(r.URL.Path, maxLogField))
+			// The mux sets the pattern it routed to, "" for none.
+			attrs := s.requestAttrs(w, r, slog.String("pattern", r.Pattern), slog.Int("status", status),
+				slog.Duration("duration", time.Since(start)))
+			if aborted {
+				attrs = append(attrs, slog.Bool("aborted", true))
 			}
-			if abort {
-				s.logger.Info("request", append(attrs, "aborted", true)...)
-				panic(http.ErrAbortHandler)
-			}
-			s.logger.Info("request", attrs...)
+			s.logger.LogAttrs(r.Context(), slog.LevelInfo, "request", attrs...)
 		}()
-
-		if s.loopbackHostsOnly && !isLoopbackHost(r.Host) {
-			writeError(rec, http.StatusMisdirectedRequest, "Misdirected request")
-			return
-		}
-		// The mux would answer a path that is not clean (//users,
-		// /users/./1) with an HTML redirect, which a client would follow
-		// for a POST as a GET without its body. No route has such a path.
-		// Both forms: /users/%2F is clean as sent, but routes as /users//.
-		if !isCleanPath(r.URL.EscapedPath()) || !isCleanPath(r.URL.Path) {
-			writeError(rec, http.StatusNotFound, "Not Found")
-			return
-		}
-		mux.ServeHTTP(rec, r)
+		next.ServeHTTP(rec, r)
+		aborted = false
 	})
 }
+
+// requestID returns r's X-Request-Id if it is sane, one value of 1 to
+// maxRequestID visible ASCII characters, and otherwise makes one.
+func (s *server) requestID(r *http.Request) string {
+	if v := r.Header.Values("X-Request-Id"); len(v) == 1 && len(v[0]) <= maxRequestID &&
+		v[0] != "" && strings.IndexFunc(v[0], func(c rune) bool { return c < '!' || c > '~' }) < 0 {
+		return v[0]
+	}
+	return string(strconv.AppendUint([]byte(s.idPrefix), s.requests.Add(1), 10))
+}
+
+// requestAttrs are what every log line about r carries, then more. Each is
+// bounded: a client chooses the method, the path and so the line's size.
+func (s *server) requestAttrs(w http.ResponseWriter, r *http.Request, more ...slog.Attr) []slog.Attr {
+	return append([]slog.Attr{slog.String("request_id", w.Header().Get("X-Request-Id")), slog.String("client", clientAddr(r, s.trustedProxies).String()),
+		slog.String("method", truncate(r.Method, maxLogField)), slog.String("path", truncate(r.URL.Path, maxLogField))}, more...)
+}
+
+// log returns the logger for a line about r.
+func (s *server) log(w http.ResponseWriter, r *http.Request) *slog.Logger {
+	return slog.New(s.logger.Handler().WithAttrs(s.requestAttrs(w, r)))
+}
+
+// recoverPanics turns a handler's panic into a logged 500, or, once part
+// of the answer is out and cannot be taken back, into a cut connection.
+// It runs inside logRequests, whose statusRecorder knows which.
+func (s *server) recoverPanics(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		defer func() {
+			v := recover()
+			if v == nil {
+				return
+			}
+			if v != http.ErrAbortHandler {
+				s.log(w, r).Error("panic", "pattern", r.Pattern, "panic", v, "stack", string(debug.Stack()))
+				if rec, ok := w.(*statusRecorder); ok && rec.status == 0 {
+					writeError(w, http.StatusInternalServerError, "Internal server error")
+					return
+				}
+			}
+			panic(http.ErrAbortHandler)
+		}()
+		next.ServeHTTP(w, r)
+	})
+}
+
+// closeUnreadBodies closes the connection after answering a request whose
+// body was left unread. net/http would first wait for it (up to 256 KiB),
+// to keep the connection: a client that declares a body and never sends it
+// would hold its connection, and a MAX_CLIENTS place, for the ReadTimeout.
+// With the read deadline past, net/http gives up at once.
+func closeUnreadBodies(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.ContentLength == 0 {
+			next.ServeHTTP(w, r)
+			return
+		}
+		body := &bodyReader{ReadCloser: r.Body}
+		r.Body = body
+		next.ServeHTTP(w, r)
+		if !body.eof {
+			http.NewResponseController(w).SetReadDeadline(time.Now())
+		}
+	})
+}
+
+// secureHeaders keeps answers out of caches and browsers from sniffing
+// their type.
+func secureHeaders(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Cache-Control", "no-store")
+		w.Header().Set("X-Content-Type-Options", "nosniff")
+		next.ServeHTTP(w, r)
+	})
+}
+
+// requireLoopbackHost answers 421 to a request whose Host is not a loopback
+// name: set when the service listens on loopback without a token, it keeps
+// out web pages that reach it through a name of their own (DNS rebinding).
+func requireLoopbackHost(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !isLoopbackHost(r.Host) {
+			writeError(w, http.StatusMisdirectedRequest, "Misdirected request")
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// refuseUncleanPaths answers 404 to a path that is not clean (//users,
+// /users/./1), which the mux would answer with an HTML redirect, followed by
+// clients for a POST as a GET without its body. No route has such a path.
+// Both forms: /users/%2F is clean as sent, but routes as /users//.
+func refuseUncleanPaths(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !isCleanPath(r.URL.EscapedPath()) || !isCleanPath(r.URL.Path) {
+			writeError(w, http.StatusNotFound, "Not Found")
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// jsonErrors gives the plain-text error answers of net/http (the mux's 404
+// and 405) a JSON body, {"detail": "<status text>"}, keeping their status
+// and headers.
+func jsonErrors(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		next.ServeHTTP(&jsonErrorWriter{ResponseWriter: w}, r)
+	})
+}
+
+type jsonErrorWriter struct {
+	http.ResponseWriter
+	replaced bool // whether a plain-text error body is being dropped
+}
+
+func (w *jsonErrorWriter) WriteHeader(status int) {
+	if status >= 400 && strings.HasPrefix(w.Header().Get("Content-Type"), "text/plain") {
+		writeError(w.ResponseWriter, status, http.StatusText(status))
+		w.replaced = true
+		return
+	}
+	w.ResponseWriter.WriteHeader(status)
+}
+
+func (w *jsonErrorWriter) Write(b []byte) (int, error) {
+	if w.replaced {
+		return len(b), nil
+	}
+	return w.ResponseWriter.Write(b)
+}
+
+// Unwrap lets http.ResponseController reach the connection's writer, to
+// flush it or set its deadlines.
+func (w *jsonErrorWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
 // isCleanPath reports whether p, a request's escaped path, is in the form
 // the mux serves without a redirect: rooted, with no empty, "." or ".."
@@ -298,58 +420,28 @@ func isLoopbackHost(host string) bool {
 	return err == nil && addr.Is6() == bracketed && addr.Zone() == "" && addr.IsLoopback()
 }
 
-// statusRecorder remembers the status of the response it writes, closes
-// the connection of a request whose body is left unread, and gives the
-// plain-text error answers of net/http (the mux's 404 and 405) a JSON body,
-// {"detail": "<status text>"}, keeping their status and headers.
+// statusRecorder remembers the status of the response it writes.
 type statusRecorder struct {
 	http.ResponseWriter
-	status   int
-	body     *bodyReader // nil if the request has no body
-	replaced bool        // whether a plain-text error body is being dropped
+	status int
 }
 
 func (rec *statusRecorder) WriteHeader(status int) {
-	if status >= 400 && strings.HasPrefix(rec.Header().Get("Content-Type"), "text/plain") {
-		writeError(rec, status, http.StatusText(status)) // back here, now as JSON
-		rec.replaced = true
-		return
-	}
 	if rec.status == 0 {
 		rec.status = status
-		// Before it answers, net/http would wait for a body left unread
-		// (up to 256 KiB), to keep the connection for another request. A
-		// client that declares a body and never sends it would hold its
-		// connection, and a MAX_CLIENTS place, for the whole ReadTimeout.
-		// With the read deadline past, net/http gives up at once and
-		// closes the connection after the answer.
-		if rec.body != nil && !rec.body.eof {
-			http.NewResponseController(rec.ResponseWriter).SetReadDeadline(time.Now())
-		}
 	}
 	rec.ResponseWriter.WriteHeader(status)
 }
 
 func (rec *statusRecorder) Write(b []byte) (int, error) {
-	if rec.replaced {
-		return len(b), nil
-	}
 	if rec.status == 0 {
-		rec.WriteHeader(http.StatusOK)
+		rec.status = http.StatusOK
 	}
 	return rec.ResponseWriter.Write(b)
 }
 
 // Unwrap lets http.ResponseController reach the connection's writer.
 func (rec *statusRecorder) Unwrap() http.ResponseWriter { return rec.ResponseWriter }
-
-// Flush keeps the wrapped writer an http.Flusher for handlers that ask.
-func (rec *statusRecorder) Flush() {
-	if rec.status == 0 {
-		rec.WriteHeader(http.StatusOK)
-	}
-	http.NewResponseController(rec.ResponseWriter).Flush()
-}
 
 // bodyReader notes whether a request body was read to its end.
 type bodyReader struct {
@@ -365,9 +457,12 @@ func (b *bodyReader) Read(p []byte) (int, error) {
 
 // Handlers.
 
+// health answers whether the database answers. The check is bounded by
+// the store, not by the client: net/http ends a request's context when the
+// client half-closes its connection, as some probes do after sending.
 func (s *server) health(w http.ResponseWriter, r *http.Request) {
-	if err := s.store.Ping(r.Context()); err != nil {
-		s.logger.Warn("health check failed", "err", err)
+	if err := s.store.Ping(context.WithoutCancel(r.Context())); err != nil {
+		s.log(w, r).Warn("health check failed", "err", err)
 		writeUnavailable(w)
 		return
 	}
@@ -391,6 +486,8 @@ func serveOpenAPI(w http.ResponseWriter, r *http.Request) {
 // the package, would otherwise run on this origin and see any token typed
 // into Authorize. To move to another release, change the version and the
 // hashes together; .ci/run checks the hashes against the npm package.
+// Without the CDN (offline, a strict proxy) the page says so and links the
+// description; Swagger UI replaces that text when it loads.
 const docsPage = `<!doctype html>
 <html lang="en">
 <head>
@@ -399,9 +496,13 @@ const docsPage = `<!doctype html>
 <link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5.35.0/swagger-ui.css" integrity="sha384-WlYgdmXYOOBWL5apwjDEZwN+U3HmXSSu5R6V5aGxEcf7z+KuRNwBhoxKVN1i3D5I" crossorigin="anonymous">
 </head>
 <body>
-<div id="swagger-ui"></div>
+<div id="swagger-ui">
+<h1>users API</h1>
+<p>Swagger UI, from cdn.jsdelivr.net, shows the API's description here. Without it,
+read the description itself: <a href="/openapi.json">/openapi.json</a> (OpenAPI 3.1).</p>
+</div>
 <script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5.35.0/swagger-ui-bundle.js" integrity="sha384-gjRm0bEPMeTmMh5jT2cHccIwCUZSTd8YC+j0d0sXw0MdGEfScduGpSyF3ZSSLkX9" crossorigin="anonymous"></script>
-<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
+<script>if (window.SwaggerUIBundle) SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
 </body>
 </html>
 `
@@ -413,7 +514,7 @@ func serveDocs(w http.ResponseWriter, r *http.Request) {
 
 func (s *server) createUser(w http.ResponseWriter, r *http.Request) {
 	in, ok := readUserInput(w, r, true)
-	if !ok {
+	if !ok || !s.nfc(w, r, in.Email) {
 		return
 	}
 	// Hash before the store takes a connection: a hash is slow on purpose.
@@ -461,7 +562,7 @@ func (s *server) updateUser(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	in, ok := readUserInput(w, r, false)
-	if !ok {
+	if !ok || !s.nfc(w, r, in.Email) {
 		return
 	}
 	versions, _ := tagVersions(r.Header.Values("If-Match"), false)
@@ -524,6 +625,9 @@ func (s *server) listUsers(w http.ResponseWriter, r *http.Request) {
 
 // userByEmail answers a look-up by email: a list of one user, or 404.
 func (s *server) userByEmail(w http.ResponseWriter, r *http.Request, email string) {
+	if !s.nfc(w, r, &email) {
+		return
+	}
 	u, err := s.store.UserByEmail(r.Context(), email)
 	if errors.Is(err, errNotFound) {
 		writeError(w, http.StatusNotFound, "No users found")
@@ -584,7 +688,7 @@ func (s *server) allUsers(w http.ResponseWriter, r *http.Request, q listQuery) {
 	case s.streams <- struct{}{}:
 		defer func() { <-s.streams }()
 	default:
-		s.logger.Warn("list users: every stream slot is taken", "max_streams", s.maxStreams)
+		s.log(w, r).Warn("list users: every stream slot is taken", "max_streams", s.maxStreams)
 		writeUnavailable(w)
 		return
 	}
@@ -630,7 +734,7 @@ func (s *server) allUsers(w http.ResponseWriter, r *http.Request, q listQuery) {
 	io.WriteString(w, "[")
 	for {
 		if _, err := w.Write(buf.Bytes()); err != nil {
-			s.logger.Info("list users: client stopped reading", "err", err)
+			s.log(w, r).Info("list users: client stopped reading", "err", err)
 			panic(http.ErrAbortHandler)
 		}
 		if !more {
@@ -638,13 +742,13 @@ func (s *server) allUsers(w http.ResponseWriter, r *http.Request, q listQuery) {
 		}
 		// Send what is buffered before the next query.
 		if err := rc.Flush(); err != nil {
-			s.logger.Info("list users: client stopped reading", "err", err)
+			s.log(w, r).Info("list users: client stopped reading", "err", err)
 			panic(http.ErrAbortHandler)
 		}
 		rc.SetWriteDeadline(time.Now().Add(listWriteTimeout))
 		if more, err = readBatch(); err != nil {
 			if r.Context().Err() == nil {
-				s.logger.Error("list users: read next batch", "err", err)
+				s.log(w, r).Error("list users: read next batch", "err", err)
 			}
 			panic(http.ErrAbortHandler)
 		}
@@ -932,12 +1036,29 @@ func cleanName(s string) (string, string) {
 	case strings.ContainsRune(s, utf8.RuneError):
 		// What encoding/json makes of an unpaired surrogate escape.
 		return s, "must be valid Unicode text"
+	case strings.IndexFunc(s, isVisible) < 0:
+		return s, "must contain a visible character"
 	}
 	return s, ""
 }
 
+// isVisible reports whether r shows as something: not a space, not a
+// control character, not an invisible one.
+func isVisible(r rune) bool {
+	return unicode.IsGraphic(r) && !unicode.IsSpace(r) && !isInvisible(r)
+}
+
+// isInvisible reports whether r is a default-ignorable code point, which
+// shows nothing: a format character (zero-width space, joiners, U+FEFF,
+// the soft hyphen, bidirectional controls), a variation selector, a Hangul
+// filler; or the blank Braille pattern, a symbol that shows as a space.
+func isInvisible(r rune) bool {
+	return r == '\u2800' || unicode.In(r, unicode.Cf, unicode.Variation_Selector, unicode.Other_Default_Ignorable_Code_Point)
+}
+
 // cleanEmail trims and lower-cases an address and reports what is wrong with
-// it, if anything. Addresses are compared, stored and unique in lower case.
+// it, if anything. Addresses are compared, stored and unique in lower case
+// and, once the handler has called nfc, in NFC.
 func cleanEmail(s string) (string, string) {
 	s = strings.TrimSpace(s)
 	if len(s) > maxEmailBytes {
@@ -997,6 +1118,8 @@ func emailWord(s string, ascii func(rune) bool) bool {
 			if !ascii(r) {
 				return false
 			}
+		case isInvisible(r):
+			return false
 		case unicode.IsLetter(r) || unicode.IsDigit(r):
 		case unicode.IsMark(r) && i > 0:
 		default:
@@ -1106,6 +1229,29 @@ func tagVersions(lines []string, weak bool) (versions []int64, star bool) {
 	}
 }
 
+// nfc puts *email, if not nil, in Unicode NFC, in which addresses are
+// stored and compared: "ü" typed as one character or as u and a combining
+// mark is one address. Go's standard library cannot normalize, PostgreSQL
+// can. If it fails, nfc answers the request itself and returns false.
+func (s *server) nfc(w http.ResponseWriter, r *http.Request, email *string) bool {
+	// Below U+0300 no character combines or decomposes: such text is NFC.
+	if email == nil || strings.IndexFunc(*email, func(c rune) bool { return c >= 0x300 }) < 0 {
+		return true
+	}
+	normalized, err := s.store.NFC(r.Context(), *email)
+	if err != nil {
+		s.fail(w, r, err)
+		return false
+	}
+	// A few characters grow in NFC (क़ becomes क and a nukta): check again.
+	if _, problem := cleanEmail(normalized); problem != "" {
+		writeInvalid(w, map[string]string{"email": problem})
+		return false
+	}
+	*email = normalized
+	return true
+}
+
 // Writing answers.
 
 // fail answers a request whose work failed with err.
@@ -1123,7 +1269,7 @@ func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 		// The client went away, or closed its side: an answer would at best
 		// reach no one, and an empty one would read as a 200. Cutting the
 		// connection says the work was not done.
-		s.logger.Info("request canceled", "method", r.Method, "path", r.URL.Path, "err", err)
+		s.log(w, r).Info("request canceled", "err", err)
 		panic(http.ErrAbortHandler)
 	case errors.Is(err, errBusy):
 		writeUnavailable(w)
@@ -1131,10 +1277,10 @@ func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 		w.Header().Set("Retry-After", retryAfter)
 		writeError(w, http.StatusTooManyRequests, "Too many requests")
 	case errors.Is(err, errUnavailable):
-		s.logger.Warn("database unavailable", "method", r.Method, "path", r.URL.Path, "err", err)
+		s.log(w, r).Warn("database unavailable", "err", err)
 		writeUnavailable(w)
 	default:
-		s.logger.Error("internal error", "method", r.Method, "path", r.URL.Path, "err", err)
+		s.log(w, r).Error("internal error", "err", err)
 		writeError(w, http.StatusInternalServerError, "Internal server error")
 	}
 }
