@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"mime"
 	"net/http"
 	"net/netip"
@@ -19,7 +20,6 @@ import (
 	"path"
 	"runtime/debug"
 	"slices"
-	"sort"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -42,11 +42,9 @@ const (
 	maxPageSize      = 1000    // ?limit=
 
 	// An error body echoes names the client chose (unknown fields and
-	// query parameters): it lists at most maxErrorEntries of them, each cut
-	// to maxErrorName bytes, and stays within maxErrorBytes in all.
+	// query parameters): at most maxErrorEntries, cut to maxErrorName bytes.
 	maxErrorEntries = 20
 	maxErrorName    = 64
-	maxErrorBytes   = 4 << 10
 
 	// maxLogField is how much of a method or a path a log line keeps, and
 	// maxRequestID the longest X-Request-Id taken from a client.
@@ -834,11 +832,11 @@ type userInput struct {
 // is not acceptable it answers the request itself and returns false.
 func readUserInput(w http.ResponseWriter, r *http.Request, create bool) (userInput, bool) {
 	var in userInput
-	fields, ok := readObject(w, r)
+	problems, ok := decode(w, r, map[string]**string{
+		"first_name": &in.FirstName, "last_name": &in.LastName, "email": &in.Email, "password": &in.Password})
 	if !ok {
 		return in, false
 	}
-	problems := in.decode(fields)
 	for name, problem := range in.validate(create) {
 		if _, ok := problems[name]; !ok {
 			problems[name] = problem
@@ -851,10 +849,13 @@ func readUserInput(w http.ResponseWriter, r *http.Request, create bool) (userInp
 	return in, true
 }
 
-// readObject reads the request body: one JSON object in UTF-8, at most
-// maxBodyBytes long, that names each member once. If the body is not that,
-// readObject answers the request itself and returns false.
-func readObject(w http.ResponseWriter, r *http.Request) (map[string]json.RawMessage, bool) {
+// decode reads the request body, one JSON object in UTF-8 of at most
+// maxBodyBytes, into fields: each member must be one of them, named once
+// and exactly (encoding/json alone would match names in any case, and keep
+// the last of a repeated name where a proxy may keep the first), with a
+// string or null (nil) value. It returns what is wrong with the members.
+// If the body is not such an object it answers the request and returns false.
+func decode(w http.ResponseWriter, r *http.Request, fields map[string]**string) (map[string]string, bool) {
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBodyBytes))
 	var tooLarge *http.MaxBytesError
 	switch {
@@ -864,90 +865,38 @@ func readObject(w http.ResponseWriter, r *http.Request) (map[string]json.RawMess
 	case err != nil:
 		writeInvalid(w, map[string]string{"body": "could not be read"})
 		return nil, false
-	}
-	// encoding/json would quietly turn invalid UTF-8 into U+FFFD.
-	if !utf8.Valid(body) {
+	case !utf8.Valid(body): // encoding/json would quietly make it U+FFFD
 		writeInvalid(w, map[string]string{"body": "must be valid UTF-8"})
 		return nil, false
 	}
-	fields, repeated, ok := decodeObject(body)
-	if !ok {
+	problems := make(map[string]string)
+	seen := make(map[string]bool)
+	dec := json.NewDecoder(bytes.NewReader(body))
+	tok, err := dec.Token()
+	ok := err == nil && tok == json.Delim('{')
+	for ok && dec.More() {
+		tok, err := dec.Token()
+		name, isName := tok.(string)
+		var value json.RawMessage
+		if ok = err == nil && isName && dec.Decode(&value) == nil; !ok {
+			break
+		}
+		field, known := fields[name]
+		switch {
+		case seen[name]:
+			problems[name] = "given more than once"
+		case !known:
+			problems[name] = "unknown field"
+		case json.Unmarshal(value, field) != nil:
+			problems[name] = "must be a string"
+		}
+		seen[name] = true
+	}
+	if _, err := dec.Token(); !ok || err != nil || len(bytes.TrimLeft(body[dec.InputOffset():], " \t\r\n")) > 0 {
 		writeInvalid(w, map[string]string{"body": "must be one JSON object"})
 		return nil, false
 	}
-	if len(repeated) > 0 {
-		writeInvalid(w, repeated)
-		return nil, false
-	}
-	return fields, true
-}
-
-// decodeObject decodes body as one JSON object, and reports each member
-// name given more than once: encoding/json keeps the last value, other
-// parsers (a proxy's, say) may keep the first, so such a body is refused.
-func decodeObject(body []byte) (fields map[string]json.RawMessage, repeated map[string]string, ok bool) {
-	dec := json.NewDecoder(bytes.NewReader(body))
-	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
-		return nil, nil, false
-	}
-	fields = make(map[string]json.RawMessage)
-	repeated = make(map[string]string)
-	for dec.More() {
-		tok, err := dec.Token()
-		name, isName := tok.(string)
-		if err != nil || !isName {
-			return nil, nil, false
-		}
-		var value json.RawMessage
-		if err := dec.Decode(&value); err != nil {
-			return nil, nil, false
-		}
-		if _, seen := fields[name]; seen {
-			repeated[name] = "given more than once"
-		}
-		fields[name] = value
-	}
-	if _, err := dec.Token(); err != nil { // the closing brace
-		return nil, nil, false
-	}
-	// Nothing but white space may follow the object.
-	rest := bytes.TrimLeft(body[dec.InputOffset():], " \t\r\n")
-	return fields, repeated, len(rest) == 0
-}
-
-// decode fills in from the fields of a JSON object and reports what is
-// wrong with them. Names must match exactly (encoding/json alone would match
-// them case-insensitively), and each value must be a string or null.
-func (in *userInput) decode(fields map[string]json.RawMessage) map[string]string {
-	problems := make(map[string]string)
-	for name, value := range fields {
-		v, ok := decodeString(value)
-		switch name {
-		case "first_name":
-			in.FirstName = v
-		case "last_name":
-			in.LastName = v
-		case "email":
-			in.Email = v
-		case "password":
-			in.Password = v
-		default:
-			problems[name] = "unknown field"
-			continue
-		}
-		if !ok {
-			problems[name] = "must be a string"
-		}
-	}
-	return problems
-}
-
-// decodeString decodes a JSON string or null (nil), and reports whether
-// value was either.
-func decodeString(value json.RawMessage) (*string, bool) {
-	var s *string
-	err := json.Unmarshal(value, &s)
-	return s, err == nil
+	return problems, true
 }
 
 // validate normalizes the fields that are set (trimming names and email,
@@ -987,32 +936,23 @@ type credentials struct{ email, password string }
 // wrong one of any length gets the same answer as any other. If the body
 // is not acceptable it answers the request itself and returns false.
 func readCredentials(w http.ResponseWriter, r *http.Request) (credentials, bool) {
-	fields, ok := readObject(w, r)
+	var email, password *string
+	problems, ok := decode(w, r, map[string]**string{"email": &email, "password": &password})
 	if !ok {
 		return credentials{}, false
 	}
 	var in credentials
-	problems := make(map[string]string)
-	for name, value := range fields {
-		v, ok := decodeString(value)
-		switch {
-		case name != "email" && name != "password":
-			problems[name] = "unknown field"
-		case !ok:
-			problems[name] = "must be a string"
-		case v == nil:
-			problems[name] = "required"
-		case name == "email":
-			var problem string
-			if in.email, problem = cleanEmail(*v); problem != "" {
-				problems[name] = problem
-			}
-		default:
-			in.password = *v
+	if email != nil && problems["email"] == "" {
+		var p string
+		if in.email, p = cleanEmail(*email); p != "" {
+			problems["email"] = p
 		}
 	}
-	for _, name := range []string{"email", "password"} {
-		if _, given := fields[name]; !given {
+	if password != nil {
+		in.password = *password
+	}
+	for name, v := range map[string]*string{"email": email, "password": password} {
+		if _, bad := problems[name]; !bad && v == nil {
 			problems[name] = "required"
 		}
 	}
@@ -1308,57 +1248,25 @@ func writeInvalid(w http.ResponseWriter, problems map[string]string) {
 }
 
 // capProblems bounds what an error body echoes of the names a client chose:
-// at most maxErrorEntries problems, each name cut to maxErrorName bytes, and
-// no more than fits in an answer of maxErrorBytes. Problems with fields the
-// service knows come first, then names it does not know, each in name order.
+// at most maxErrorEntries problems, those with known names first, each name
+// cut to maxErrorName bytes and marked with an ellipsis.
 func capProblems(problems map[string]string) map[string]string {
-	names := make([]string, 0, len(problems))
-	for name := range problems {
-		names = append(names, name)
-	}
-	unknown := func(name string) bool {
-		p := problems[name]
-		return p == "unknown field" || p == "unknown parameter"
-	}
-	sort.Slice(names, func(i, j int) bool {
-		if ui, uj := unknown(names[i]), unknown(names[j]); ui != uj {
-			return uj
+	key := func(name string) string {
+		if strings.HasPrefix(problems[name], "unknown") {
+			return "1" + name
 		}
-		return names[i] < names[j]
-	})
+		return "0" + name
+	}
+	names := slices.SortedFunc(maps.Keys(problems), func(a, b string) int { return strings.Compare(key(a), key(b)) })
 	kept := make(map[string]string)
-	// The room left once detail and the braces are written.
-	room := maxErrorBytes - len(`{"detail":"Invalid data","errors":{}}`+"\n")
-	for _, name := range names {
-		if len(kept) == maxErrorEntries {
-			break
+	for _, name := range names[:min(len(names), maxErrorEntries)] {
+		short := name
+		if len(name) > maxErrorName {
+			short = truncate(name, maxErrorName) + "…"
 		}
-		short := cutName(name)
-		if _, ok := kept[short]; ok {
-			continue
-		}
-		k, _ := json.Marshal(short)
-		v, _ := json.Marshal(problems[name])
-		size := len(k) + 1 + len(v) // "name":"problem"
-		if len(kept) > 0 {
-			size++ // the comma
-		}
-		if size > room {
-			continue
-		}
-		room -= size
 		kept[short] = problems[name]
 	}
 	return kept
-}
-
-// cutName cuts a name longer than maxErrorName bytes and marks the cut with
-// an ellipsis.
-func cutName(name string) string {
-	if len(name) <= maxErrorName {
-		return name
-	}
-	return truncate(name, maxErrorName) + "…"
 }
 
 // truncate returns s cut to at most n bytes, at a character's start.
