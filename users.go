@@ -1127,20 +1127,18 @@ const closeToAccountProblem = "is too close to the account's names or email: cho
 var errCloseToAccount = errors.New("password too close to the account")
 
 // closeToAccount reports whether password is, in any case, one of the
-// account's names, its email address or the address's local part (NIST SP
-// 800-63B's context-specific words). A nil field is not compared.
-func closeToAccount(password string, firstName, lastName, email *string) bool {
-	var words []string
-	for _, w := range []*string{firstName, lastName, email} {
-		if w != nil {
-			words = append(words, *w)
+// account's words (its names and email address, NIST SP 800-63B's
+// context-specific words) or what precedes an "@" in one. Nil is no word.
+func closeToAccount(password string, words ...*string) bool {
+	for _, w := range words {
+		if w == nil {
+			continue
+		}
+		if local, _, _ := strings.Cut(*w, "@"); strings.EqualFold(*w, password) || strings.EqualFold(local, password) {
+			return true
 		}
 	}
-	if email != nil {
-		local, _, _ := strings.Cut(*email, "@")
-		words = append(words, local)
-	}
-	return slices.ContainsFunc(words, func(w string) bool { return strings.EqualFold(w, password) })
+	return false
 }
 
 // etag is the entity tag of u's representation: its version, quoted.
