@@ -529,7 +529,7 @@ func (s *server) createUser(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	w.Header().Set("Location", "/users/"+strconv.FormatInt(u.ID, 10))
-	encode(w, http.StatusCreated, u)
+	encodeUser(w, http.StatusCreated, u)
 }
 
 func (s *server) getUser(w http.ResponseWriter, r *http.Request) {
@@ -543,7 +543,14 @@ func (s *server) getUser(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, err)
 		return
 	}
-	encode(w, http.StatusOK, u)
+	// If-None-Match compares weakly: W/"1" matches "1".
+	versions, star := tagVersions(r.Header.Values("If-None-Match"), true)
+	if star || slices.Contains(versions, u.Version) {
+		w.Header().Set("ETag", etag(u))
+		w.WriteHeader(http.StatusNotModified)
+		return
+	}
+	encodeUser(w, http.StatusOK, u)
 }
 
 func (s *server) updateUser(w http.ResponseWriter, r *http.Request) {
@@ -556,7 +563,8 @@ func (s *server) updateUser(w http.ResponseWriter, r *http.Request) {
 	if !ok || !s.nfc(w, r, in.Email) {
 		return
 	}
-	change := userUpdate{FirstName: in.FirstName, LastName: in.LastName, Email: in.Email}
+	versions, _ := tagVersions(r.Header.Values("If-Match"), false)
+	change := userUpdate{FirstName: in.FirstName, LastName: in.LastName, Email: in.Email, Versions: versions}
 	if in.Password != nil {
 		hash, err := s.hasher.hash(r.Context(), s.client(r), *in.Password)
 		if err != nil {
@@ -564,13 +572,21 @@ func (s *server) updateUser(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		change.PasswordHash = &hash
+		// The names and email the body leaves out are the stored ones: the
+		// password is checked against the user as changed, before commit.
+		change.Check = func(u user) error {
+			if closeToAccount(*in.Password, &u.FirstName, &u.LastName, &u.Email) {
+				return errCloseToAccount
+			}
+			return nil
+		}
 	}
 	u, err := s.store.UpdateUser(r.Context(), id, change)
 	if err != nil {
 		s.fail(w, r, err)
 		return
 	}
-	encode(w, http.StatusOK, u)
+	encodeUser(w, http.StatusOK, u)
 }
 
 func (s *server) deleteUser(w http.ResponseWriter, r *http.Request) {
@@ -579,7 +595,8 @@ func (s *server) deleteUser(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, "User not found")
 		return
 	}
-	if err := s.store.DeleteUser(r.Context(), id); err != nil {
+	versions, _ := tagVersions(r.Header.Values("If-Match"), false)
+	if err := s.store.DeleteUser(r.Context(), id, versions); err != nil {
 		s.fail(w, r, err)
 		return
 	}
@@ -904,6 +921,9 @@ func (in *userInput) validate(create bool) map[string]string {
 	in.LastName = check("last_name", in.LastName, cleanName)
 	in.Email = check("email", in.Email, cleanEmail)
 	in.Password = check("password", in.Password, func(s string) (string, string) { return s, checkPassword(s) })
+	if _, bad := problems["password"]; !bad && in.Password != nil && closeToAccount(*in.Password, in.FirstName, in.LastName, in.Email) {
+		problems["password"] = closeToAccountProblem
+	}
 	return problems
 }
 
@@ -1075,8 +1095,76 @@ func checkPassword(s string) string {
 		return fmt.Sprintf("must be at least %d characters", minPasswordChars)
 	case len(s) > maxPasswordBytes:
 		return fmt.Sprintf("must be at most %d bytes", maxPasswordBytes)
+	case commonPasswords[strings.ToLower(s)]:
+		return "is too common: choose one that is harder to guess"
 	}
 	return ""
+}
+
+// commonPasswordsText is common-passwords.txt: lower-case passwords of at
+// least minPasswordChars characters that people often choose, one per line,
+// after comment lines that start with "#".
+//
+//go:embed common-passwords.txt
+var commonPasswordsText string
+
+// commonPasswords is the set of commonPasswordsText's passwords, which
+// NIST SP 800-63B says a new password must not be.
+var commonPasswords = func() map[string]bool {
+	set := make(map[string]bool, strings.Count(commonPasswordsText, "\n"))
+	for line := range strings.Lines(commonPasswordsText) {
+		if !strings.HasPrefix(line, "#") {
+			set[strings.TrimSuffix(line, "\n")] = true
+		}
+	}
+	return set
+}()
+
+// closeToAccountProblem is the problem with a password that closeToAccount
+// refuses; errCloseToAccount is the store's error for it on update.
+const closeToAccountProblem = "is too close to the account's names or email: choose another"
+
+var errCloseToAccount = errors.New("password too close to the account")
+
+// closeToAccount reports whether password is, in any case, one of the
+// account's words (its names and email address, NIST SP 800-63B's
+// context-specific words) or what precedes an "@" in one. Nil is no word.
+func closeToAccount(password string, words ...*string) bool {
+	for _, w := range words {
+		if w == nil {
+			continue
+		}
+		if local, _, _ := strings.Cut(*w, "@"); strings.EqualFold(*w, password) || strings.EqualFold(local, password) {
+			return true
+		}
+	}
+	return false
+}
+
+// etag is the entity tag of u's representation: its version, quoted.
+func etag(u user) string { return `"` + strconv.FormatInt(u.Version, 10) + `"` }
+
+// tagVersions reads an If-Match or If-None-Match header, given as its lines:
+// star if it is "*", otherwise the versions of the entity tags it lists
+// (weak tags only if weak, for a weak comparison), nil if it is absent. A
+// tag that is not one of this service's matches nothing.
+func tagVersions(lines []string, weak bool) (versions []int64, star bool) {
+	s := strings.Join(lines, ",")
+	if len(lines) == 0 || strings.Trim(s, " \t") == "*" {
+		return nil, len(lines) > 0
+	}
+	versions = []int64{}
+	for {
+		before, rest, ok := strings.Cut(s, `"`)
+		tag, after, closed := strings.Cut(rest, `"`)
+		if !ok || !closed {
+			return versions, false
+		}
+		if v, ok := parseNumber(tag); ok && (weak || !strings.HasSuffix(before, "W/")) {
+			versions = append(versions, v)
+		}
+		s = after
+	}
 }
 
 // nfc puts *email, if not nil, in Unicode NFC, in which addresses are
@@ -1111,6 +1199,10 @@ func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 		writeError(w, http.StatusNotFound, "User not found")
 	case errors.Is(err, errEmailTaken):
 		writeError(w, http.StatusBadRequest, "Email already registered")
+	case errors.Is(err, errStale):
+		writeError(w, http.StatusPreconditionFailed, "Precondition failed: the user has changed")
+	case errors.Is(err, errCloseToAccount):
+		writeInvalid(w, map[string]string{"password": closeToAccountProblem})
 	case r.Context().Err() != nil:
 		// The client went away, or closed its side: an answer would at best
 		// reach no one, and an empty one would read as a 200. Cutting the
@@ -1184,6 +1276,12 @@ func truncate(s string, n int) string {
 		n--
 	}
 	return s[:n]
+}
+
+// encodeUser answers with u as JSON, and its ETag.
+func encodeUser(w http.ResponseWriter, status int, u user) {
+	w.Header().Set("ETag", etag(u))
+	encode(w, status, u)
 }
 
 // encode answers with v as JSON.
