@@ -28,9 +28,9 @@ import (
 	"unicode/utf8"
 )
 
-// This file is the HTTP surface, in five parts: the routes and the handler
-// constructor; the middleware every request passes through; the handlers;
-// reading and validating input; and writing answers.
+// This file is the HTTP surface: the routes and the handler constructor;
+// the handlers; reading and validating input; writing answers; and last the
+// middleware every request passes through, the service's armor.
 
 // Limits on what clients send, and on what the service sends back.
 const (
@@ -138,319 +138,6 @@ func newServer(logger *slog.Logger, st *store, h *hasher, apiToken string, opts 
 		mux.Handle(rt.method+" "+rt.pattern, h)
 	}
 	return s.wrap(onlyPost("/users/authenticate", mux))
-}
-
-// Middleware, outermost first: each does one job.
-
-// wrap adds what every request gets: an id and an access log line,
-// recovery from panics, a prompt close of bodies left unread, security
-// headers, the loopback Host check, refusal of unclean paths, and JSON
-// bodies for the mux's own 404 and 405 answers.
-func (s *server) wrap(mux http.Handler) http.Handler {
-	h := refuseUncleanPaths(jsonErrors(mux))
-	if s.loopbackHostsOnly {
-		h = requireLoopbackHost(h)
-	}
-	return s.logRequests(closeUnreadBodies(s.recoverPanics(secureHeaders(h))))
-}
-
-// logRequests gives each request an id, sent back as X-Request-Id, and
-// writes one line once it is answered: status 499 if the client left before
-// any answer, aborted=true if the answer was cut short.
-func (s *server) logRequests(next http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		start := time.Now()
-		w.Header().Set("X-Request-Id", s.requestID(r))
-		rec := &statusRecorder{ResponseWriter: w}
-		aborted := true // unless next returns
-		defer func() {
-			status := rec.status
-			switch {
-			case status == 0 && r.Context().Err() != nil:
-				status = 499
-			case status == 0:
-				status = http.StatusOK
-			}
-			// The mux sets the pattern it routed to, "" for none.
-			attrs := s.requestAttrs(w, r, slog.String("pattern", r.Pattern), slog.Int("status", status),
-				slog.Duration("duration", time.Since(start)))
-			if aborted {
-				attrs = append(attrs, slog.Bool("aborted", true))
-			}
-			s.logger.LogAttrs(r.Context(), slog.LevelInfo, "request", attrs...)
-		}()
-		next.ServeHTTP(rec, r)
-		aborted = false
-	})
-}
-
-// requestID returns r's X-Request-Id if it is sane, one value of 1 to
-// maxRequestID visible ASCII characters, and otherwise makes one.
-func (s *server) requestID(r *http.Request) string {
-	if v := r.Header.Values("X-Request-Id"); len(v) == 1 && len(v[0]) <= maxRequestID &&
-		v[0] != "" && strings.IndexFunc(v[0], func(c rune) bool { return c < '!' || c > '~' }) < 0 {
-		return v[0]
-	}
-	return string(strconv.AppendUint([]byte(s.idPrefix), s.requests.Add(1), 10))
-}
-
-// requestAttrs are what every log line about r carries, then more. Each is
-// bounded: a client chooses the method, the path and so the line's size.
-func (s *server) requestAttrs(w http.ResponseWriter, r *http.Request, more ...slog.Attr) []slog.Attr {
-	return append([]slog.Attr{slog.String("request_id", w.Header().Get("X-Request-Id")), slog.String("client", clientAddr(r, s.trustedProxies).String()),
-		slog.String("method", truncate(r.Method, maxLogField)), slog.String("path", truncate(r.URL.Path, maxLogField))}, more...)
-}
-
-// log returns the logger for a line about r.
-func (s *server) log(w http.ResponseWriter, r *http.Request) *slog.Logger {
-	return slog.New(s.logger.Handler().WithAttrs(s.requestAttrs(w, r)))
-}
-
-// recoverPanics turns a handler's panic into a logged 500, or, once part
-// of the answer is out and cannot be taken back, into a cut connection.
-// It runs inside logRequests, whose statusRecorder knows which.
-func (s *server) recoverPanics(next http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		defer func() {
-			v := recover()
-			if v == nil {
-				return
-			}
-			if v != http.ErrAbortHandler {
-				s.log(w, r).Error("panic", "pattern", r.Pattern, "panic", v, "stack", string(debug.Stack()))
-				if rec, ok := w.(*statusRecorder); ok && rec.status == 0 {
-					writeError(w, http.StatusInternalServerError, "Internal server error")
-					return
-				}
-			}
-			panic(http.ErrAbortHandler)
-		}()
-		next.ServeHTTP(w, r)
-	})
-}
-
-// closeUnreadBodies closes the connection after answering a request whose
-// body was left unread. net/http would first wait for it (up to 256 KiB),
-// to keep the connection: a client that declares a body and never sends it
-// would hold its connection, and a MAX_CLIENTS place, for the ReadTimeout.
-// With the read deadline past, net/http gives up at once.
-func closeUnreadBodies(next http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.ContentLength == 0 {
-			next.ServeHTTP(w, r)
-			return
-		}
-		body := &bodyReader{ReadCloser: r.Body}
-		r.Body = body
-		next.ServeHTTP(w, r)
-		if !body.eof {
-			http.NewResponseController(w).SetReadDeadline(time.Now())
-		}
-	})
-}
-
-// secureHeaders keeps answers out of caches and browsers from sniffing
-// their type.
-func secureHeaders(next http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Cache-Control", "no-store")
-		w.Header().Set("X-Content-Type-Options", "nosniff")
-		next.ServeHTTP(w, r)
-	})
-}
-
-// requireLoopbackHost answers 421 to a request whose Host is not a loopback
-// name: set when the service listens on loopback without a token, it keeps
-// out web pages that reach it through a name of their own (DNS rebinding).
-func requireLoopbackHost(next http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if !isLoopbackHost(r.Host) {
-			writeError(w, http.StatusMisdirectedRequest, "Misdirected request")
-			return
-		}
-		next.ServeHTTP(w, r)
-	})
-}
-
-// refuseUncleanPaths answers 404 to a path that is not clean (//users,
-// /users/./1), which the mux would answer with an HTML redirect, followed by
-// clients for a POST as a GET without its body. No route has such a path.
-// Both forms: /users/%2F is clean as sent, but routes as /users//.
-func refuseUncleanPaths(next http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if !isCleanPath(r.URL.EscapedPath()) || !isCleanPath(r.URL.Path) {
-			writeError(w, http.StatusNotFound, "Not Found")
-			return
-		}
-		next.ServeHTTP(w, r)
-	})
-}
-
-// jsonErrors gives the plain-text error answers of net/http (the mux's 404
-// and 405) a JSON body, {"detail": "<status text>"}, keeping their status
-// and headers.
-func jsonErrors(next http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		next.ServeHTTP(&jsonErrorWriter{ResponseWriter: w}, r)
-	})
-}
-
-type jsonErrorWriter struct {
-	http.ResponseWriter
-	replaced bool // whether a plain-text error body is being dropped
-}
-
-func (w *jsonErrorWriter) WriteHeader(status int) {
-	if status >= 400 && strings.HasPrefix(w.Header().Get("Content-Type"), "text/plain") {
-		writeError(w.ResponseWriter, status, http.StatusText(status))
-		w.replaced = true
-		return
-	}
-	w.ResponseWriter.WriteHeader(status)
-}
-
-func (w *jsonErrorWriter) Write(b []byte) (int, error) {
-	if w.replaced {
-		return len(b), nil
-	}
-	return w.ResponseWriter.Write(b)
-}
-
-// Unwrap lets http.ResponseController reach the connection's writer, to
-// flush it or set its deadlines.
-func (w *jsonErrorWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
-
-// isCleanPath reports whether p, a request's escaped path, is in the form
-// the mux serves without a redirect: rooted, with no empty, "." or ".."
-// segment (a final slash aside).
-func isCleanPath(p string) bool {
-	if !strings.HasPrefix(p, "/") {
-		return false
-	}
-	clean := path.Clean(p)
-	if strings.HasSuffix(p, "/") && clean != "/" {
-		clean += "/"
-	}
-	return clean == p
-}
-
-// requireToken lets a request through only if it carries the API token as a
-// bearer token.
-func (s *server) requireToken(next http.Handler) http.Handler {
-	// Comparing digests in constant time leaks neither the token's bytes nor
-	// its length through timing.
-	want := sha256.Sum256([]byte(s.apiToken))
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		scheme, token, _ := strings.Cut(r.Header.Get("Authorization"), " ")
-		got := sha256.Sum256([]byte(token))
-		if !strings.EqualFold(scheme, "Bearer") || subtle.ConstantTimeCompare(got[:], want[:]) != 1 {
-			w.Header().Set("WWW-Authenticate", "Bearer")
-			// A client without the token has nothing more to ask: its
-			// connection is closed rather than held for it.
-			w.Header().Set("Connection", "close")
-			writeError(w, http.StatusUnauthorized, "Not authenticated")
-			return
-		}
-		next.ServeHTTP(w, r)
-	})
-}
-
-// onlyPost answers 405 to any method but POST on path, which the mux
-// would otherwise route to /users/{id}, or answer with its methods.
-func onlyPost(path string, next http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.URL.Path == path && r.Method != http.MethodPost {
-			w.Header().Set("Allow", http.MethodPost)
-			writeError(w, http.StatusMethodNotAllowed, "Method Not Allowed")
-			return
-		}
-		next.ServeHTTP(w, r)
-	})
-}
-
-// requireJSON answers 415 to a request whose body is not labelled JSON. A
-// browser cannot send that label to another site without asking first (a
-// CORS preflight, which the service never allows), so no web page can make
-// its visitor's browser create or change users.
-func requireJSON(next http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if !isJSONType(r.Header.Values("Content-Type")) {
-			writeError(w, http.StatusUnsupportedMediaType, "Unsupported media type")
-			return
-		}
-		next.ServeHTTP(w, r)
-	})
-}
-
-// isJSONType reports whether the Content-Type header lines say JSON: one
-// line, application/json in any case, with any parameters but a charset
-// other than UTF-8.
-func isJSONType(lines []string) bool {
-	if len(lines) != 1 {
-		return false
-	}
-	mediaType, params, err := mime.ParseMediaType(lines[0])
-	if err != nil || mediaType != "application/json" {
-		return false
-	}
-	charset, ok := params["charset"]
-	return !ok || strings.EqualFold(charset, "utf-8")
-}
-
-// isLoopbackHost reports whether host, a request's Host, names a loopback
-// host: localhost, an address in 127.0.0.0/8 or [::1], with any port.
-func isLoopbackHost(host string) bool {
-	name := host
-	if i := strings.LastIndexByte(host, ':'); i >= 0 && !strings.Contains(host[i:], "]") {
-		name = host[:i]
-		if strings.Trim(host[i+1:], "0123456789") != "" {
-			return false
-		}
-	}
-	if strings.EqualFold(name, "localhost") {
-		return true
-	}
-	bracketed := strings.HasPrefix(name, "[") && strings.HasSuffix(name, "]")
-	if bracketed {
-		name = name[1 : len(name)-1]
-	}
-	addr, err := netip.ParseAddr(name)
-	return err == nil && addr.Is6() == bracketed && addr.Zone() == "" && addr.IsLoopback()
-}
-
-// statusRecorder remembers the status of the response it writes.
-type statusRecorder struct {
-	http.ResponseWriter
-	status int
-}
-
-func (rec *statusRecorder) WriteHeader(status int) {
-	if rec.status == 0 {
-		rec.status = status
-	}
-	rec.ResponseWriter.WriteHeader(status)
-}
-
-func (rec *statusRecorder) Write(b []byte) (int, error) {
-	if rec.status == 0 {
-		rec.status = http.StatusOK
-	}
-	return rec.ResponseWriter.Write(b)
-}
-
-// Unwrap lets http.ResponseController reach the connection's writer.
-func (rec *statusRecorder) Unwrap() http.ResponseWriter { return rec.ResponseWriter }
-
-// bodyReader notes whether a request body was read to its end.
-type bodyReader struct {
-	io.ReadCloser
-	eof bool
-}
-
-func (b *bodyReader) Read(p []byte) (int, error) {
-	n, err := b.ReadCloser.Read(p)
-	b.eof = b.eof || err == io.EOF
-	return n, err
 }
 
 // Handlers.
@@ -1293,4 +980,317 @@ func encode(w http.ResponseWriter, status int, v any) {
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(status)
 	w.Write(append(body, '\n'))
+}
+
+// Middleware, outermost first: each does one job.
+
+// wrap adds what every request gets: an id and an access log line,
+// recovery from panics, a prompt close of bodies left unread, security
+// headers, the loopback Host check, refusal of unclean paths, and JSON
+// bodies for the mux's own 404 and 405 answers.
+func (s *server) wrap(mux http.Handler) http.Handler {
+	h := refuseUncleanPaths(jsonErrors(mux))
+	if s.loopbackHostsOnly {
+		h = requireLoopbackHost(h)
+	}
+	return s.logRequests(closeUnreadBodies(s.recoverPanics(secureHeaders(h))))
+}
+
+// logRequests gives each request an id, sent back as X-Request-Id, and
+// writes one line once it is answered: status 499 if the client left before
+// any answer, aborted=true if the answer was cut short.
+func (s *server) logRequests(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		w.Header().Set("X-Request-Id", s.requestID(r))
+		rec := &statusRecorder{ResponseWriter: w}
+		aborted := true // unless next returns
+		defer func() {
+			status := rec.status
+			switch {
+			case status == 0 && r.Context().Err() != nil:
+				status = 499
+			case status == 0:
+				status = http.StatusOK
+			}
+			// The mux sets the pattern it routed to, "" for none.
+			attrs := s.requestAttrs(w, r, slog.String("pattern", r.Pattern), slog.Int("status", status),
+				slog.Duration("duration", time.Since(start)))
+			if aborted {
+				attrs = append(attrs, slog.Bool("aborted", true))
+			}
+			s.logger.LogAttrs(r.Context(), slog.LevelInfo, "request", attrs...)
+		}()
+		next.ServeHTTP(rec, r)
+		aborted = false
+	})
+}
+
+// requestID returns r's X-Request-Id if it is sane, one value of 1 to
+// maxRequestID visible ASCII characters, and otherwise makes one.
+func (s *server) requestID(r *http.Request) string {
+	if v := r.Header.Values("X-Request-Id"); len(v) == 1 && len(v[0]) <= maxRequestID &&
+		v[0] != "" && strings.IndexFunc(v[0], func(c rune) bool { return c < '!' || c > '~' }) < 0 {
+		return v[0]
+	}
+	return string(strconv.AppendUint([]byte(s.idPrefix), s.requests.Add(1), 10))
+}
+
+// requestAttrs are what every log line about r carries, then more. Each is
+// bounded: a client chooses the method, the path and so the line's size.
+func (s *server) requestAttrs(w http.ResponseWriter, r *http.Request, more ...slog.Attr) []slog.Attr {
+	return append([]slog.Attr{slog.String("request_id", w.Header().Get("X-Request-Id")), slog.String("client", clientAddr(r, s.trustedProxies).String()),
+		slog.String("method", truncate(r.Method, maxLogField)), slog.String("path", truncate(r.URL.Path, maxLogField))}, more...)
+}
+
+// log returns the logger for a line about r.
+func (s *server) log(w http.ResponseWriter, r *http.Request) *slog.Logger {
+	return slog.New(s.logger.Handler().WithAttrs(s.requestAttrs(w, r)))
+}
+
+// recoverPanics turns a handler's panic into a logged 500, or, once part
+// of the answer is out and cannot be taken back, into a cut connection.
+// It runs inside logRequests, whose statusRecorder knows which.
+func (s *server) recoverPanics(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		defer func() {
+			v := recover()
+			if v == nil {
+				return
+			}
+			if v != http.ErrAbortHandler {
+				s.log(w, r).Error("panic", "pattern", r.Pattern, "panic", v, "stack", string(debug.Stack()))
+				if rec, ok := w.(*statusRecorder); ok && rec.status == 0 {
+					writeError(w, http.StatusInternalServerError, "Internal server error")
+					return
+				}
+			}
+			panic(http.ErrAbortHandler)
+		}()
+		next.ServeHTTP(w, r)
+	})
+}
+
+// closeUnreadBodies closes the connection after answering a request whose
+// body was left unread. net/http would first wait for it (up to 256 KiB),
+// to keep the connection: a client that declares a body and never sends it
+// would hold its connection, and a MAX_CLIENTS place, for the ReadTimeout.
+// With the read deadline past, net/http gives up at once.
+func closeUnreadBodies(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.ContentLength == 0 {
+			next.ServeHTTP(w, r)
+			return
+		}
+		body := &bodyReader{ReadCloser: r.Body}
+		r.Body = body
+		next.ServeHTTP(w, r)
+		if !body.eof {
+			http.NewResponseController(w).SetReadDeadline(time.Now())
+		}
+	})
+}
+
+// secureHeaders keeps answers out of caches and browsers from sniffing
+// their type.
+func secureHeaders(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Cache-Control", "no-store")
+		w.Header().Set("X-Content-Type-Options", "nosniff")
+		next.ServeHTTP(w, r)
+	})
+}
+
+// requireLoopbackHost answers 421 to a request whose Host is not a loopback
+// name: set when the service listens on loopback without a token, it keeps
+// out web pages that reach it through a name of their own (DNS rebinding).
+func requireLoopbackHost(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !isLoopbackHost(r.Host) {
+			writeError(w, http.StatusMisdirectedRequest, "Misdirected request")
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// refuseUncleanPaths answers 404 to a path that is not clean (//users,
+// /users/./1), which the mux would answer with an HTML redirect, followed by
+// clients for a POST as a GET without its body. No route has such a path.
+// Both forms: /users/%2F is clean as sent, but routes as /users//.
+func refuseUncleanPaths(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !isCleanPath(r.URL.EscapedPath()) || !isCleanPath(r.URL.Path) {
+			writeError(w, http.StatusNotFound, "Not Found")
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// jsonErrors gives the plain-text error answers of net/http (the mux's 404
+// and 405) a JSON body, {"detail": "<status text>"}, keeping their status
+// and headers.
+func jsonErrors(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		next.ServeHTTP(&jsonErrorWriter{ResponseWriter: w}, r)
+	})
+}
+
+type jsonErrorWriter struct {
+	http.ResponseWriter
+	replaced bool // whether a plain-text error body is being dropped
+}
+
+func (w *jsonErrorWriter) WriteHeader(status int) {
+	if status >= 400 && strings.HasPrefix(w.Header().Get("Content-Type"), "text/plain") {
+		writeError(w.ResponseWriter, status, http.StatusText(status))
+		w.replaced = true
+		return
+	}
+	w.ResponseWriter.WriteHeader(status)
+}
+
+func (w *jsonErrorWriter) Write(b []byte) (int, error) {
+	if w.replaced {
+		return len(b), nil
+	}
+	return w.ResponseWriter.Write(b)
+}
+
+// Unwrap lets http.ResponseController reach the connection's writer, to
+// flush it or set its deadlines.
+func (w *jsonErrorWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// isCleanPath reports whether p, a request's escaped path, is in the form
+// the mux serves without a redirect: rooted, with no empty, "." or ".."
+// segment (a final slash aside).
+func isCleanPath(p string) bool {
+	if !strings.HasPrefix(p, "/") {
+		return false
+	}
+	clean := path.Clean(p)
+	if strings.HasSuffix(p, "/") && clean != "/" {
+		clean += "/"
+	}
+	return clean == p
+}
+
+// requireToken lets a request through only if it carries the API token as a
+// bearer token.
+func (s *server) requireToken(next http.Handler) http.Handler {
+	// Comparing digests in constant time leaks neither the token's bytes nor
+	// its length through timing.
+	want := sha256.Sum256([]byte(s.apiToken))
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		scheme, token, _ := strings.Cut(r.Header.Get("Authorization"), " ")
+		got := sha256.Sum256([]byte(token))
+		if !strings.EqualFold(scheme, "Bearer") || subtle.ConstantTimeCompare(got[:], want[:]) != 1 {
+			w.Header().Set("WWW-Authenticate", "Bearer")
+			// A client without the token has nothing more to ask: its
+			// connection is closed rather than held for it.
+			w.Header().Set("Connection", "close")
+			writeError(w, http.StatusUnauthorized, "Not authenticated")
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// onlyPost answers 405 to any method but POST on path, which the mux
+// would otherwise route to /users/{id}, or answer with its methods.
+func onlyPost(path string, next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == path && r.Method != http.MethodPost {
+			w.Header().Set("Allow", http.MethodPost)
+			writeError(w, http.StatusMethodNotAllowed, "Method Not Allowed")
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// requireJSON answers 415 to a request whose body is not labelled JSON. A
+// browser cannot send that label to another site without asking first (a
+// CORS preflight, which the service never allows), so no web page can make
+// its visitor's browser create or change users.
+func requireJSON(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !isJSONType(r.Header.Values("Content-Type")) {
+			writeError(w, http.StatusUnsupportedMediaType, "Unsupported media type")
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// isJSONType reports whether the Content-Type header lines say JSON: one
+// line, application/json in any case, with any parameters but a charset
+// other than UTF-8.
+func isJSONType(lines []string) bool {
+	if len(lines) != 1 {
+		return false
+	}
+	mediaType, params, err := mime.ParseMediaType(lines[0])
+	if err != nil || mediaType != "application/json" {
+		return false
+	}
+	charset, ok := params["charset"]
+	return !ok || strings.EqualFold(charset, "utf-8")
+}
+
+// isLoopbackHost reports whether host, a request's Host, names a loopback
+// host: localhost, an address in 127.0.0.0/8 or [::1], with any port.
+func isLoopbackHost(host string) bool {
+	name := host
+	if i := strings.LastIndexByte(host, ':'); i >= 0 && !strings.Contains(host[i:], "]") {
+		name = host[:i]
+		if strings.Trim(host[i+1:], "0123456789") != "" {
+			return false
+		}
+	}
+	if strings.EqualFold(name, "localhost") {
+		return true
+	}
+	bracketed := strings.HasPrefix(name, "[") && strings.HasSuffix(name, "]")
+	if bracketed {
+		name = name[1 : len(name)-1]
+	}
+	addr, err := netip.ParseAddr(name)
+	return err == nil && addr.Is6() == bracketed && addr.Zone() == "" && addr.IsLoopback()
+}
+
+// statusRecorder remembers the status of the response it writes.
+type statusRecorder struct {
+	http.ResponseWriter
+	status int
+}
+
+func (rec *statusRecorder) WriteHeader(status int) {
+	if rec.status == 0 {
+		rec.status = status
+	}
+	rec.ResponseWriter.WriteHeader(status)
+}
+
+func (rec *statusRecorder) Write(b []byte) (int, error) {
+	if rec.status == 0 {
+		rec.status = http.StatusOK
+	}
+	return rec.ResponseWriter.Write(b)
+}
+
+// Unwrap lets http.ResponseController reach the connection's writer.
+func (rec *statusRecorder) Unwrap() http.ResponseWriter { return rec.ResponseWriter }
+
+// bodyReader notes whether a request body was read to its end.
+type bodyReader struct {
+	io.ReadCloser
+	eof bool
+}
+
+func (b *bodyReader) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	b.eof = b.eof || err == io.EOF
+	return n, err
 }
