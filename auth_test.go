@@ -81,7 +81,7 @@ func TestAuthenticateThrottleSchedule(t *testing.T) {
 	t.Parallel()
 	clock := newTestClock()
 	e := newTestEnv(t, withStore(newClockedStore(t, clock)))
-	e.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
+	e.createUser(t, "Ann", "Lee", "ann@example.com", "passw0rd-1")
 	// The wait after the 5th, 6th, ... consecutive failure, in seconds.
 	waits := []int{1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 900, 900}
 
@@ -94,7 +94,7 @@ func TestAuthenticateThrottleSchedule(t *testing.T) {
 			for _, wait := range waits {
 				// Early, even with the right password: told the whole
 				// wait; and a moment before its end, 1 s (rounded up).
-				mustThrottled(t, e.authenticate(email, "password1"), wait)
+				mustThrottled(t, e.authenticate(email, "passw0rd-1"), wait)
 				clock.advance(time.Duration(wait)*time.Second - time.Millisecond)
 				mustThrottled(t, e.authenticate(email, "wrong-password"), 1)
 				// Those attempts neither counted nor moved the wait.
@@ -104,15 +104,15 @@ func TestAuthenticateThrottleSchedule(t *testing.T) {
 			mustThrottled(t, e.authenticate(email, "wrong-password"), 900)
 			clock.advance(900 * time.Second)
 			if email == "nobody@example.com" {
-				mustWrongCredentials(t, e.authenticate(email, "password1"))
+				mustWrongCredentials(t, e.authenticate(email, "passw0rd-1"))
 				return
 			}
 			// A success resets the count: five free failures again.
-			mustUser(t, e.authenticate(email, "password1"), http.StatusOK)
+			mustUser(t, e.authenticate(email, "passw0rd-1"), http.StatusOK)
 			for i := 0; i < 5; i++ {
 				mustWrongCredentials(t, e.authenticate(email, "wrong-password"))
 			}
-			mustThrottled(t, e.authenticate(email, "password1"), 1)
+			mustThrottled(t, e.authenticate(email, "passw0rd-1"), 1)
 		})
 	}
 }
@@ -124,7 +124,7 @@ func TestAuthenticateRehashes(t *testing.T) {
 	t.Parallel()
 	st := newTestStore(t)
 	old := newTestEnv(t, withStore(st)) // hashes at bcrypt.MinCost
-	u := old.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
+	u := old.createUser(t, "Ann", "Lee", "ann@example.com", "passw0rd-1")
 	hash, _ := old.storedSecret(t, u.ID)
 	// The raised hasher's hashes wait for release.
 	h, active, _, release := gatedHasher(1, time.Minute)
@@ -140,20 +140,20 @@ func TestAuthenticateRehashes(t *testing.T) {
 	}
 	// A success rehashes, but the password changes while it does.
 	done := make(chan response, 1)
-	go func() { done <- raised.authenticate("ann@example.com", "password1") }()
+	go func() { done <- raised.authenticate("ann@example.com", "passw0rd-1") }()
 	waitUntil(t, "a hash to start", func() bool { return active.Load() == 1 })
-	u = mustUser(t, old.do("PUT", fmt.Sprintf("/users/%d", u.ID), `{"password":"password2"}`), http.StatusOK)
+	u = mustUser(t, old.do("PUT", fmt.Sprintf("/users/%d", u.ID), `{"password":"passw0rd-2"}`), http.StatusOK)
 	changed, _ := old.storedSecret(t, u.ID)
 	letGo()
 	mustUser(t, <-done, http.StatusOK)
 	if got, _ := old.storedSecret(t, u.ID); got != changed {
 		t.Fatalf("the rehash overwrote the password change")
 	}
-	mustWrongCredentials(t, old.authenticate("ann@example.com", "password1"))
+	mustWrongCredentials(t, old.authenticate("ann@example.com", "passw0rd-1"))
 
 	// With nothing in its way, the rehash is stored, for the same password,
 	// and the user looks the same.
-	if got := mustUser(t, raised.authenticate("ann@example.com", "password2"), http.StatusOK); got != u {
+	if got := mustUser(t, raised.authenticate("ann@example.com", "passw0rd-2"), http.StatusOK); got != u {
 		t.Errorf("success: %+v, want %+v", got, u)
 	}
 	newHash, newSalt := raised.storedSecret(t, u.ID)
@@ -161,7 +161,7 @@ func TestAuthenticateRehashes(t *testing.T) {
 		t.Fatalf("after a success at the raised cost: hash %q (cost %d, %v), salt %q; want a new hash at cost %d, its salt",
 			newHash, cost, err, newSalt, bcrypt.MinCost+1)
 	}
-	if got := mustUser(t, raised.authenticate("ann@example.com", "password2"), http.StatusOK); got != u {
+	if got := mustUser(t, raised.authenticate("ann@example.com", "passw0rd-2"), http.StatusOK); got != u {
 		t.Errorf("after the rehash: %+v, want %+v (updated_at unchanged)", got, u)
 	}
 	if again, _ := raised.storedSecret(t, u.ID); again != newHash {
@@ -182,13 +182,13 @@ func authTimings(t testing.TB, cost, rounds int) (medians [3]time.Duration, rati
 	st := newTestStore(t)
 	st.now = clock.now
 	e := newTestEnv(t, withStore(st), withHasher(newHasher(cost, 2, time.Minute)))
-	if r := e.do("POST", "/users/", userBody("Ann", "Lee", "ann@example.com", "password1")); r.status != http.StatusCreated {
+	if r := e.do("POST", "/users/", userBody("Ann", "Lee", "ann@example.com", "passw0rd-1")); r.status != http.StatusCreated {
 		t.Fatalf("%s, want 201", r)
 	}
 	checks := []struct{ email, password string }{
 		{"ann@example.com", "wrong-password"},
 		{"nobody@example.com", "wrong-password"},
-		{"ann@example.com", strings.Repeat("password1", 9)},
+		{"ann@example.com", strings.Repeat("passw0rd-1", 9)},
 	}
 	var samples [5][]float64 // the three times, in ns, and the two ratios
 	for i := 0; i < rounds; i++ {
@@ -397,7 +397,7 @@ func newThrottleEnv(t *testing.T) (*testEnv, *testClock, userJSON) {
 	trusted, _ := parseCIDRs("127.0.0.10")
 	e := newTestEnv(t, withStore(newClockedStore(t, clock)),
 		withOptions(serverOptions{maxStreams: defaultMaxStreams, trustedProxies: trusted}))
-	return e, clock, e.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
+	return e, clock, e.createUser(t, "Ann", "Lee", "ann@example.com", "passw0rd-1")
 }
 
 func TestThrottleIsPerClient(t *testing.T) {
@@ -407,11 +407,11 @@ func TestThrottleIsPerClient(t *testing.T) {
 	for range 5 {
 		mustWrongCredentials(t, stranger.authenticate("ann@example.com", "wrong-password"))
 	}
-	mustThrottled(t, stranger.authenticate("ann@example.com", "password1"), 1)
-	mustUser(t, owner.authenticate("ann@example.com", "password1"), http.StatusOK)
+	mustThrottled(t, stranger.authenticate("ann@example.com", "passw0rd-1"), 1)
+	mustUser(t, owner.authenticate("ann@example.com", "passw0rd-1"), http.StatusOK)
 	// Through the trusted proxy, X-Forwarded-For names the client; from
 	// anyone else it is ignored, and so cannot escape a wait.
-	body := authBody("ann@example.com", "password1")
+	body := authBody("ann@example.com", "passw0rd-1")
 	mustThrottled(t, proxy.do("POST", "/users/authenticate", body, "X-Forwarded-For: 127.0.0.3, 127.0.0.2"), 1)
 	mustUser(t, proxy.do("POST", "/users/authenticate", body, "X-Forwarded-For: 127.0.0.2, 127.0.0.3"), http.StatusOK)
 	mustThrottled(t, stranger.do("POST", "/users/authenticate", body, "X-Forwarded-For: 127.0.0.3"), 1)
@@ -424,26 +424,26 @@ func TestAddressCapSparesFamiliarClients(t *testing.T) {
 	t.Parallel()
 	e, clock, _ := newThrottleEnv(t)
 	owner, newcomer := e.from("127.0.0.3"), e.from("127.0.0.4")
-	mustUser(t, owner.authenticate("ann@example.com", "password1"), http.StatusOK)
+	mustUser(t, owner.authenticate("ann@example.com", "passw0rd-1"), http.StatusOK)
 	// 100 failures in a day, 5 from each of 20 clients, for ann's address
 	// and for one no one has.
 	for _, email := range []string{"ann@example.com", "nobody@example.com"} {
 		for i := range 100 {
 			mustWrongCredentials(t, e.from(fmt.Sprintf("127.0.1.%d", i/5)).authenticate(email, "wrong-password"))
 		}
-		mustThrottled(t, newcomer.authenticate(email, "password1"), 86400)
+		mustThrottled(t, newcomer.authenticate(email, "passw0rd-1"), 86400)
 	}
 	// The owner's client signed in lately: only its own schedule holds it.
 	mustWrongCredentials(t, owner.authenticate("ann@example.com", "wrong-password"))
-	mustUser(t, owner.authenticate("ann@example.com", "password1"), http.StatusOK)
+	mustUser(t, owner.authenticate("ann@example.com", "passw0rd-1"), http.StatusOK)
 	clock.advance(24 * time.Hour)
-	mustUser(t, newcomer.authenticate("ann@example.com", "password1"), http.StatusOK)
+	mustUser(t, newcomer.authenticate("ann@example.com", "passw0rd-1"), http.StatusOK)
 	// A client is familiar for 30 days after its last success.
 	clock.advance(30 * 24 * time.Hour)
 	for i := range 100 {
 		countAuthFailure(t, e.store, "ann@example.com", fmt.Sprintf("192.0.2.%d", i))
 	}
-	mustThrottled(t, owner.authenticate("ann@example.com", "password1"), 86400)
+	mustThrottled(t, owner.authenticate("ann@example.com", "passw0rd-1"), 86400)
 }
 
 func TestSprayingIsCappedPerClient(t *testing.T) {
@@ -451,19 +451,19 @@ func TestSprayingIsCappedPerClient(t *testing.T) {
 	e, clock, _ := newThrottleEnv(t)
 	sprayer := e.from("127.0.0.5")
 	for i := range 100 {
-		mustWrongCredentials(t, sprayer.authenticate(fmt.Sprintf("user%d@example.com", i), "password1"))
+		mustWrongCredentials(t, sprayer.authenticate(fmt.Sprintf("user%d@example.com", i), "passw0rd-1"))
 	}
-	mustThrottled(t, sprayer.authenticate("ann@example.com", "password1"), 3600)
-	mustUser(t, e.from("127.0.0.6").authenticate("ann@example.com", "password1"), http.StatusOK)
+	mustThrottled(t, sprayer.authenticate("ann@example.com", "passw0rd-1"), 3600)
+	mustUser(t, e.from("127.0.0.6").authenticate("ann@example.com", "passw0rd-1"), http.StatusOK)
 	clock.advance(time.Hour)
-	mustUser(t, sprayer.authenticate("ann@example.com", "password1"), http.StatusOK)
+	mustUser(t, sprayer.authenticate("ann@example.com", "passw0rd-1"), http.StatusOK)
 }
 
 func TestPasswordChangeAndDeleteForgetFailures(t *testing.T) {
 	t.Parallel()
 	e, _, u := newThrottleEnv(t)
 	stranger := e.from("127.0.0.2")
-	mustUser(t, e.authenticate("ann@example.com", "password1"), http.StatusOK)
+	mustUser(t, e.authenticate("ann@example.com", "passw0rd-1"), http.StatusOK)
 	lockOut := func() {
 		t.Helper()
 		for authFailures(t, e.store, "ann@example.com") < 5 {
@@ -475,7 +475,7 @@ func TestPasswordChangeAndDeleteForgetFailures(t *testing.T) {
 	lockOut()
 	mustUser(t, e.do("PUT", path, `{"first_name":"Anna"}`), http.StatusOK)
 	mustThrottled(t, stranger.authenticate("ann@example.com", "wrong-password"), 1)
-	mustUser(t, e.do("PUT", path, `{"password":"password2"}`), http.StatusOK)
+	mustUser(t, e.do("PUT", path, `{"password":"passw0rd-2"}`), http.StatusOK)
 	mustWrongCredentials(t, stranger.authenticate("ann@example.com", "wrong-password"))
 	lockOut()
 	if r := e.do("DELETE", path, ""); r.status != http.StatusNoContent {

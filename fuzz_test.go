@@ -20,7 +20,7 @@ import (
 // creates and updates: never a panic, and either an accepted, normalized
 // input or a 400 Invalid data (413 when too large) that says why.
 func FuzzUserBody(f *testing.F) {
-	f.Add([]byte(`{"first_name":"Ann","last_name":"Lee","email":"ann@example.com","password":"password1"}`), true)
+	f.Add([]byte(`{"first_name":"Ann","last_name":"Lee","email":"ann@example.com","password":"passw0rd-1"}`), true)
 	f.Add([]byte(`{"email":null}`), false)
 	f.Fuzz(func(t *testing.T, body []byte, create bool) {
 		rec := httptest.NewRecorder()
@@ -91,12 +91,12 @@ func FuzzUserID(f *testing.F) {
 // is JSON with a detail.
 func FuzzRequest(f *testing.F) {
 	e := newTestEnv(f)
-	f.Add("POST", "/users/", `{"first_name":"Ann","last_name":"Lee","email":"ann@example.com","password":"password1"}`)
+	f.Add("POST", "/users/", `{"first_name":"Ann","last_name":"Lee","email":"ann@example.com","password":"passw0rd-1"}`)
 	f.Add("PUT", "/users/1", `{"email":"ANN@example.com"}`)
 	f.Add("GET", "/users/?limit=2&after_id=1", "")
 	f.Add("GET", "/users?email=ann@example.com", "")
 	f.Add("DELETE", "/users/1", "")
-	f.Add("POST", "/users/authenticate", `{"email":"ann@example.com","password":"password1"}`)
+	f.Add("POST", "/users/authenticate", `{"email":"ann@example.com","password":"passw0rd-1"}`)
 	f.Fuzz(func(t *testing.T, method, path, body string) {
 		u, err := url.Parse(e.url + path)
 		// A target with white space breaks the request line, and net/http
@@ -133,7 +133,7 @@ func FuzzRequest(f *testing.F) {
 // /users/authenticate: never a panic, and either a normalized email and a
 // password, or a 400 Invalid data (413 when too large) that says why.
 func FuzzCredentialsBody(f *testing.F) {
-	f.Add([]byte(`{"email":"ann@example.com","password":"password1"}`))
+	f.Add([]byte(`{"email":"ann@example.com","password":"passw0rd-1"}`))
 	f.Add([]byte(`{"email":" Ann@Example.COM ","password":""}`))
 	f.Fuzz(func(t *testing.T, body []byte) {
 		rec := httptest.NewRecorder()

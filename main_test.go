@@ -329,7 +329,7 @@ func waitNoConnections(t testing.TB, applicationName string) {
 
 // everyUsersRoute is one request to each /users route.
 func everyUsersRoute(id int64) []struct{ method, path, body string } {
-	create := `{"first_name":"Down","last_name":"Time","email":"down@example.com","password":"password1"}`
+	create := `{"first_name":"Down","last_name":"Time","email":"down@example.com","password":"passw0rd-1"}`
 	return []struct{ method, path, body string }{
 		{"POST", "/users/", create},
 		{"POST", "/users", create},
@@ -414,7 +414,7 @@ func TestRun(t *testing.T) {
 	if r := s.do("GET", "/healthz", ""); r.status != http.StatusOK {
 		t.Fatalf("%s, want 200", r)
 	}
-	r := s.do("POST", "/users", `{"first_name":"Ann","last_name":"Lee","email":"ann@example.com","password":"password1"}`)
+	r := s.do("POST", "/users", `{"first_name":"Ann","last_name":"Lee","email":"ann@example.com","password":"passw0rd-1"}`)
 	var u struct{ ID int64 }
 	if err := json.Unmarshal(r.body, &u); r.status != http.StatusCreated || err != nil {
 		t.Fatalf("%s, want 201 with a user", r)
@@ -639,7 +639,7 @@ func TestGracefulShutdown(t *testing.T) {
 	databaseURL, schema := newSchema(t)
 	s := startRun(t, map[string]string{"DATABASE_URL": databaseURL, "ADDR": "127.0.0.1:0", "BCRYPT_COST": "10"})
 	body := func(i int) string {
-		return fmt.Sprintf(`{"first_name":"Ann","last_name":"Lee","email":"u%d@example.com","password":"password1"}`, i)
+		return fmt.Sprintf(`{"first_name":"Ann","last_name":"Lee","email":"u%d@example.com","password":"passw0rd-1"}`, i)
 	}
 	// Creates in flight: the server has each request, and waits for its body.
 	const inFlight = 3

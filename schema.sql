@@ -16,14 +16,20 @@ CREATE TABLE IF NOT EXISTS users (
     updated_at timestamptz NOT NULL DEFAULT now()
 );
 
--- The service stores addresses in lower case; the database holds it to that,
--- as it holds them to uniqueness. Added apart from CREATE TABLE, so that a
--- table made before it gets it too.
+-- Added apart from CREATE TABLE, so that a table made before them gets them
+-- too, and only then, so that a boot takes no lock on the table otherwise:
+-- the service stores addresses in lower case, and the database holds it to
+-- that, as it holds them to uniqueness; version goes up with every change
+-- of a user, and is its ETag.
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT FROM pg_constraint
                    WHERE conrelid = 'users'::regclass AND conname = 'users_email_lower') THEN
         ALTER TABLE users ADD CONSTRAINT users_email_lower CHECK (email = lower(email));
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_attribute
+                   WHERE attrelid = 'users'::regclass AND attname = 'version' AND NOT attisdropped) THEN
+        ALTER TABLE users ADD COLUMN version bigint NOT NULL DEFAULT 1;
     END IF;
 END $$;
 

@@ -27,6 +27,7 @@ const schemaLockKey = 7_216_449_301
 var (
 	errNotFound    = errors.New("not found")
 	errEmailTaken  = errors.New("email already registered")
+	errStale       = errors.New("user has changed") // a version condition failed
 	errUnavailable = errors.New("database unavailable")
 )
 
@@ -195,10 +196,11 @@ type user struct {
 	Email     string    `json:"email"`
 	CreatedAt time.Time `json:"created_at"`
 	UpdatedAt time.Time `json:"updated_at"`
+	Version   int64     `json:"-"` // goes up with every change: the ETag
 }
 
 // userColumns are the columns scanUser reads, in its order.
-const userColumns = `id, first_name, last_name, email, created_at, updated_at`
+const userColumns = `id, first_name, last_name, email, created_at, updated_at, version`
 
 const (
 	userByIDQuery = `SELECT ` + userColumns + ` FROM users WHERE id = $1`
@@ -221,9 +223,9 @@ func scanUser(row scanner) (user, error) {
 func (u *user) scan(row scanner, password *string) error {
 	var err error
 	if password == nil {
-		err = row.Scan(&u.ID, &u.FirstName, &u.LastName, &u.Email, &u.CreatedAt, &u.UpdatedAt)
+		err = row.Scan(&u.ID, &u.FirstName, &u.LastName, &u.Email, &u.CreatedAt, &u.UpdatedAt, &u.Version)
 	} else {
-		err = row.Scan(&u.ID, &u.FirstName, &u.LastName, &u.Email, &u.CreatedAt, &u.UpdatedAt, password)
+		err = row.Scan(&u.ID, &u.FirstName, &u.LastName, &u.Email, &u.CreatedAt, &u.UpdatedAt, &u.Version, password)
 	}
 	u.CreatedAt = u.CreatedAt.UTC()
 	u.UpdatedAt = u.UpdatedAt.UTC()
@@ -326,6 +328,10 @@ type newUser struct {
 // already be normalized, and PasswordHash comes from the hasher.
 type userUpdate struct {
 	FirstName, LastName, Email, PasswordHash *string
+	// Versions, if not nil, are the versions the user may have (If-Match).
+	Versions []int64
+	// Check, if not nil, vets the user as changed; its error undoes the change.
+	Check func(user) error
 }
 
 // CreateUser inserts a user. It returns errEmailTaken if another user has
@@ -401,10 +407,12 @@ func (s *store) EachUser(ctx context.Context, afterID int64, limit int, fn func(
 }
 
 // UpdateUser applies c to the user with the given id in one statement, so
-// concurrent changes to different fields cannot undo each other. updated_at
-// moves forward only if a value actually changed. A new password forgets
-// the failed sign-ins of the user's address. It returns errNotFound if no
-// user has that id, and errEmailTaken if another user has c.Email.
+// concurrent changes to different fields cannot undo each other, and two
+// writers with the same c.Versions cannot both pass. updated_at and version
+// move forward only if a value actually changed. A new password forgets the
+// failed sign-ins of the user's address. It returns errNotFound if no user
+// has that id, errStale if its version is not among c.Versions,
+// errEmailTaken if another user has c.Email, and c.Check's error.
 func (s *store) UpdateUser(ctx context.Context, id int64, c userUpdate) (user, error) {
 	var salt *string
 	if c.PasswordHash != nil {
@@ -416,6 +424,8 @@ func (s *store) UpdateUser(ctx context.Context, id int64, c userUpdate) (user, e
 		// In SET, column names on the right refer to the row before the
 		// update. GREATEST keeps updated_at strictly increasing even if the
 		// clock steps back.
+		const changed = `(COALESCE($2, first_name), COALESCE($3, last_name), COALESCE($4, email), COALESCE($5, password))
+			IS DISTINCT FROM (first_name, last_name, email, password)`
 		var err error
 		u, err = scanUser(conn.QueryRowContext(ctx, `
 			UPDATE users SET
@@ -424,15 +434,17 @@ func (s *store) UpdateUser(ctx context.Context, id int64, c userUpdate) (user, e
 				email      = COALESCE($4, email),
 				password   = COALESCE($5, password),
 				salt       = COALESCE($6, salt),
-				updated_at = CASE
-					WHEN (COALESCE($2, first_name), COALESCE($3, last_name), COALESCE($4, email), COALESCE($5, password))
-						IS DISTINCT FROM (first_name, last_name, email, password)
-					THEN GREATEST(now(), updated_at + interval '1 microsecond')
-					ELSE updated_at
-				END
-			WHERE id = $1
+				updated_at = CASE WHEN `+changed+` THEN GREATEST(now(), updated_at + interval '1 microsecond') ELSE updated_at END,
+				version    = CASE WHEN `+changed+` THEN version + 1 ELSE version END
+			WHERE id = $1 AND ($7::bigint[] IS NULL OR version = ANY ($7))
 			RETURNING `+userColumns,
-			id, c.FirstName, c.LastName, c.Email, c.PasswordHash, salt))
+			id, c.FirstName, c.LastName, c.Email, c.PasswordHash, salt, pq.Array(c.Versions)))
+		if errors.Is(err, sql.ErrNoRows) {
+			return missingOrStale(ctx, conn, id)
+		}
+		if err == nil && c.Check != nil {
+			err = c.Check(u)
+		}
 		if err == nil && c.PasswordHash != nil {
 			_, err = conn.ExecContext(ctx, `DELETE FROM sign_in_failures WHERE email = $1`, u.Email)
 		}
@@ -441,13 +453,29 @@ func (s *store) UpdateUser(ctx context.Context, id int64, c userUpdate) (user, e
 	return u, err
 }
 
+// missingOrStale tells why a conditional write of the user with the given id
+// found no row: errStale if the user exists, errNotFound if not.
+func missingOrStale(ctx context.Context, conn *sql.Conn, id int64) error {
+	var exists bool
+	if err := conn.QueryRowContext(ctx, `SELECT EXISTS (SELECT FROM users WHERE id = $1)`, id).Scan(&exists); err != nil {
+		return err
+	}
+	if exists {
+		return errStale
+	}
+	return errNotFound
+}
+
 // DeleteUser deletes the user with the given id, with the failed sign-ins
-// of its address and its familiar clients, or returns errNotFound.
-func (s *store) DeleteUser(ctx context.Context, id int64) error {
+// of its address and its familiar clients, if its version is among versions
+// (any version if versions is nil). It returns errNotFound if no user has
+// that id, and errStale if its version is not among versions.
+func (s *store) DeleteUser(ctx context.Context, id int64, versions []int64) error {
 	return s.write(ctx, func(ctx context.Context, conn *sql.Conn) error {
+		// A stale version rolls back the failures' delete too.
 		res, err := conn.ExecContext(ctx, `
 			WITH failures AS (DELETE FROM sign_in_failures WHERE email = (SELECT email FROM users WHERE id = $1))
-			DELETE FROM users WHERE id = $1`, id)
+			DELETE FROM users WHERE id = $1 AND ($2::bigint[] IS NULL OR version = ANY ($2))`, id, pq.Array(versions))
 		if err != nil {
 			return err
 		}
@@ -456,7 +484,7 @@ func (s *store) DeleteUser(ctx context.Context, id int64) error {
 			return err
 		}
 		if n == 0 {
-			return errNotFound
+			return missingOrStale(ctx, conn, id)
 		}
 		return nil
 	})

@@ -53,6 +53,32 @@ func TestSchemaIsIdempotentAndSafeForReplicas(t *testing.T) {
 	}
 }
 
+// TestOldDatabaseIsUpgraded boots on a table made by the schema before
+// users had a version: its users get one, and ETags work on them.
+func TestOldDatabaseIsUpgraded(t *testing.T) {
+	t.Parallel()
+	databaseURL, _ := newSchema(t)
+	old, err := os.ReadFile("testdata/schema-before-version.sql")
+	if err != nil {
+		t.Fatal(err)
+	}
+	db := openDB(t, databaseURL)
+	if _, err := db.Exec(string(old) + `; INSERT INTO users (first_name, last_name, email, password, salt) VALUES ('Ann', 'Lee', 'ann@example.com', 'x', 'y')`); err != nil {
+		t.Fatalf("the old schema: %v", err)
+	}
+	e := newTestEnv(t, withStore(newStoreAt(t, databaseURL)))
+	for _, step := range []struct{ method, body, header, etag string }{
+		{"GET", "", "", `"1"`},
+		{"PUT", `{"first_name":"Anna"}`, `If-Match: "1"`, `"2"`},
+		{"GET", "", "", `"2"`},
+	} {
+		if r := e.do(step.method, "/users/1", step.body, step.header); r.status != http.StatusOK || r.header.Get("ETag") != step.etag {
+			t.Errorf("%s, ETag %q; want 200, ETag %s", r, r.header.Get("ETag"), step.etag)
+		}
+		newStoreAt(t, databaseURL) // a boot on the upgraded table changes nothing
+	}
+}
+
 // TestOldAddressesAreBroughtToNFC boots on rows stored before addresses
 // were normalized: each is brought to NFC, unless another account has that
 // spelling already; then both keep theirs, and the boot succeeds.
@@ -133,9 +159,9 @@ var concurrentWrites = []struct {
 			email := fmt.Sprintf("race%d@example.com", round)
 			rs := concurrently(30, func(i int) response {
 				if i%2 == 0 { // one address, in different cases
-					return e.do("POST", "/users", userBody("Ann", "Lee", strings.ToUpper(email), "password1"))
+					return e.do("POST", "/users", userBody("Ann", "Lee", strings.ToUpper(email), "passw0rd-1"))
 				}
-				return e.do("POST", "/users", userBody("Ann", "Lee", email, "password1"))
+				return e.do("POST", "/users", userBody("Ann", "Lee", email, "passw0rd-1"))
 			})
 			if n := tally(t, rs, map[int]string{201: "", 400: "Email already registered"}); n[201] != 1 {
 				t.Errorf("round %d: %d of 30 creates of one email succeeded, want 1", round, n[201])
@@ -148,7 +174,7 @@ var concurrentWrites = []struct {
 	{"updates to one email: exactly one wins", func(t *testing.T, e *testEnv) {
 		ids := make([]int64, 20)
 		for i := range ids {
-			ids[i] = e.createUser(t, "User", "Racer", fmt.Sprintf("taker%d@example.com", i), "password1").ID
+			ids[i] = e.createUser(t, "User", "Racer", fmt.Sprintf("taker%d@example.com", i), "passw0rd-1").ID
 		}
 		rs := concurrently(len(ids), func(i int) response {
 			return e.do("PUT", fmt.Sprintf("/users/%d", ids[i]), `{"email":"Wanted@Example.com"}`)
@@ -164,7 +190,7 @@ var concurrentWrites = []struct {
 	}},
 	{"deletes, updates and reads of one user: one delete wins", func(t *testing.T, e *testEnv) {
 		for round := range 10 {
-			u := e.createUser(t, "Ann", "Lee", fmt.Sprintf("deleted%d@example.com", round), "password1")
+			u := e.createUser(t, "Ann", "Lee", fmt.Sprintf("deleted%d@example.com", round), "passw0rd-1")
 			path := fmt.Sprintf("/users/%d", u.ID)
 			rs := concurrently(12, func(i int) response {
 				switch i % 3 {
@@ -181,9 +207,20 @@ var concurrentWrites = []struct {
 			mustError(t, e.do("GET", path, ""), http.StatusNotFound, "User not found")
 		}
 	}},
+	{"updates with the same If-Match: exactly one wins", func(t *testing.T, e *testEnv) {
+		for round := range 10 {
+			u := e.createUser(t, "Ann", "Lee", fmt.Sprintf("matched%d@example.com", round), "passw0rd-1")
+			rs := concurrently(2, func(i int) response {
+				return e.do("PUT", fmt.Sprintf("/users/%d", u.ID), fmt.Sprintf(`{"last_name":"Writer%d"}`, i), `If-Match: "1"`)
+			})
+			if n := tally(t, rs, map[int]string{200: "", 412: "Precondition failed: the user has changed"}); n[200] != 1 {
+				t.Errorf("round %d: %d of 2 updates with one If-Match succeeded, want 1", round, n[200])
+			}
+		}
+	}},
 	{"updates of different fields: none is lost", func(t *testing.T, e *testEnv) {
 		for round := range 10 {
-			u := e.createUser(t, "Ann", "Lee", fmt.Sprintf("fields%d@example.com", round), "password1")
+			u := e.createUser(t, "Ann", "Lee", fmt.Sprintf("fields%d@example.com", round), "passw0rd-1")
 			path := fmt.Sprintf("/users/%d", u.ID)
 			email := fmt.Sprintf("changed%d@example.com", round)
 			bodies := []string{`{"first_name":"First"}`, `{"last_name":"Last"}`, `{"email":"` + email + `"}`, `{"password":"new password"}`}
@@ -495,7 +532,7 @@ func startCreateLoad(t *testing.T, clients int, do func(client int, body string)
 			for i := 0; ctx.Err() == nil; i++ {
 				email := fmt.Sprintf("load%d-%d@example.com", c, i)
 				start := time.Now()
-				r := do(c, userBody("Load", "Test", email, "password1"))
+				r := do(c, userBody("Load", "Test", email, "passw0rd-1"))
 				if r.status == http.StatusServiceUnavailable && r.header.Get("Retry-After") == "" {
 					t.Errorf("%s: 503 without Retry-After", r.what)
 				}
@@ -567,7 +604,7 @@ func TestDatabaseCutUnderLoad(t *testing.T) {
 	t.Parallel()
 	proxy, databaseURL := newDBProxy(t)
 	e := newTestEnv(t, withStore(newStoreWith(t, databaseURL, testPool, time.Second)))
-	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
+	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "passw0rd-1")
 	load := startCreateLoad(t, 4, func(_ int, body string) response { return e.do("POST", "/users", body) })
 	begin := time.Now()
 	waitUntil(t, "20 creates before the cut", func() bool { return load.count(http.StatusCreated, begin) >= 20 })
@@ -600,7 +637,7 @@ func TestDatabaseStallIsBounded(t *testing.T) {
 	t.Parallel()
 	proxy, databaseURL := newDBProxy(t)
 	e := newTestEnv(t, withStore(newStoreWith(t, databaseURL, testPool, 300*time.Millisecond)))
-	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
+	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "passw0rd-1")
 
 	proxy.stalled.Store(true)
 	for _, rq := range everyUsersRoute(u.ID) {
@@ -746,7 +783,7 @@ func TestNotNowDatabaseStatesAnswer503(t *testing.T) {
 	t.Parallel()
 	databaseURL, name := newDatabase(t)
 	e := newTestEnv(t, withStore(newStoreAt(t, withParam(databaseURL, "application_name", name))))
-	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
+	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "passw0rd-1")
 	admin := func(sql string) {
 		t.Helper()
 		if _, err := adminDB.Exec(sql); err != nil {
@@ -787,7 +824,7 @@ func TestNotNowDatabaseStatesAnswer503(t *testing.T) {
 	if got := mustUser(t, e.do("GET", fmt.Sprintf("/users/%d", u.ID), ""), http.StatusOK); got != u {
 		t.Errorf("after the outages: %+v, want %+v", got, u)
 	}
-	e.createUser(t, "Bob", "Ray", "bob@example.com", "password1")
+	e.createUser(t, "Bob", "Ray", "bob@example.com", "passw0rd-1")
 }
 
 func TestTimedOutWritesAreNotAppliedLater(t *testing.T) {
@@ -798,7 +835,7 @@ func TestTimedOutWritesAreNotAppliedLater(t *testing.T) {
 	e := newTestEnv(t, withStore(newStoreWith(t, withParam(databaseURL, "application_name", schema), pool, time.Second)))
 	ids := make([]int64, users)
 	for i := range ids {
-		ids[i] = e.createUser(t, "Ann", "Lee", fmt.Sprintf("ann%d@example.com", i), "password1").ID
+		ids[i] = e.createUser(t, "Ann", "Lee", fmt.Sprintf("ann%d@example.com", i), "passw0rd-1").ID
 	}
 	// A warm pool: each write finds a connection ready.
 	concurrently(writes, func(i int) response { return e.do("GET", fmt.Sprintf("/users/%d", ids[i%users]), "") })
@@ -857,7 +894,7 @@ func TestPoolRecoversFromKilledConnections(t *testing.T) {
 	t.Parallel()
 	databaseURL, schema := newSchema(t)
 	e := newTestEnv(t, withStore(newStoreAt(t, withParam(databaseURL, "application_name", schema))))
-	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
+	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "passw0rd-1")
 	// The database is fine: neither /healthz nor a write may fail for a
 	// dead pooled connection.
 	for _, rq := range []struct{ method, path, body string }{
@@ -1098,7 +1135,7 @@ func TestWritesAreReadCommitted(t *testing.T) {
 	databaseURL, schema := newSchema(t)
 	dsn := withParam(withParam(databaseURL, "default_transaction_isolation", "serializable"), "application_name", schema)
 	e := newTestEnv(t, withStore(newStoreAt(t, dsn)))
-	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
+	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "passw0rd-1")
 	other, err := adminDB.Begin()
 	if err != nil {
 		t.Fatal(err)

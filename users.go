@@ -12,13 +12,14 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"mime"
 	"net/http"
 	"net/netip"
 	"net/url"
 	"path"
 	"runtime/debug"
-	"sort"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -27,9 +28,9 @@ import (
 	"unicode/utf8"
 )
 
-// This file is the HTTP surface, in five parts: the routes and the handler
-// constructor; the middleware every request passes through; the handlers;
-// reading and validating input; and writing answers.
+// This file is the HTTP surface: the routes and the handler constructor;
+// the handlers; reading and validating input; writing answers; and last the
+// middleware every request passes through, the service's armor.
 
 // Limits on what clients send, and on what the service sends back.
 const (
@@ -41,11 +42,9 @@ const (
 	maxPageSize      = 1000    // ?limit=
 
 	// An error body echoes names the client chose (unknown fields and
-	// query parameters): it lists at most maxErrorEntries of them, each cut
-	// to maxErrorName bytes, and stays within maxErrorBytes in all.
+	// query parameters): at most maxErrorEntries, cut to maxErrorName bytes.
 	maxErrorEntries = 20
 	maxErrorName    = 64
-	maxErrorBytes   = 4 << 10
 
 	// maxLogField is how much of a method or a path a log line keeps, and
 	// maxRequestID the longest X-Request-Id taken from a client.
@@ -139,6 +138,848 @@ func newServer(logger *slog.Logger, st *store, h *hasher, apiToken string, opts 
 		mux.Handle(rt.method+" "+rt.pattern, h)
 	}
 	return s.wrap(onlyPost("/users/authenticate", mux))
+}
+
+// Handlers.
+
+// health answers whether the database answers. The check is bounded by
+// the store, not by the client: net/http ends a request's context when the
+// client half-closes its connection, as some probes do after sending.
+func (s *server) health(w http.ResponseWriter, r *http.Request) {
+	if err := s.store.Ping(context.WithoutCancel(r.Context())); err != nil {
+		s.log(w, r).Warn("health check failed", "err", err)
+		writeUnavailable(w)
+		return
+	}
+	encode(w, http.StatusOK, map[string]string{"status": "ok"})
+}
+
+// openAPI describes the API; TestOpenAPIDescribesEveryRoute and the check of
+// every answer in the tests keep it true to the code.
+//
+//go:embed openapi.json
+var openAPI []byte
+
+func serveOpenAPI(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Content-Type", "application/json")
+	w.Write(openAPI)
+}
+
+// docsPage renders /openapi.json with Swagger UI from a public CDN, as
+// FastAPI's /docs does. The files are pinned to one release and to their
+// SHA-384 hashes (Subresource Integrity): changed files, on the CDN or in
+// the package, would otherwise run on this origin and see any token typed
+// into Authorize. To move to another release, change the version and the
+// hashes together; .ci/run checks the hashes against the npm package.
+// Without the CDN (offline, a strict proxy) the page says so and links the
+// description; Swagger UI replaces that text when it loads.
+const docsPage = `<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>users API</title>
+<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5.35.0/swagger-ui.css" integrity="sha384-WlYgdmXYOOBWL5apwjDEZwN+U3HmXSSu5R6V5aGxEcf7z+KuRNwBhoxKVN1i3D5I" crossorigin="anonymous">
+</head>
+<body>
+<div id="swagger-ui">
+<h1>users API</h1>
+<p>Swagger UI, from cdn.jsdelivr.net, shows the API's description here. Without it,
+read the description itself: <a href="/openapi.json">/openapi.json</a> (OpenAPI 3.1).</p>
+</div>
+<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5.35.0/swagger-ui-bundle.js" integrity="sha384-gjRm0bEPMeTmMh5jT2cHccIwCUZSTd8YC+j0d0sXw0MdGEfScduGpSyF3ZSSLkX9" crossorigin="anonymous"></script>
+<script>if (window.SwaggerUIBundle) SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
+</body>
+</html>
+`
+
+func serveDocs(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Content-Type", "text/html; charset=utf-8")
+	io.WriteString(w, docsPage)
+}
+
+func (s *server) createUser(w http.ResponseWriter, r *http.Request) {
+	in, ok := readUserInput(w, r, true)
+	if !ok || !s.nfc(w, r, in.Email) {
+		return
+	}
+	// Hash before the store takes a connection: a hash is slow on purpose.
+	hash, err := s.hasher.hash(r.Context(), s.client(r), *in.Password)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	u, err := s.store.CreateUser(r.Context(), newUser{
+		FirstName: *in.FirstName, LastName: *in.LastName, Email: *in.Email, PasswordHash: hash,
+	})
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	w.Header().Set("Location", "/users/"+strconv.FormatInt(u.ID, 10))
+	encodeUser(w, http.StatusCreated, u)
+}
+
+func (s *server) getUser(w http.ResponseWriter, r *http.Request) {
+	id, ok := parseUserID(r.PathValue("id"))
+	if !ok {
+		writeError(w, http.StatusNotFound, "User not found")
+		return
+	}
+	u, err := s.store.User(r.Context(), id)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	// If-None-Match compares weakly: W/"1" matches "1".
+	versions, star := tagVersions(r.Header.Values("If-None-Match"), true)
+	if star || slices.Contains(versions, u.Version) {
+		w.Header().Set("ETag", etag(u))
+		w.WriteHeader(http.StatusNotModified)
+		return
+	}
+	encodeUser(w, http.StatusOK, u)
+}
+
+func (s *server) updateUser(w http.ResponseWriter, r *http.Request) {
+	id, ok := parseUserID(r.PathValue("id"))
+	if !ok {
+		writeError(w, http.StatusNotFound, "User not found")
+		return
+	}
+	in, ok := readUserInput(w, r, false)
+	if !ok || !s.nfc(w, r, in.Email) {
+		return
+	}
+	versions, _ := tagVersions(r.Header.Values("If-Match"), false)
+	change := userUpdate{FirstName: in.FirstName, LastName: in.LastName, Email: in.Email, Versions: versions}
+	if in.Password != nil {
+		hash, err := s.hasher.hash(r.Context(), s.client(r), *in.Password)
+		if err != nil {
+			s.fail(w, r, err)
+			return
+		}
+		change.PasswordHash = &hash
+		// The names and email the body leaves out are the stored ones: the
+		// password is checked against the user as changed, before commit.
+		change.Check = func(u user) error {
+			if closeToAccount(*in.Password, &u.FirstName, &u.LastName, &u.Email) {
+				return errCloseToAccount
+			}
+			return nil
+		}
+	}
+	u, err := s.store.UpdateUser(r.Context(), id, change)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	encodeUser(w, http.StatusOK, u)
+}
+
+func (s *server) deleteUser(w http.ResponseWriter, r *http.Request) {
+	id, ok := parseUserID(r.PathValue("id"))
+	if !ok {
+		writeError(w, http.StatusNotFound, "User not found")
+		return
+	}
+	versions, _ := tagVersions(r.Header.Values("If-Match"), false)
+	if err := s.store.DeleteUser(r.Context(), id, versions); err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+// listUsers answers a look-up by ?email=, one page if ?limit= is given,
+// and otherwise every user (after ?after_id=, if given).
+func (s *server) listUsers(w http.ResponseWriter, r *http.Request) {
+	q, problems := parseListQuery(r.URL.RawQuery)
+	switch {
+	case len(problems) > 0:
+		writeInvalid(w, problems)
+	case q.email != "":
+		s.userByEmail(w, r, q.email)
+	case q.limit > 0:
+		s.usersPage(w, r, q)
+	case r.Method == http.MethodHead:
+		s.headUsers(w, r, q)
+	default:
+		s.allUsers(w, r, q)
+	}
+}
+
+// userByEmail answers a look-up by email: a list of one user, or 404.
+func (s *server) userByEmail(w http.ResponseWriter, r *http.Request, email string) {
+	if !s.nfc(w, r, &email) {
+		return
+	}
+	u, err := s.store.UserByEmail(r.Context(), email)
+	if errors.Is(err, errNotFound) {
+		writeError(w, http.StatusNotFound, "No users found")
+		return
+	}
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	encode(w, http.StatusOK, []user{u})
+}
+
+// usersPage answers one page of users, with a Link to the next one if the
+// page is full.
+func (s *server) usersPage(w http.ResponseWriter, r *http.Request, q listQuery) {
+	page, err := s.store.Users(r.Context(), q.afterID, q.limit)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	if len(page) == q.limit {
+		next := url.Values{}
+		next.Set("limit", strconv.Itoa(q.limit))
+		next.Set("after_id", strconv.FormatInt(page[len(page)-1].ID, 10))
+		w.Header().Set("Link", fmt.Sprintf(`<%s?%s>; rel="next"`, r.URL.Path, next.Encode()))
+	}
+	encode(w, http.StatusOK, page)
+}
+
+// headUsers answers HEAD for the whole list: the status and headers a GET
+// would get, which takes one user to know, not the table.
+func (s *server) headUsers(w http.ResponseWriter, r *http.Request, q listQuery) {
+	if len(s.streams) == cap(s.streams) {
+		writeUnavailable(w) // as a GET would be answered now
+		return
+	}
+	first, err := s.store.Users(r.Context(), q.afterID, 1)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	if len(first) == 0 && !q.given {
+		writeError(w, http.StatusNotFound, "No users found")
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(http.StatusOK)
+}
+
+// allUsers streams every user after q.afterID as one JSON array, a batch
+// at a time: each batch is read into buf and the connection given back
+// before the batch is sent. Once the 200 is out, a failure can only be told
+// by cutting the stream short.
+func (s *server) allUsers(w http.ResponseWriter, r *http.Request, q listQuery) {
+	// A stream lasts as long as its client cares to read: each holds a
+	// slot, and when none is free the client is asked to come back.
+	select {
+	case s.streams <- struct{}{}:
+		defer func() { <-s.streams }()
+	default:
+		s.log(w, r).Warn("list users: every stream slot is taken", "max_streams", s.maxStreams)
+		writeUnavailable(w)
+		return
+	}
+
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	sent, afterID := 0, q.afterID
+	// readBatch encodes the next batch into buf, each user preceded by a
+	// comma but the first, and reports whether more users follow: it reads
+	// one user more than it encodes, to know that without asking the
+	// database for an empty batch.
+	readBatch := func() (more bool, err error) {
+		buf.Reset()
+		n := 0
+		err = s.store.EachUser(r.Context(), afterID, listBatchSize+1, func(u *user) {
+			if n++; n > listBatchSize {
+				more = true
+				return
+			}
+			if sent > 0 {
+				buf.WriteByte(',')
+			}
+			sent++
+			afterID = u.ID
+			enc.Encode(u)               // a user always encodes
+			buf.Truncate(buf.Len() - 1) // and its newline goes: the array stays one line
+		})
+		return more, err
+	}
+
+	more, err := readBatch()
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	if sent == 0 && !q.given {
+		writeError(w, http.StatusNotFound, "No users found")
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(http.StatusOK)
+	rc := http.NewResponseController(w)
+	io.WriteString(w, "[")
+	for {
+		if _, err := w.Write(buf.Bytes()); err != nil {
+			s.log(w, r).Info("list users: client stopped reading", "err", err)
+			panic(http.ErrAbortHandler)
+		}
+		if !more {
+			break
+		}
+		// Send what is buffered before the next query.
+		if err := rc.Flush(); err != nil {
+			s.log(w, r).Info("list users: client stopped reading", "err", err)
+			panic(http.ErrAbortHandler)
+		}
+		rc.SetWriteDeadline(time.Now().Add(listWriteTimeout))
+		if more, err = readBatch(); err != nil {
+			if r.Context().Err() == nil {
+				s.log(w, r).Error("list users: read next batch", "err", err)
+			}
+			panic(http.ErrAbortHandler)
+		}
+	}
+	io.WriteString(w, "]\n")
+}
+
+// Reading and validating input.
+
+// listQuery is a parsed ?limit=&after_id= or ?email= query.
+type listQuery struct {
+	limit   int    // 0: no limit
+	afterID int64  // 0: from the start
+	email   string // normalized; "": no look-up by email
+	given   bool   // whether any parameter was given
+}
+
+// parseListQuery parses the query string of GET /users and reports what is
+// wrong with it, by parameter.
+func parseListQuery(rawQuery string) (listQuery, map[string]string) {
+	var q listQuery
+	v, err := url.ParseQuery(rawQuery)
+	if err != nil {
+		return q, map[string]string{"query": "is not a valid query string"}
+	}
+	problems := make(map[string]string)
+	for name, values := range v {
+		q.given = true
+		if len(values) > 1 {
+			problems[name] = "must be given at most once"
+			continue
+		}
+		n, ok := parseNumber(values[0])
+		switch name {
+		case "limit":
+			if !ok || n < 1 || n > maxPageSize {
+				problems[name] = fmt.Sprintf("must be an integer from 1 to %d", maxPageSize)
+			}
+			q.limit = int(n)
+		case "after_id":
+			if !ok {
+				problems[name] = "must be a non-negative integer"
+			}
+			q.afterID = n
+		case "email":
+			var problem string
+			if q.email, problem = cleanEmail(values[0]); problem != "" {
+				problems[name] = problem
+			}
+		default:
+			problems[name] = "unknown parameter"
+		}
+	}
+	if q.email != "" && (v.Has("limit") || v.Has("after_id")) {
+		problems["email"] = "cannot be combined with limit or after_id"
+	}
+	return q, problems
+}
+
+// parseUserID parses a user id: a positive integer that fits int64.
+func parseUserID(s string) (int64, bool) {
+	id, ok := parseNumber(s)
+	return id, ok && id > 0
+}
+
+// parseNumber parses a non-negative decimal integer that fits int64, written
+// in digits only (strconv.ParseInt alone would accept a sign).
+func parseNumber(s string) (int64, bool) {
+	if s == "" || s[0] < '0' || s[0] > '9' {
+		return 0, false
+	}
+	n, err := strconv.ParseInt(s, 10, 64)
+	return n, err == nil
+}
+
+// userInput is the body of a create or an update. A nil field was absent or
+// null.
+type userInput struct {
+	FirstName, LastName, Email, Password *string
+}
+
+// readUserInput reads, decodes and validates the request body. If the body
+// is not acceptable it answers the request itself and returns false.
+func readUserInput(w http.ResponseWriter, r *http.Request, create bool) (userInput, bool) {
+	var in userInput
+	problems, ok := decode(w, r, map[string]**string{
+		"first_name": &in.FirstName, "last_name": &in.LastName, "email": &in.Email, "password": &in.Password})
+	if !ok {
+		return in, false
+	}
+	for name, problem := range in.validate(create) {
+		if _, ok := problems[name]; !ok {
+			problems[name] = problem
+		}
+	}
+	if len(problems) > 0 {
+		writeInvalid(w, problems)
+		return in, false
+	}
+	return in, true
+}
+
+// decode reads the request body, one JSON object in UTF-8 of at most
+// maxBodyBytes, into fields: each member must be one of them, named once
+// and exactly (encoding/json alone would match names in any case, and keep
+// the last of a repeated name where a proxy may keep the first), with a
+// string or null (nil) value. It returns what is wrong with the members.
+// If the body is not such an object it answers the request and returns false.
+func decode(w http.ResponseWriter, r *http.Request, fields map[string]**string) (map[string]string, bool) {
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBodyBytes))
+	var tooLarge *http.MaxBytesError
+	switch {
+	case errors.As(err, &tooLarge):
+		writeError(w, http.StatusRequestEntityTooLarge, "Request body too large")
+		return nil, false
+	case err != nil:
+		writeInvalid(w, map[string]string{"body": "could not be read"})
+		return nil, false
+	case !utf8.Valid(body): // encoding/json would quietly make it U+FFFD
+		writeInvalid(w, map[string]string{"body": "must be valid UTF-8"})
+		return nil, false
+	}
+	problems := make(map[string]string)
+	seen := make(map[string]bool)
+	dec := json.NewDecoder(bytes.NewReader(body))
+	tok, err := dec.Token()
+	ok := err == nil && tok == json.Delim('{')
+	for ok && dec.More() {
+		tok, err := dec.Token()
+		name, isName := tok.(string)
+		var value json.RawMessage
+		if ok = err == nil && isName && dec.Decode(&value) == nil; !ok {
+			break
+		}
+		field, known := fields[name]
+		switch {
+		case seen[name]:
+			problems[name] = "given more than once"
+		case !known:
+			problems[name] = "unknown field"
+		case json.Unmarshal(value, field) != nil:
+			problems[name] = "must be a string"
+		}
+		seen[name] = true
+	}
+	if _, err := dec.Token(); !ok || err != nil || len(bytes.TrimLeft(body[dec.InputOffset():], " \t\r\n")) > 0 {
+		writeInvalid(w, map[string]string{"body": "must be one JSON object"})
+		return nil, false
+	}
+	return problems, true
+}
+
+// validate normalizes the fields that are set (trimming names and email,
+// lower-casing email) and reports what is wrong with them. On create every
+// field is required.
+func (in *userInput) validate(create bool) map[string]string {
+	problems := make(map[string]string)
+	check := func(name string, value *string, clean func(string) (string, string)) *string {
+		if value == nil {
+			if create {
+				problems[name] = "required"
+			}
+			return nil
+		}
+		cleaned, problem := clean(*value)
+		if problem != "" {
+			problems[name] = problem
+		}
+		return &cleaned
+	}
+	in.FirstName = check("first_name", in.FirstName, cleanName)
+	in.LastName = check("last_name", in.LastName, cleanName)
+	in.Email = check("email", in.Email, cleanEmail)
+	in.Password = check("password", in.Password, func(s string) (string, string) { return s, checkPassword(s) })
+	if _, bad := problems["password"]; !bad && in.Password != nil && closeToAccount(*in.Password, in.FirstName, in.LastName, in.Email) {
+		problems["password"] = closeToAccountProblem
+	}
+	return problems
+}
+
+// credentials is the body of POST /users/authenticate, with the email
+// normalized.
+type credentials struct{ email, password string }
+
+// readCredentials reads and decodes the body of POST /users/authenticate.
+// Both fields are required strings. The password has no length rule: a
+// wrong one of any length gets the same answer as any other. If the body
+// is not acceptable it answers the request itself and returns false.
+func readCredentials(w http.ResponseWriter, r *http.Request) (credentials, bool) {
+	var email, password *string
+	problems, ok := decode(w, r, map[string]**string{"email": &email, "password": &password})
+	if !ok {
+		return credentials{}, false
+	}
+	var in credentials
+	if email != nil && problems["email"] == "" {
+		var p string
+		if in.email, p = cleanEmail(*email); p != "" {
+			problems["email"] = p
+		}
+	}
+	if password != nil {
+		in.password = *password
+	}
+	for name, v := range map[string]*string{"email": email, "password": password} {
+		if _, bad := problems[name]; !bad && v == nil {
+			problems[name] = "required"
+		}
+	}
+	if len(problems) > 0 {
+		writeInvalid(w, problems)
+		return credentials{}, false
+	}
+	return in, true
+}
+
+// cleanName trims a name and reports what is wrong with it, if anything.
+func cleanName(s string) (string, string) {
+	s = strings.TrimSpace(s)
+	switch n := utf8.RuneCountInString(s); {
+	case n == 0:
+		return s, "must not be empty"
+	case n > maxNameChars:
+		return s, fmt.Sprintf("must be at most %d characters", maxNameChars)
+	case strings.IndexFunc(s, unicode.IsControl) >= 0:
+		return s, "must not contain control characters"
+	case strings.ContainsRune(s, utf8.RuneError):
+		// What encoding/json makes of an unpaired surrogate escape.
+		return s, "must be valid Unicode text"
+	case strings.IndexFunc(s, isVisible) < 0:
+		return s, "must contain a visible character"
+	}
+	return s, ""
+}
+
+// isVisible reports whether r shows as something: not a space, not a
+// control character, not an invisible one.
+func isVisible(r rune) bool {
+	return unicode.IsGraphic(r) && !unicode.IsSpace(r) && !isInvisible(r)
+}
+
+// isInvisible reports whether r is a default-ignorable code point, which
+// shows nothing: a format character (zero-width space, joiners, U+FEFF,
+// the soft hyphen, bidirectional controls), a variation selector, a Hangul
+// filler; or the blank Braille pattern, a symbol that shows as a space.
+func isInvisible(r rune) bool {
+	return r == '\u2800' || unicode.In(r, unicode.Cf, unicode.Variation_Selector, unicode.Other_Default_Ignorable_Code_Point)
+}
+
+// cleanEmail trims and lower-cases an address and reports what is wrong with
+// it, if anything. Addresses are compared, stored and unique in lower case
+// and, once the handler has called nfc, in NFC.
+func cleanEmail(s string) (string, string) {
+	s = strings.TrimSpace(s)
+	if len(s) > maxEmailBytes {
+		return s, fmt.Sprintf("must be at most %d bytes", maxEmailBytes)
+	}
+	// Lower case can take more bytes than upper case (Ⱥ, ⱥ): check again.
+	if s = strings.ToLower(s); len(s) > maxEmailBytes {
+		return s, fmt.Sprintf("must be at most %d bytes", maxEmailBytes)
+	}
+	if !validEmail(s) {
+		return s, "must be a plain email address such as ann@example.com"
+	}
+	return s, ""
+}
+
+// validEmail reports whether s is an address as python-email-validator
+// accepts it by default, which is what strict clients expect of an email:
+//
+//   - a local part of 1 to 64 bytes, dot-separated atoms of ASCII atext or
+//     non-ASCII letters and digits; no quoted strings, no comments;
+//   - a domain of at most 253 bytes and at least two labels, each 1 to 63
+//     bytes of letters, digits and hyphens (non-ASCII letters and digits
+//     too), not starting or ending with a hyphen; the last label is not all
+//     digits, and there are no IP literals.
+//
+// Combining marks are allowed after the first character of an atom or a
+// label, since many scripts (and decomposed accents) need them.
+func validEmail(s string) bool {
+	local, domain, ok := strings.Cut(s, "@")
+	if !ok || len(local) > 64 || len(domain) > 253 {
+		return false
+	}
+	for _, atom := range strings.Split(local, ".") {
+		if !emailWord(atom, isAtext) {
+			return false
+		}
+	}
+	labels := strings.Split(domain, ".")
+	if len(labels) < 2 {
+		return false
+	}
+	for _, label := range labels {
+		if len(label) > 63 || !emailWord(label, isLabelASCII) || label[0] == '-' || label[len(label)-1] == '-' {
+			return false
+		}
+	}
+	return strings.IndexFunc(labels[len(labels)-1], func(r rune) bool { return !unicode.IsDigit(r) }) >= 0
+}
+
+// emailWord reports whether s, an atom or a label, is not empty and holds
+// only ASCII characters that ascii allows, non-ASCII letters and digits,
+// and combining marks after its first character.
+func emailWord(s string, ascii func(rune) bool) bool {
+	for i, r := range s {
+		switch {
+		case r < utf8.RuneSelf:
+			if !ascii(r) {
+				return false
+			}
+		case isInvisible(r):
+			return false
+		case unicode.IsLetter(r) || unicode.IsDigit(r):
+		case unicode.IsMark(r) && i > 0:
+		default:
+			return false
+		}
+	}
+	return s != ""
+}
+
+// isAtext reports whether r is an RFC 5322 atext character.
+func isAtext(r rune) bool {
+	return isLabelASCII(r) || strings.ContainsRune("!#$%&'*+/=?^_`{|}~", r)
+}
+
+// isLabelASCII reports whether r is an ASCII letter, digit or hyphen.
+func isLabelASCII(r rune) bool {
+	return 'a' <= r && r <= 'z' || 'A' <= r && r <= 'Z' || '0' <= r && r <= '9' || r == '-'
+}
+
+// checkPassword reports what is wrong with a password, if anything. There
+// are no composition rules, per NIST SP 800-63B.
+func checkPassword(s string) string {
+	switch {
+	case strings.IndexFunc(s, unicode.IsControl) >= 0:
+		// C implementations of bcrypt stop at NUL: the hash would not
+		// carry over to them. No other control character is typed.
+		return "must not contain control characters"
+	case strings.ContainsRune(s, utf8.RuneError):
+		// What encoding/json makes of an unpaired surrogate escape: the
+		// hash would not be of the password the client sent.
+		return "must be valid Unicode text"
+	case utf8.RuneCountInString(s) < minPasswordChars:
+		return fmt.Sprintf("must be at least %d characters", minPasswordChars)
+	case len(s) > maxPasswordBytes:
+		return fmt.Sprintf("must be at most %d bytes", maxPasswordBytes)
+	case commonPasswords[strings.ToLower(s)]:
+		return "is too common: choose one that is harder to guess"
+	}
+	return ""
+}
+
+// commonPasswordsText is common-passwords.txt: lower-case passwords of at
+// least minPasswordChars characters that people often choose, one per line,
+// after comment lines that start with "#".
+//
+//go:embed common-passwords.txt
+var commonPasswordsText string
+
+// commonPasswords is the set of commonPasswordsText's passwords, which
+// NIST SP 800-63B says a new password must not be.
+var commonPasswords = func() map[string]bool {
+	set := make(map[string]bool, strings.Count(commonPasswordsText, "\n"))
+	for line := range strings.Lines(commonPasswordsText) {
+		if !strings.HasPrefix(line, "#") {
+			set[strings.TrimSuffix(line, "\n")] = true
+		}
+	}
+	return set
+}()
+
+// closeToAccountProblem is the problem with a password that closeToAccount
+// refuses; errCloseToAccount is the store's error for it on update.
+const closeToAccountProblem = "is too close to the account's names or email: choose another"
+
+var errCloseToAccount = errors.New("password too close to the account")
+
+// closeToAccount reports whether password is, in any case, one of the
+// account's words (its names and email address, NIST SP 800-63B's
+// context-specific words) or what precedes an "@" in one. Nil is no word.
+func closeToAccount(password string, words ...*string) bool {
+	for _, w := range words {
+		if w == nil {
+			continue
+		}
+		if local, _, _ := strings.Cut(*w, "@"); strings.EqualFold(*w, password) || strings.EqualFold(local, password) {
+			return true
+		}
+	}
+	return false
+}
+
+// etag is the entity tag of u's representation: its version, quoted.
+func etag(u user) string { return `"` + strconv.FormatInt(u.Version, 10) + `"` }
+
+// tagVersions reads an If-Match or If-None-Match header, given as its lines:
+// star if it is "*", otherwise the versions of the entity tags it lists
+// (weak tags only if weak, for a weak comparison), nil if it is absent. A
+// tag that is not one of this service's matches nothing.
+func tagVersions(lines []string, weak bool) (versions []int64, star bool) {
+	s := strings.Join(lines, ",")
+	if len(lines) == 0 || strings.Trim(s, " \t") == "*" {
+		return nil, len(lines) > 0
+	}
+	versions = []int64{}
+	for {
+		before, rest, ok := strings.Cut(s, `"`)
+		tag, after, closed := strings.Cut(rest, `"`)
+		if !ok || !closed {
+			return versions, false
+		}
+		if v, ok := parseNumber(tag); ok && (weak || !strings.HasSuffix(before, "W/")) {
+			versions = append(versions, v)
+		}
+		s = after
+	}
+}
+
+// nfc puts *email, if not nil, in Unicode NFC, in which addresses are
+// stored and compared: "ü" typed as one character or as u and a combining
+// mark is one address. Go's standard library cannot normalize, PostgreSQL
+// can. If it fails, nfc answers the request itself and returns false.
+func (s *server) nfc(w http.ResponseWriter, r *http.Request, email *string) bool {
+	// Below U+0300 no character combines or decomposes: such text is NFC.
+	if email == nil || strings.IndexFunc(*email, func(c rune) bool { return c >= 0x300 }) < 0 {
+		return true
+	}
+	normalized, err := s.store.NFC(r.Context(), *email)
+	if err != nil {
+		s.fail(w, r, err)
+		return false
+	}
+	// A few characters grow in NFC (क़ becomes क and a nukta): check again.
+	if _, problem := cleanEmail(normalized); problem != "" {
+		writeInvalid(w, map[string]string{"email": problem})
+		return false
+	}
+	*email = normalized
+	return true
+}
+
+// Writing answers.
+
+// fail answers a request whose work failed with err.
+func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
+	switch {
+	case errors.Is(err, errNotFound):
+		writeError(w, http.StatusNotFound, "User not found")
+	case errors.Is(err, errEmailTaken):
+		writeError(w, http.StatusBadRequest, "Email already registered")
+	case errors.Is(err, errStale):
+		writeError(w, http.StatusPreconditionFailed, "Precondition failed: the user has changed")
+	case errors.Is(err, errCloseToAccount):
+		writeInvalid(w, map[string]string{"password": closeToAccountProblem})
+	case r.Context().Err() != nil:
+		// The client went away, or closed its side: an answer would at best
+		// reach no one, and an empty one would read as a 200. Cutting the
+		// connection says the work was not done.
+		s.log(w, r).Info("request canceled", "err", err)
+		panic(http.ErrAbortHandler)
+	case errors.Is(err, errBusy):
+		writeUnavailable(w)
+	case errors.Is(err, errShare):
+		w.Header().Set("Retry-After", retryAfter)
+		writeError(w, http.StatusTooManyRequests, "Too many requests")
+	case errors.Is(err, errUnavailable):
+		s.log(w, r).Warn("database unavailable", "err", err)
+		writeUnavailable(w)
+	default:
+		s.log(w, r).Error("internal error", "err", err)
+		writeError(w, http.StatusInternalServerError, "Internal server error")
+	}
+}
+
+// errorBody is every error response. Errors lists field problems, for 400
+// Invalid data only; it never repeats the rejected value.
+type errorBody struct {
+	Detail string            `json:"detail"`
+	Errors map[string]string `json:"errors,omitempty"`
+}
+
+func writeError(w http.ResponseWriter, status int, detail string) {
+	encode(w, status, errorBody{Detail: detail})
+}
+
+// writeUnavailable answers 503: the work was not done, and may succeed if
+// tried again in Retry-After seconds.
+func writeUnavailable(w http.ResponseWriter) {
+	w.Header().Set("Retry-After", retryAfter)
+	writeError(w, http.StatusServiceUnavailable, "Service unavailable")
+}
+
+func writeInvalid(w http.ResponseWriter, problems map[string]string) {
+	encode(w, http.StatusBadRequest, errorBody{Detail: "Invalid data", Errors: capProblems(problems)})
+}
+
+// capProblems bounds what an error body echoes of the names a client chose:
+// at most maxErrorEntries problems, those with known names first, each name
+// cut to maxErrorName bytes and marked with an ellipsis.
+func capProblems(problems map[string]string) map[string]string {
+	key := func(name string) string {
+		if strings.HasPrefix(problems[name], "unknown") {
+			return "1" + name
+		}
+		return "0" + name
+	}
+	names := slices.SortedFunc(maps.Keys(problems), func(a, b string) int { return strings.Compare(key(a), key(b)) })
+	kept := make(map[string]string)
+	for _, name := range names[:min(len(names), maxErrorEntries)] {
+		short := name
+		if len(name) > maxErrorName {
+			short = truncate(name, maxErrorName) + "…"
+		}
+		kept[short] = problems[name]
+	}
+	return kept
+}
+
+// truncate returns s cut to at most n bytes, at a character's start.
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n]
+}
+
+// encodeUser answers with u as JSON, and its ETag.
+func encodeUser(w http.ResponseWriter, status int, u user) {
+	w.Header().Set("ETag", etag(u))
+	encode(w, status, u)
+}
+
+// encode answers with v as JSON.
+func encode(w http.ResponseWriter, status int, v any) {
+	body, err := json.Marshal(v)
+	if err != nil {
+		panic(err) // every type the handlers send encodes
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	w.Write(append(body, '\n'))
 }
 
 // Middleware, outermost first: each does one job.
@@ -452,838 +1293,4 @@ func (b *bodyReader) Read(p []byte) (int, error) {
 	n, err := b.ReadCloser.Read(p)
 	b.eof = b.eof || err == io.EOF
 	return n, err
-}
-
-// Handlers.
-
-// health answers whether the database answers. The check is bounded by
-// the store, not by the client: net/http ends a request's context when the
-// client half-closes its connection, as some probes do after sending.
-func (s *server) health(w http.ResponseWriter, r *http.Request) {
-	if err := s.store.Ping(context.WithoutCancel(r.Context())); err != nil {
-		s.log(w, r).Warn("health check failed", "err", err)
-		writeUnavailable(w)
-		return
-	}
-	encode(w, http.StatusOK, map[string]string{"status": "ok"})
-}
-
-// openAPI describes the API; TestOpenAPIDescribesEveryRoute and the check of
-// every answer in the tests keep it true to the code.
-//
-//go:embed openapi.json
-var openAPI []byte
-
-func serveOpenAPI(w http.ResponseWriter, r *http.Request) {
-	w.Header().Set("Content-Type", "application/json")
-	w.Write(openAPI)
-}
-
-// docsPage renders /openapi.json with Swagger UI from a public CDN, as
-// FastAPI's /docs does. The files are pinned to one release and to their
-// SHA-384 hashes (Subresource Integrity): changed files, on the CDN or in
-// the package, would otherwise run on this origin and see any token typed
-// into Authorize. To move to another release, change the version and the
-// hashes together; .ci/run checks the hashes against the npm package.
-// Without the CDN (offline, a strict proxy) the page says so and links the
-// description; Swagger UI replaces that text when it loads.
-const docsPage = `<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>users API</title>
-<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5.35.0/swagger-ui.css" integrity="sha384-WlYgdmXYOOBWL5apwjDEZwN+U3HmXSSu5R6V5aGxEcf7z+KuRNwBhoxKVN1i3D5I" crossorigin="anonymous">
-</head>
-<body>
-<div id="swagger-ui">
-<h1>users API</h1>
-<p>Swagger UI, from cdn.jsdelivr.net, shows the API's description here. Without it,
-read the description itself: <a href="/openapi.json">/openapi.json</a> (OpenAPI 3.1).</p>
-</div>
-<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5.35.0/swagger-ui-bundle.js" integrity="sha384-gjRm0bEPMeTmMh5jT2cHccIwCUZSTd8YC+j0d0sXw0MdGEfScduGpSyF3ZSSLkX9" crossorigin="anonymous"></script>
-<script>if (window.SwaggerUIBundle) SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
-</body>
-</html>
-`
-
-func serveDocs(w http.ResponseWriter, r *http.Request) {
-	w.Header().Set("Content-Type", "text/html; charset=utf-8")
-	io.WriteString(w, docsPage)
-}
-
-func (s *server) createUser(w http.ResponseWriter, r *http.Request) {
-	in, ok := readUserInput(w, r, true)
-	if !ok || !s.nfc(w, r, in.Email) {
-		return
-	}
-	// Hash before the store takes a connection: a hash is slow on purpose.
-	hash, err := s.hasher.hash(r.Context(), s.client(r), *in.Password)
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	u, err := s.store.CreateUser(r.Context(), newUser{
-		FirstName: *in.FirstName, LastName: *in.LastName, Email: *in.Email, PasswordHash: hash,
-	})
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	w.Header().Set("Location", "/users/"+strconv.FormatInt(u.ID, 10))
-	encode(w, http.StatusCreated, u)
-}
-
-func (s *server) getUser(w http.ResponseWriter, r *http.Request) {
-	id, ok := parseUserID(r.PathValue("id"))
-	if !ok {
-		writeError(w, http.StatusNotFound, "User not found")
-		return
-	}
-	u, err := s.store.User(r.Context(), id)
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	encode(w, http.StatusOK, u)
-}
-
-func (s *server) updateUser(w http.ResponseWriter, r *http.Request) {
-	id, ok := parseUserID(r.PathValue("id"))
-	if !ok {
-		writeError(w, http.StatusNotFound, "User not found")
-		return
-	}
-	in, ok := readUserInput(w, r, false)
-	if !ok || !s.nfc(w, r, in.Email) {
-		return
-	}
-	change := userUpdate{FirstName: in.FirstName, LastName: in.LastName, Email: in.Email}
-	if in.Password != nil {
-		hash, err := s.hasher.hash(r.Context(), s.client(r), *in.Password)
-		if err != nil {
-			s.fail(w, r, err)
-			return
-		}
-		change.PasswordHash = &hash
-	}
-	u, err := s.store.UpdateUser(r.Context(), id, change)
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	encode(w, http.StatusOK, u)
-}
-
-func (s *server) deleteUser(w http.ResponseWriter, r *http.Request) {
-	id, ok := parseUserID(r.PathValue("id"))
-	if !ok {
-		writeError(w, http.StatusNotFound, "User not found")
-		return
-	}
-	if err := s.store.DeleteUser(r.Context(), id); err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	w.WriteHeader(http.StatusNoContent)
-}
-
-// listUsers answers a look-up by ?email=, one page if ?limit= is given,
-// and otherwise every user (after ?after_id=, if given).
-func (s *server) listUsers(w http.ResponseWriter, r *http.Request) {
-	q, problems := parseListQuery(r.URL.RawQuery)
-	switch {
-	case len(problems) > 0:
-		writeInvalid(w, problems)
-	case q.email != "":
-		s.userByEmail(w, r, q.email)
-	case q.limit > 0:
-		s.usersPage(w, r, q)
-	case r.Method == http.MethodHead:
-		s.headUsers(w, r, q)
-	default:
-		s.allUsers(w, r, q)
-	}
-}
-
-// userByEmail answers a look-up by email: a list of one user, or 404.
-func (s *server) userByEmail(w http.ResponseWriter, r *http.Request, email string) {
-	if !s.nfc(w, r, &email) {
-		return
-	}
-	u, err := s.store.UserByEmail(r.Context(), email)
-	if errors.Is(err, errNotFound) {
-		writeError(w, http.StatusNotFound, "No users found")
-		return
-	}
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	encode(w, http.StatusOK, []user{u})
-}
-
-// usersPage answers one page of users, with a Link to the next one if the
-// page is full.
-func (s *server) usersPage(w http.ResponseWriter, r *http.Request, q listQuery) {
-	page, err := s.store.Users(r.Context(), q.afterID, q.limit)
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	if len(page) == q.limit {
-		next := url.Values{}
-		next.Set("limit", strconv.Itoa(q.limit))
-		next.Set("after_id", strconv.FormatInt(page[len(page)-1].ID, 10))
-		w.Header().Set("Link", fmt.Sprintf(`<%s?%s>; rel="next"`, r.URL.Path, next.Encode()))
-	}
-	encode(w, http.StatusOK, page)
-}
-
-// headUsers answers HEAD for the whole list: the status and headers a GET
-// would get, which takes one user to know, not the table.
-func (s *server) headUsers(w http.ResponseWriter, r *http.Request, q listQuery) {
-	if len(s.streams) == cap(s.streams) {
-		writeUnavailable(w) // as a GET would be answered now
-		return
-	}
-	first, err := s.store.Users(r.Context(), q.afterID, 1)
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	if len(first) == 0 && !q.given {
-		writeError(w, http.StatusNotFound, "No users found")
-		return
-	}
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(http.StatusOK)
-}
-
-// allUsers streams every user after q.afterID as one JSON array, a batch
-// at a time: each batch is read into buf and the connection given back
-// before the batch is sent. Once the 200 is out, a failure can only be told
-// by cutting the stream short.
-func (s *server) allUsers(w http.ResponseWriter, r *http.Request, q listQuery) {
-	// A stream lasts as long as its client cares to read: each holds a
-	// slot, and when none is free the client is asked to come back.
-	select {
-	case s.streams <- struct{}{}:
-		defer func() { <-s.streams }()
-	default:
-		s.log(w, r).Warn("list users: every stream slot is taken", "max_streams", s.maxStreams)
-		writeUnavailable(w)
-		return
-	}
-
-	var buf bytes.Buffer
-	enc := json.NewEncoder(&buf)
-	sent, afterID := 0, q.afterID
-	// readBatch encodes the next batch into buf, each user preceded by a
-	// comma but the first, and reports whether more users follow: it reads
-	// one user more than it encodes, to know that without asking the
-	// database for an empty batch.
-	readBatch := func() (more bool, err error) {
-		buf.Reset()
-		n := 0
-		err = s.store.EachUser(r.Context(), afterID, listBatchSize+1, func(u *user) {
-			if n++; n > listBatchSize {
-				more = true
-				return
-			}
-			if sent > 0 {
-				buf.WriteByte(',')
-			}
-			sent++
-			afterID = u.ID
-			enc.Encode(u)               // a user always encodes
-			buf.Truncate(buf.Len() - 1) // and its newline goes: the array stays one line
-		})
-		return more, err
-	}
-
-	more, err := readBatch()
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	if sent == 0 && !q.given {
-		writeError(w, http.StatusNotFound, "No users found")
-		return
-	}
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(http.StatusOK)
-	rc := http.NewResponseController(w)
-	io.WriteString(w, "[")
-	for {
-		if _, err := w.Write(buf.Bytes()); err != nil {
-			s.log(w, r).Info("list users: client stopped reading", "err", err)
-			panic(http.ErrAbortHandler)
-		}
-		if !more {
-			break
-		}
-		// Send what is buffered before the next query.
-		if err := rc.Flush(); err != nil {
-			s.log(w, r).Info("list users: client stopped reading", "err", err)
-			panic(http.ErrAbortHandler)
-		}
-		rc.SetWriteDeadline(time.Now().Add(listWriteTimeout))
-		if more, err = readBatch(); err != nil {
-			if r.Context().Err() == nil {
-				s.log(w, r).Error("list users: read next batch", "err", err)
-			}
-			panic(http.ErrAbortHandler)
-		}
-	}
-	io.WriteString(w, "]\n")
-}
-
-// Reading and validating input.
-
-// listQuery is a parsed ?limit=&after_id= or ?email= query.
-type listQuery struct {
-	limit   int    // 0: no limit
-	afterID int64  // 0: from the start
-	email   string // normalized; "": no look-up by email
-	given   bool   // whether any parameter was given
-}
-
-// parseListQuery parses the query string of GET /users and reports what is
-// wrong with it, by parameter.
-func parseListQuery(rawQuery string) (listQuery, map[string]string) {
-	var q listQuery
-	v, err := url.ParseQuery(rawQuery)
-	if err != nil {
-		return q, map[string]string{"query": "is not a valid query string"}
-	}
-	problems := make(map[string]string)
-	for name, values := range v {
-		q.given = true
-		if len(values) > 1 {
-			problems[name] = "must be given at most once"
-			continue
-		}
-		n, ok := parseNumber(values[0])
-		switch name {
-		case "limit":
-			if !ok || n < 1 || n > maxPageSize {
-				problems[name] = fmt.Sprintf("must be an integer from 1 to %d", maxPageSize)
-			}
-			q.limit = int(n)
-		case "after_id":
-			if !ok {
-				problems[name] = "must be a non-negative integer"
-			}
-			q.afterID = n
-		case "email":
-			var problem string
-			if q.email, problem = cleanEmail(values[0]); problem != "" {
-				problems[name] = problem
-			}
-		default:
-			problems[name] = "unknown parameter"
-		}
-	}
-	if q.email != "" && (v.Has("limit") || v.Has("after_id")) {
-		problems["email"] = "cannot be combined with limit or after_id"
-	}
-	return q, problems
-}
-
-// parseUserID parses a user id: a positive integer that fits int64.
-func parseUserID(s string) (int64, bool) {
-	id, ok := parseNumber(s)
-	return id, ok && id > 0
-}
-
-// parseNumber parses a non-negative decimal integer that fits int64, written
-// in digits only (strconv.ParseInt alone would accept a sign).
-func parseNumber(s string) (int64, bool) {
-	if s == "" || s[0] < '0' || s[0] > '9' {
-		return 0, false
-	}
-	n, err := strconv.ParseInt(s, 10, 64)
-	return n, err == nil
-}
-
-// userInput is the body of a create or an update. A nil field was absent or
-// null.
-type userInput struct {
-	FirstName, LastName, Email, Password *string
-}
-
-// readUserInput reads, decodes and validates the request body. If the body
-// is not acceptable it answers the request itself and returns false.
-func readUserInput(w http.ResponseWriter, r *http.Request, create bool) (userInput, bool) {
-	var in userInput
-	fields, ok := readObject(w, r)
-	if !ok {
-		return in, false
-	}
-	problems := in.decode(fields)
-	for name, problem := range in.validate(create) {
-		if _, ok := problems[name]; !ok {
-			problems[name] = problem
-		}
-	}
-	if len(problems) > 0 {
-		writeInvalid(w, problems)
-		return in, false
-	}
-	return in, true
-}
-
-// readObject reads the request body: one JSON object in UTF-8, at most
-// maxBodyBytes long, that names each member once. If the body is not that,
-// readObject answers the request itself and returns false.
-func readObject(w http.ResponseWriter, r *http.Request) (map[string]json.RawMessage, bool) {
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBodyBytes))
-	var tooLarge *http.MaxBytesError
-	switch {
-	case errors.As(err, &tooLarge):
-		writeError(w, http.StatusRequestEntityTooLarge, "Request body too large")
-		return nil, false
-	case err != nil:
-		writeInvalid(w, map[string]string{"body": "could not be read"})
-		return nil, false
-	}
-	// encoding/json would quietly turn invalid UTF-8 into U+FFFD.
-	if !utf8.Valid(body) {
-		writeInvalid(w, map[string]string{"body": "must be valid UTF-8"})
-		return nil, false
-	}
-	fields, repeated, ok := decodeObject(body)
-	if !ok {
-		writeInvalid(w, map[string]string{"body": "must be one JSON object"})
-		return nil, false
-	}
-	if len(repeated) > 0 {
-		writeInvalid(w, repeated)
-		return nil, false
-	}
-	return fields, true
-}
-
-// decodeObject decodes body as one JSON object, and reports each member
-// name given more than once: encoding/json keeps the last value, other
-// parsers (a proxy's, say) may keep the first, so such a body is refused.
-func decodeObject(body []byte) (fields map[string]json.RawMessage, repeated map[string]string, ok bool) {
-	dec := json.NewDecoder(bytes.NewReader(body))
-	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
-		return nil, nil, false
-	}
-	fields = make(map[string]json.RawMessage)
-	repeated = make(map[string]string)
-	for dec.More() {
-		tok, err := dec.Token()
-		name, isName := tok.(string)
-		if err != nil || !isName {
-			return nil, nil, false
-		}
-		var value json.RawMessage
-		if err := dec.Decode(&value); err != nil {
-			return nil, nil, false
-		}
-		if _, seen := fields[name]; seen {
-			repeated[name] = "given more than once"
-		}
-		fields[name] = value
-	}
-	if _, err := dec.Token(); err != nil { // the closing brace
-		return nil, nil, false
-	}
-	// Nothing but white space may follow the object.
-	rest := bytes.TrimLeft(body[dec.InputOffset():], " \t\r\n")
-	return fields, repeated, len(rest) == 0
-}
-
-// decode fills in from the fields of a JSON object and reports what is
-// wrong with them. Names must match exactly (encoding/json alone would match
-// them case-insensitively), and each value must be a string or null.
-func (in *userInput) decode(fields map[string]json.RawMessage) map[string]string {
-	problems := make(map[string]string)
-	for name, value := range fields {
-		v, ok := decodeString(value)
-		switch name {
-		case "first_name":
-			in.FirstName = v
-		case "last_name":
-			in.LastName = v
-		case "email":
-			in.Email = v
-		case "password":
-			in.Password = v
-		default:
-			problems[name] = "unknown field"
-			continue
-		}
-		if !ok {
-			problems[name] = "must be a string"
-		}
-	}
-	return problems
-}
-
-// decodeString decodes a JSON string or null (nil), and reports whether
-// value was either.
-func decodeString(value json.RawMessage) (*string, bool) {
-	var s *string
-	err := json.Unmarshal(value, &s)
-	return s, err == nil
-}
-
-// validate normalizes the fields that are set (trimming names and email,
-// lower-casing email) and reports what is wrong with them. On create every
-// field is required.
-func (in *userInput) validate(create bool) map[string]string {
-	problems := make(map[string]string)
-	check := func(name string, value *string, clean func(string) (string, string)) *string {
-		if value == nil {
-			if create {
-				problems[name] = "required"
-			}
-			return nil
-		}
-		cleaned, problem := clean(*value)
-		if problem != "" {
-			problems[name] = problem
-		}
-		return &cleaned
-	}
-	in.FirstName = check("first_name", in.FirstName, cleanName)
-	in.LastName = check("last_name", in.LastName, cleanName)
-	in.Email = check("email", in.Email, cleanEmail)
-	in.Password = check("password", in.Password, func(s string) (string, string) { return s, checkPassword(s) })
-	return problems
-}
-
-// credentials is the body of POST /users/authenticate, with the email
-// normalized.
-type credentials struct{ email, password string }
-
-// readCredentials reads and decodes the body of POST /users/authenticate.
-// Both fields are required strings. The password has no length rule: a
-// wrong one of any length gets the same answer as any other. If the body
-// is not acceptable it answers the request itself and returns false.
-func readCredentials(w http.ResponseWriter, r *http.Request) (credentials, bool) {
-	fields, ok := readObject(w, r)
-	if !ok {
-		return credentials{}, false
-	}
-	var in credentials
-	problems := make(map[string]string)
-	for name, value := range fields {
-		v, ok := decodeString(value)
-		switch {
-		case name != "email" && name != "password":
-			problems[name] = "unknown field"
-		case !ok:
-			problems[name] = "must be a string"
-		case v == nil:
-			problems[name] = "required"
-		case name == "email":
-			var problem string
-			if in.email, problem = cleanEmail(*v); problem != "" {
-				problems[name] = problem
-			}
-		default:
-			in.password = *v
-		}
-	}
-	for _, name := range []string{"email", "password"} {
-		if _, given := fields[name]; !given {
-			problems[name] = "required"
-		}
-	}
-	if len(problems) > 0 {
-		writeInvalid(w, problems)
-		return credentials{}, false
-	}
-	return in, true
-}
-
-// cleanName trims a name and reports what is wrong with it, if anything.
-func cleanName(s string) (string, string) {
-	s = strings.TrimSpace(s)
-	switch n := utf8.RuneCountInString(s); {
-	case n == 0:
-		return s, "must not be empty"
-	case n > maxNameChars:
-		return s, fmt.Sprintf("must be at most %d characters", maxNameChars)
-	case strings.IndexFunc(s, unicode.IsControl) >= 0:
-		return s, "must not contain control characters"
-	case strings.ContainsRune(s, utf8.RuneError):
-		// What encoding/json makes of an unpaired surrogate escape.
-		return s, "must be valid Unicode text"
-	case strings.IndexFunc(s, isVisible) < 0:
-		return s, "must contain a visible character"
-	}
-	return s, ""
-}
-
-// isVisible reports whether r shows as something: not a space, not a
-// control character, not an invisible one.
-func isVisible(r rune) bool {
-	return unicode.IsGraphic(r) && !unicode.IsSpace(r) && !isInvisible(r)
-}
-
-// isInvisible reports whether r is a default-ignorable code point, which
-// shows nothing: a format character (zero-width space, joiners, U+FEFF,
-// the soft hyphen, bidirectional controls), a variation selector, a Hangul
-// filler; or the blank Braille pattern, a symbol that shows as a space.
-func isInvisible(r rune) bool {
-	return r == '\u2800' || unicode.In(r, unicode.Cf, unicode.Variation_Selector, unicode.Other_Default_Ignorable_Code_Point)
-}
-
-// cleanEmail trims and lower-cases an address and reports what is wrong with
-// it, if anything. Addresses are compared, stored and unique in lower case
-// and, once the handler has called nfc, in NFC.
-func cleanEmail(s string) (string, string) {
-	s = strings.TrimSpace(s)
-	if len(s) > maxEmailBytes {
-		return s, fmt.Sprintf("must be at most %d bytes", maxEmailBytes)
-	}
-	// Lower case can take more bytes than upper case (Ⱥ, ⱥ): check again.
-	if s = strings.ToLower(s); len(s) > maxEmailBytes {
-		return s, fmt.Sprintf("must be at most %d bytes", maxEmailBytes)
-	}
-	if !validEmail(s) {
-		return s, "must be a plain email address such as ann@example.com"
-	}
-	return s, ""
-}
-
-// validEmail reports whether s is an address as python-email-validator
-// accepts it by default, which is what strict clients expect of an email:
-//
-//   - a local part of 1 to 64 bytes, dot-separated atoms of ASCII atext or
-//     non-ASCII letters and digits; no quoted strings, no comments;
-//   - a domain of at most 253 bytes and at least two labels, each 1 to 63
-//     bytes of letters, digits and hyphens (non-ASCII letters and digits
-//     too), not starting or ending with a hyphen; the last label is not all
-//     digits, and there are no IP literals.
-//
-// Combining marks are allowed after the first character of an atom or a
-// label, since many scripts (and decomposed accents) need them.
-func validEmail(s string) bool {
-	local, domain, ok := strings.Cut(s, "@")
-	if !ok || len(local) > 64 || len(domain) > 253 {
-		return false
-	}
-	for _, atom := range strings.Split(local, ".") {
-		if !emailWord(atom, isAtext) {
-			return false
-		}
-	}
-	labels := strings.Split(domain, ".")
-	if len(labels) < 2 {
-		return false
-	}
-	for _, label := range labels {
-		if len(label) > 63 || !emailWord(label, isLabelASCII) || label[0] == '-' || label[len(label)-1] == '-' {
-			return false
-		}
-	}
-	return strings.IndexFunc(labels[len(labels)-1], func(r rune) bool { return !unicode.IsDigit(r) }) >= 0
-}
-
-// emailWord reports whether s, an atom or a label, is not empty and holds
-// only ASCII characters that ascii allows, non-ASCII letters and digits,
-// and combining marks after its first character.
-func emailWord(s string, ascii func(rune) bool) bool {
-	for i, r := range s {
-		switch {
-		case r < utf8.RuneSelf:
-			if !ascii(r) {
-				return false
-			}
-		case isInvisible(r):
-			return false
-		case unicode.IsLetter(r) || unicode.IsDigit(r):
-		case unicode.IsMark(r) && i > 0:
-		default:
-			return false
-		}
-	}
-	return s != ""
-}
-
-// isAtext reports whether r is an RFC 5322 atext character.
-func isAtext(r rune) bool {
-	return isLabelASCII(r) || strings.ContainsRune("!#$%&'*+/=?^_`{|}~", r)
-}
-
-// isLabelASCII reports whether r is an ASCII letter, digit or hyphen.
-func isLabelASCII(r rune) bool {
-	return 'a' <= r && r <= 'z' || 'A' <= r && r <= 'Z' || '0' <= r && r <= '9' || r == '-'
-}
-
-// checkPassword reports what is wrong with a password, if anything. There
-// are no composition rules, per NIST SP 800-63B.
-func checkPassword(s string) string {
-	switch {
-	case strings.IndexFunc(s, unicode.IsControl) >= 0:
-		// C implementations of bcrypt stop at NUL: the hash would not
-		// carry over to them. No other control character is typed.
-		return "must not contain control characters"
-	case strings.ContainsRune(s, utf8.RuneError):
-		// What encoding/json makes of an unpaired surrogate escape: the
-		// hash would not be of the password the client sent.
-		return "must be valid Unicode text"
-	case utf8.RuneCountInString(s) < minPasswordChars:
-		return fmt.Sprintf("must be at least %d characters", minPasswordChars)
-	case len(s) > maxPasswordBytes:
-		return fmt.Sprintf("must be at most %d bytes", maxPasswordBytes)
-	}
-	return ""
-}
-
-// nfc puts *email, if not nil, in Unicode NFC, in which addresses are
-// stored and compared: "ü" typed as one character or as u and a combining
-// mark is one address. Go's standard library cannot normalize, PostgreSQL
-// can. If it fails, nfc answers the request itself and returns false.
-func (s *server) nfc(w http.ResponseWriter, r *http.Request, email *string) bool {
-	// Below U+0300 no character combines or decomposes: such text is NFC.
-	if email == nil || strings.IndexFunc(*email, func(c rune) bool { return c >= 0x300 }) < 0 {
-		return true
-	}
-	normalized, err := s.store.NFC(r.Context(), *email)
-	if err != nil {
-		s.fail(w, r, err)
-		return false
-	}
-	// A few characters grow in NFC (क़ becomes क and a nukta): check again.
-	if _, problem := cleanEmail(normalized); problem != "" {
-		writeInvalid(w, map[string]string{"email": problem})
-		return false
-	}
-	*email = normalized
-	return true
-}
-
-// Writing answers.
-
-// fail answers a request whose work failed with err.
-func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
-	switch {
-	case errors.Is(err, errNotFound):
-		writeError(w, http.StatusNotFound, "User not found")
-	case errors.Is(err, errEmailTaken):
-		writeError(w, http.StatusBadRequest, "Email already registered")
-	case r.Context().Err() != nil:
-		// The client went away, or closed its side: an answer would at best
-		// reach no one, and an empty one would read as a 200. Cutting the
-		// connection says the work was not done.
-		s.log(w, r).Info("request canceled", "err", err)
-		panic(http.ErrAbortHandler)
-	case errors.Is(err, errBusy):
-		writeUnavailable(w)
-	case errors.Is(err, errShare):
-		w.Header().Set("Retry-After", retryAfter)
-		writeError(w, http.StatusTooManyRequests, "Too many requests")
-	case errors.Is(err, errUnavailable):
-		s.log(w, r).Warn("database unavailable", "err", err)
-		writeUnavailable(w)
-	default:
-		s.log(w, r).Error("internal error", "err", err)
-		writeError(w, http.StatusInternalServerError, "Internal server error")
-	}
-}
-
-// errorBody is every error response. Errors lists field problems, for 400
-// Invalid data only; it never repeats the rejected value.
-type errorBody struct {
-	Detail string            `json:"detail"`
-	Errors map[string]string `json:"errors,omitempty"`
-}
-
-func writeError(w http.ResponseWriter, status int, detail string) {
-	encode(w, status, errorBody{Detail: detail})
-}
-
-// writeUnavailable answers 503: the work was not done, and may succeed if
-// tried again in Retry-After seconds.
-func writeUnavailable(w http.ResponseWriter) {
-	w.Header().Set("Retry-After", retryAfter)
-	writeError(w, http.StatusServiceUnavailable, "Service unavailable")
-}
-
-func writeInvalid(w http.ResponseWriter, problems map[string]string) {
-	encode(w, http.StatusBadRequest, errorBody{Detail: "Invalid data", Errors: capProblems(problems)})
-}
-
-// capProblems bounds what an error body echoes of the names a client chose:
-// at most maxErrorEntries problems, each name cut to maxErrorName bytes, and
-// no more than fits in an answer of maxErrorBytes. Problems with fields the
-// service knows come first, then names it does not know, each in name order.
-func capProblems(problems map[string]string) map[string]string {
-	names := make([]string, 0, len(problems))
-	for name := range problems {
-		names = append(names, name)
-	}
-	unknown := func(name string) bool {
-		p := problems[name]
-		return p == "unknown field" || p == "unknown parameter"
-	}
-	sort.Slice(names, func(i, j int) bool {
-		if ui, uj := unknown(names[i]), unknown(names[j]); ui != uj {
-			return uj
-		}
-		return names[i] < names[j]
-	})
-	kept := make(map[string]string)
-	// The room left once detail and the braces are written.
-	room := maxErrorBytes - len(`{"detail":"Invalid data","errors":{}}`+"\n")
-	for _, name := range names {
-		if len(kept) == maxErrorEntries {
-			break
-		}
-		short := cutName(name)
-		if _, ok := kept[short]; ok {
-			continue
-		}
-		k, _ := json.Marshal(short)
-		v, _ := json.Marshal(problems[name])
-		size := len(k) + 1 + len(v) // "name":"problem"
-		if len(kept) > 0 {
-			size++ // the comma
-		}
-		if size > room {
-			continue
-		}
-		room -= size
-		kept[short] = problems[name]
-	}
-	return kept
-}
-
-// cutName cuts a name longer than maxErrorName bytes and marks the cut with
-// an ellipsis.
-func cutName(name string) string {
-	if len(name) <= maxErrorName {
-		return name
-	}
-	return truncate(name, maxErrorName) + "…"
-}
-
-// truncate returns s cut to at most n bytes, at a character's start.
-func truncate(s string, n int) string {
-	if len(s) <= n {
-		return s
-	}
-	for n > 0 && !utf8.RuneStart(s[n]) {
-		n--
-	}
-	return s[:n]
-}
-
-// encode answers with v as JSON.
-func encode(w http.ResponseWriter, status int, v any) {
-	body, err := json.Marshal(v)
-	if err != nil {
-		panic(err) // every type the handlers send encodes
-	}
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(status)
-	w.Write(append(body, '\n'))
 }

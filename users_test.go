@@ -252,8 +252,9 @@ func TestCleanEmail(t *testing.T) {
 func TestCheckPassword(t *testing.T) {
 	t.Parallel()
 	for _, password := range []string{
-		"12345678", strings.Repeat("p", 72), "        ", // 8 characters to 72 bytes, any of them
-		strings.Repeat("€", 24), // 24 characters in 72 bytes
+		"1234567x", strings.Repeat("p", 72), "        ", // 8 characters to 72 bytes, any of them
+		strings.Repeat("€", 24),                                                               // 24 characters in 72 bytes
+		"correct horse battery", "Tr0ub4dor&3-zq", "pässwörd 李", "password 1", "qwertyuiop[]", // strong, or not listed
 	} {
 		if problem := checkPassword(password); problem != "" {
 			t.Errorf("checkPassword(%q) = %q, want no problem", password, problem)
@@ -263,10 +264,62 @@ func TestCheckPassword(t *testing.T) {
 		"1234567", strings.Repeat("é", 7), // 7 characters, in 14 bytes
 		strings.Repeat("p", 73), strings.Repeat("€", 25), strings.Repeat("a", 10000),
 		"pass\u0001word", "pass\x00word",
-		"passwo\uFFFDrd1", // what encoding/json makes of an unpaired surrogate
+		"passwo\uFFFDrd1",                                   // what encoding/json makes of an unpaired surrogate
+		"PassWord1", "ILOVEYOU", "qwertyuiop", "1q2w3e4r5t", // common, in any case
 	} {
 		if problem := checkPassword(password); problem == "" || strings.Contains(problem, password) {
 			t.Errorf("checkPassword(%.40q) = %q, want a problem that does not repeat the password", password, problem)
+		}
+	}
+	// Every entry of the list, and no comment line, is in the set.
+	if len(commonPasswords) != 17950 || commonPasswords["# copyright (c) 2021 @zxcvbn-ts"] {
+		t.Errorf("%d common passwords, want 17950 and no comment line", len(commonPasswords))
+	}
+	for password := range commonPasswords {
+		if problem := checkPassword(strings.ToUpper(password)); !strings.Contains(problem, "too common") {
+			t.Errorf("checkPassword(%q) = %q, want too common", strings.ToUpper(password), problem)
+		}
+	}
+}
+
+func TestPasswordCloseToAccount(t *testing.T) {
+	t.Parallel()
+	for _, tt := range []struct {
+		password string
+		refused  bool
+	}{
+		{"Wilhelmina", true}, {"LEE-SMITHSON", true}, {"w.lee-smith@example.com", true}, {"W.Lee-Smith", true},
+		{"Wilhelmina!", false}, {"example.com", false}, {"w.lee-smith@example", false},
+	} {
+		for _, create := range []bool{true, false} {
+			first, last, email := " Wilhelmina ", "Lee-Smithson", "W.Lee-Smith@Example.com"
+			in := userInput{FirstName: &first, LastName: &last, Email: &email, Password: &tt.password}
+			if got := in.validate(create)["password"]; (got == closeToAccountProblem) != tt.refused {
+				t.Errorf("validate(%v) of password %q for %s %s %s: %q, refused want %v", create, tt.password, first, last, email, got, tt.refused)
+			}
+		}
+	}
+}
+
+func TestTagVersions(t *testing.T) {
+	t.Parallel()
+	for _, tt := range []struct {
+		lines        []string
+		strong, weak []int64 // nil: none given, or "*"
+		star         bool
+	}{
+		{nil, nil, nil, false},
+		{[]string{" * "}, nil, nil, true},
+		{[]string{`"1"`}, []int64{1}, []int64{1}, false},
+		{[]string{`W/"1", "2",,"x"`, `"3" , W/"04"`}, []int64{2, 3}, []int64{1, 2, 3, 4}, false},
+		{[]string{`"a,b", "5"`}, []int64{5}, []int64{5}, false},
+		{[]string{`"-1", "", "1`, `"`}, []int64{}, []int64{}, false},
+		{[]string{"1, *"}, []int64{}, []int64{}, false},
+	} {
+		strong, star := tagVersions(tt.lines, false)
+		weak, _ := tagVersions(tt.lines, true)
+		if !slices.Equal(strong, tt.strong) || (strong == nil) != (tt.strong == nil) || !slices.Equal(weak, tt.weak) || star != tt.star {
+			t.Errorf("tagVersions(%q) = %v, %v (weakly %v), want %v, %v (weakly %v)", tt.lines, strong, star, weak, tt.strong, tt.star, tt.weak)
 		}
 	}
 }
@@ -373,26 +426,17 @@ func TestIsJSONType(t *testing.T) {
 
 func TestCapProblems(t *testing.T) {
 	t.Parallel()
-	// 2,000 names besides a known field's, some long, some that escape to
-	// six bytes a byte; and names that fill the 4 KiB before they reach 20.
-	many := map[string]string{"email": "must be a plain email address such as ann@example.com",
-		strings.Repeat("n", 10000): "unknown field", strings.Repeat("\u0001<", 100): "unknown field"}
-	escapes := map[string]string{"first_name": "must be a string"}
-	for i := 0; i < 2000; i++ {
-		many[fmt.Sprintf("unknown-%04d", i)] = "unknown field"
-		escapes[fmt.Sprintf("%04d%s", i%20, strings.Repeat("\u0001", 60))] = "unknown field"
+	problems := map[string]string{"email": "required", strings.Repeat("\u0001<", 100): "unknown field"}
+	for i := range 2000 {
+		problems[fmt.Sprintf("unknown-%04d", i)] = "unknown field"
 	}
-	for known, problems := range map[string]map[string]string{"email": many, "first_name": escapes} {
-		got := capProblems(problems)
-		body, _ := json.Marshal(errorBody{Detail: "Invalid data", Errors: got})
-		if len(body)+1 > maxErrorBytes || len(got) > maxErrorEntries || len(got) == 0 || got[known] == "" {
-			t.Errorf("%d problems capped to %d bytes with %d: %v; want some, %q first, at most %d bytes and %d",
-				len(problems), len(body)+1, len(got), got, known, maxErrorBytes, maxErrorEntries)
-		}
-		for name := range got {
-			if len(name) > maxErrorName+len("…") {
-				t.Errorf("a name of %d bytes is kept: %.80q", len(name), name)
-			}
+	got := capProblems(problems)
+	if len(got) != maxErrorEntries || got["email"] == "" || got["unknown-0000"] == "" {
+		t.Errorf("capProblems(%d problems) = %d: %v; want %d, email and unknown-0000 among them", len(problems), len(got), got, maxErrorEntries)
+	}
+	for name := range got {
+		if len(name) > maxErrorName+len("…") {
+			t.Errorf("capProblems kept a name of %d bytes: %.80q", len(name), name)
 		}
 	}
 }
@@ -414,7 +458,7 @@ func readBody(t *testing.T, body string, read func(http.ResponseWriter, *http.Re
 
 func TestReadUserInput(t *testing.T) {
 	t.Parallel()
-	const ok = `{"first_name":"Bob","last_name":"Lee","email":"bob@example.com","password":"password1"}`
+	const ok = `{"first_name":"Bob","last_name":"Lee","email":"bob@example.com","password":"passw0rd-1"}`
 	with := func(old, new string) string { return strings.Replace(ok, old, new, 1) }
 	read := func(create bool) func(http.ResponseWriter, *http.Request) bool {
 		return func(w http.ResponseWriter, r *http.Request) bool { _, ok := readUserInput(w, r, create); return ok }
@@ -443,12 +487,12 @@ func TestReadUserInput(t *testing.T) {
 		{"deeply nested JSON", with(`"Bob"`, strings.Repeat("[", 5000)+strings.Repeat("]", 5000)), "first_name", false},
 		{"empty name", with(`"Lee"`, `""`), "last_name", false},
 		{"unpaired surrogate in a name", with(`"Bob"`, `"Bob\ud800"`), "first_name", false},
-		{"escaped NUL in a password", with(`"password1"`, `"pass\u0000word"`), "password", false},
+		{"escaped NUL in a password", with(`"passw0rd-1"`, `"pass\u0000word"`), "password", false},
 		{"bad email", with("bob@example.com", "bob"), "email", false},
 		{"first_name missing", with(`"first_name":"Bob",`, ""), "first_name", true},
 		{"last_name null", with(`"Lee"`, "null"), "last_name", true},
 		{"email missing", with(`"email":"bob@example.com",`, ""), "email", true},
-		{"password null", with(`"password1"`, "null"), "password", true},
+		{"password null", with(`"passw0rd-1"`, "null"), "password", true},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			for _, create := range []bool{true, false} {
@@ -467,11 +511,11 @@ func TestReadUserInput(t *testing.T) {
 		// encoding/json keeps the last value, another parser may keep the
 		// first: such a body is refused.
 		for body, field := range map[string]string{
-			with(`"email"`, `"email":"a@example.com","email"`):     "email",
-			with(`"Bob"`, `"Bob","first_name":"Bob"`):              "first_name",
-			with(`"password1"`, `"password1","pass\u0077ord":"x"`): "password",
-			with(`"Lee"`, `"Lee","last_name":null`):                "last_name",
-			with("{", `{"x":1,"x":2,`):                             "x",
+			with(`"email"`, `"email":"a@example.com","email"`):       "email",
+			with(`"Bob"`, `"Bob","first_name":"Bob"`):                "first_name",
+			with(`"passw0rd-1"`, `"passw0rd-1","pass\u0077ord":"x"`): "password",
+			with(`"Lee"`, `"Lee","last_name":null`):                  "last_name",
+			with("{", `{"x":1,"x":2,`):                               "x",
 		} {
 			if errs := mustError(t, readBody(t, body, read(true)), http.StatusBadRequest, "Invalid data").Errors; errs[field] != "given more than once" {
 				t.Errorf("read %s: errors = %v, want %s: given more than once", body, errs, field)
@@ -495,15 +539,15 @@ func TestReadCredentials(t *testing.T) {
 	}
 	for _, tt := range []struct{ body, field string }{
 		{"", "body"},
-		{`["ann@example.com","password1"]`, "body"},
-		{`{"password":"password1"}`, "email"},
+		{`["ann@example.com","passw0rd-1"]`, "body"},
+		{`{"password":"passw0rd-1"}`, "email"},
 		{`{"email":"ann@example.com"}`, "password"},
 		{`{"email":"ann@example.com","password":null}`, "password"},
 		{`{"email":"ann@example.com","password":12345678}`, "password"},
-		{`{"email":"ann","password":"password1"}`, "email"},
-		{`{"email":"Ann <ann@example.com>","password":"password1"}`, "email"},
-		{`{"Email":"ann@example.com","password":"password1"}`, "Email"},
-		{`{"email":"ann@example.com","password":"password1","remember":true}`, "remember"},
+		{`{"email":"ann","password":"passw0rd-1"}`, "email"},
+		{`{"email":"Ann <ann@example.com>","password":"passw0rd-1"}`, "email"},
+		{`{"Email":"ann@example.com","password":"passw0rd-1"}`, "Email"},
+		{`{"email":"ann@example.com","password":"passw0rd-1","remember":true}`, "remember"},
 		{`{"email":"ann@example.com","password":"pass` + "\xff" + `"}`, "body"},
 	} {
 		mustInvalid(t, readBody(t, tt.body, read), tt.field)
@@ -517,10 +561,10 @@ func TestReadCredentials(t *testing.T) {
 func TestErrorAnswers(t *testing.T) {
 	t.Parallel()
 	e := newTestEnv(t)
-	ann := e.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
-	bob := e.createUser(t, "Bob", "Ray", "bob@example.com", "password2")
+	ann := e.createUser(t, "Ann", "Lee", "ann@example.com", "passw0rd-1")
+	bob := e.createUser(t, "Bob", "Ray", "bob@example.com", "passw0rd-2")
 	big := `{"first_name":"` + strings.Repeat("a", maxBodyBytes) + `"}`
-	newUser := userBody("Cy", "Day", "cy@example.com", "password3")
+	newUser := userBody("Cy", "Day", "cy@example.com", "passw0rd-3")
 	var unknown strings.Builder
 	unknown.WriteString(`{"email":"not an address"`)
 	for i := 0; i < 2000; i++ {
@@ -545,7 +589,7 @@ func TestErrorAnswers(t *testing.T) {
 		{"dot-dot segment, PUT", "PUT", "/users/../users/1", `{"first_name":"X"}`, "", 404, "Not Found", ""},
 		{"empty segment, DELETE", "DELETE", "/users//1", "", "", 404, "Not Found", ""},
 		{"PATCH a user", "PATCH", "/users/1", "", "", 405, "Method Not Allowed", "DELETE, GET, HEAD, PUT"},
-		{"POST a user", "POST", "/users/1", authBody("ann@example.com", "password1"), "", 405, "Method Not Allowed", "DELETE, GET, HEAD, PUT"},
+		{"POST a user", "POST", "/users/1", authBody("ann@example.com", "passw0rd-1"), "", 405, "Method Not Allowed", "DELETE, GET, HEAD, PUT"},
 		{"DELETE the collection", "DELETE", "/users/", "", "", 405, "Method Not Allowed", "GET, HEAD, POST"},
 		{"PUT the collection", "PUT", "/users", "", "", 405, "Method Not Allowed", "GET, HEAD, POST"},
 		{"POST healthz", "POST", "/healthz", "", "", 405, "Method Not Allowed", "GET, HEAD"},
@@ -560,24 +604,31 @@ func TestErrorAnswers(t *testing.T) {
 		{"PUT authenticate", "PUT", "/users/authenticate", `{"first_name":"X"}`, "", 405, "Method Not Allowed", "POST"},
 		{"DELETE authenticate", "DELETE", "/users/authenticate", "", "", 405, "Method Not Allowed", "POST"},
 		{"PATCH authenticate", "PATCH", "/users/authenticate", "", "", 405, "Method Not Allowed", "POST"},
-		{"authenticate with a slash", "POST", "/users/authenticate/", authBody("ann@example.com", "password1"), "", 404, "Not Found", ""},
+		{"authenticate with a slash", "POST", "/users/authenticate/", authBody("ann@example.com", "passw0rd-1"), "", 404, "Not Found", ""},
 		{"update, bad body", "PUT", "/users/1", "{", "", 400, "Invalid data", "body"},
 		{"update, bad email", "PUT", "/users/1", `{"email":""}`, "", 400, "Invalid data", "email"},
 		{"update to a taken email", "PUT", "/users/1", `{"email":"BOB@example.com"}`, "", 400, "Email already registered", ""},
+		{"update to a common password", "PUT", "/users/1", `{"password":"PassWord1"}`, "", 400, "Invalid data", "password"},
+		{"update to the stored email as password", "PUT", "/users/1", `{"password":"ANN@example.com"}`, "", 400, "Invalid data", "password"},
+		{"update, stale If-Match", "PUT", "/users/1", `{"first_name":"X"}`, `If-Match: "2", "x"`, 412, "Precondition failed: the user has changed", ""},
+		{"update, weak If-Match", "PUT", "/users/1", `{"first_name":"X"}`, `If-Match: W/"1"`, 412, "Precondition failed: the user has changed", ""},
+		{"update nobody, If-Match *", "PUT", "/users/3", `{"first_name":"X"}`, "If-Match: *", 404, "User not found", ""},
+		{"delete, stale If-Match", "DELETE", "/users/2", "", `If-Match: "7"`, 412, "Precondition failed: the user has changed", ""},
 		{"update, body over 1 MiB", "PUT", "/users/1", big, "", 413, "Request body too large", ""},
 		{"update, not JSON", "PUT", "/users/1", `{"first_name":"X"}`, "Content-Type: text/plain", 415, "Unsupported media type", ""},
 		{"update, another charset", "PUT", "/users/1", `{"first_name":"X"}`, "Content-Type: application/json; charset=iso-8859-1", 415, "Unsupported media type", ""},
-		{"authenticate, bad email", "POST", "/users/authenticate", authBody("ann", "password1"), "", 400, "Invalid data", "email"},
+		{"authenticate, bad email", "POST", "/users/authenticate", authBody("ann", "passw0rd-1"), "", 400, "Invalid data", "email"},
 		{"authenticate, body over 1 MiB", "POST", "/users/authenticate", big, "", 413, "Request body too large", ""},
-		{"authenticate, no Content-Type", "POST", "/users/authenticate", authBody("ann@example.com", "password1"), "Content-Type:", 415, "Unsupported media type", ""},
+		{"authenticate, no Content-Type", "POST", "/users/authenticate", authBody("ann@example.com", "passw0rd-1"), "Content-Type:", 415, "Unsupported media type", ""},
 	}
 	// /users answers as /users/ does, errors too.
 	for _, path := range []string{"/users", "/users/"} {
 		rows = append(rows,
 			row{"create without a field on " + path, "POST", path, `{"first_name":"Bob"}`, "", 400, "Invalid data", "last_name"},
-			row{"create with a name too long on " + path, "POST", path, userBody(strings.Repeat("x", 129), "Day", "cy@example.com", "password3"), "", 400, "Invalid data", "first_name"},
+			row{"create with a common password on " + path, "POST", path, userBody("Cy", "Day", "cy@example.com", "Iloveyou"), "", 400, "Invalid data", "password"},
+			row{"create with a name too long on " + path, "POST", path, userBody(strings.Repeat("x", 129), "Day", "cy@example.com", "passw0rd-3"), "", 400, "Invalid data", "first_name"},
 			row{"create with 2,000 unknown fields on " + path, "POST", path, unknown.String(), "", 400, "Invalid data", "email"},
-			row{"create with a taken email in another case on " + path, "POST", path, userBody("Ann", "Lee", "ANN@example.com", "password1"), "", 400, "Email already registered", ""},
+			row{"create with a taken email in another case on " + path, "POST", path, userBody("Ann", "Lee", "ANN@example.com", "passw0rd-1"), "", 400, "Email already registered", ""},
 			row{"create, body over 1 MiB, on " + path, "POST", path, big, "", 413, "Request body too large", ""},
 			row{"create, not JSON, on " + path, "POST", path, newUser, "Content-Type: text/plain", 415, "Unsupported media type", ""},
 			row{"list, bad limit, on " + path, "GET", path + "?limit=0", "", "", 400, "Invalid data", "limit"},
@@ -605,8 +656,8 @@ func TestErrorAnswers(t *testing.T) {
 			if loc := r.header.Get("Location"); loc != "" {
 				t.Errorf("%s: Location = %q, want none", r.what, loc)
 			}
-			if len(r.body) > maxErrorBytes {
-				t.Errorf("%s: an error of %d bytes, want at most %d", r.what, len(r.body), maxErrorBytes)
+			if len(r.body) > 8<<10 {
+				t.Errorf("%s: an error of %d bytes, want at most 8 KiB", r.what, len(r.body))
 			}
 		})
 	}
@@ -652,9 +703,9 @@ func TestCreateUser(t *testing.T) {
 	salts := make(map[string]bool)
 	email254 := strings.Repeat("a", 64) + "@" + strings.Repeat("b", 63) + "." + strings.Repeat("c", 63) + "." + strings.Repeat("d", 57) + ".com"
 	for _, tt := range []struct{ name, path, first, last, email, password string }{
-		{"on /users", "/users", "Bob", "Ray", "bob@example.com", "password1"},
-		{"names of 128 characters", "/users/", strings.Repeat("é", 128), "  " + strings.Repeat("a", 128) + " ", "c@example.com", "password1"},
-		{"an email of 254 bytes", "/users/", "Cy", "Day", email254, "password1"},
+		{"on /users", "/users", "Bob", "Ray", "bob@example.com", "passw0rd-1"},
+		{"names of 128 characters", "/users/", strings.Repeat("é", 128), "  " + strings.Repeat("a", 128) + " ", "c@example.com", "passw0rd-1"},
+		{"an email of 254 bytes", "/users/", "Cy", "Day", email254, "passw0rd-1"},
 		{"a password of 72 bytes", "/users", "Di", "Eve", "d@example.com", strings.Repeat("€", 24)},
 		{"SQL and quotes", "/users/", `Robert'); DROP TABLE users;--`, `"Ann" \ 'Lee' \n`, `o'brien--@example.com`, `pass'word"--`},
 		{"other scripts", "/users/", "\u202eeciffo 👩‍💻", "Łukasz ابن O'Neil-Ñúñez", "Zoë@Bücher.example", "pässwörd 李"},
@@ -708,11 +759,11 @@ func TestLookAlikeAddresses(t *testing.T) {
 		{"ann@n.example", strings.Repeat("\u0958", 21) + "@" + strings.Repeat("\u0958", 21) + ".example", refused},
 	}
 	for _, tt := range tests {
-		r := e.do("POST", "/users", userBody("Ann", "Lee", tt.first, "password1"))
+		r := e.do("POST", "/users", userBody("Ann", "Lee", tt.first, "passw0rd-1"))
 		if r.status != http.StatusCreated && !strings.Contains(string(r.body), "already") {
 			t.Fatalf("%s, want 201", r)
 		}
-		got := e.do("POST", "/users", userBody("Ann", "Lee", tt.second, "password1"))
+		got := e.do("POST", "/users", userBody("Ann", "Lee", tt.second, "passw0rd-1"))
 		switch {
 		case got.status == http.StatusCreated:
 			t.Logf("%+q and %+q: two accounts", tt.first, tt.second)
@@ -727,7 +778,7 @@ func TestLookAlikeAddresses(t *testing.T) {
 			mustError(t, got, http.StatusBadRequest, "Email already registered")
 			for _, email := range []string{tt.first, tt.second} {
 				found := mustList(t, e.do("GET", "/users?email="+url.QueryEscape(email), ""))
-				signedIn := mustUser(t, e.authenticate(email, "password1"), http.StatusOK)
+				signedIn := mustUser(t, e.authenticate(email, "passw0rd-1"), http.StatusOK)
 				if len(found) != 1 || found[0].Email != signedIn.Email {
 					t.Errorf("look-up and sign-in as %+q: %v and %v, want the account of %+q", email, found, signedIn, tt.first)
 				}
@@ -739,8 +790,8 @@ func TestLookAlikeAddresses(t *testing.T) {
 func TestUpdateUser(t *testing.T) {
 	t.Parallel()
 	e := newTestEnv(t)
-	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
-	other := e.createUser(t, "Bob", "Ray", "bob@example.com", "password2")
+	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "passw0rd-1")
+	other := e.createUser(t, "Bob", "Ray", "bob@example.com", "passw0rd-2")
 	path := fmt.Sprintf("/users/%d", u.ID)
 	hash0, salt0 := e.storedSecret(t, u.ID)
 
@@ -783,7 +834,7 @@ func TestUpdateUser(t *testing.T) {
 		t.Errorf("new password kept the old hash or salt")
 	}
 	if bcrypt.CompareHashAndPassword([]byte(hash1), []byte("new password")) != nil ||
-		bcrypt.CompareHashAndPassword([]byte(hash1), []byte("password1")) == nil {
+		bcrypt.CompareHashAndPassword([]byte(hash1), []byte("passw0rd-1")) == nil {
 		t.Errorf("stored hash does not match the new password alone")
 	}
 	if got := mustUser(t, e.do("GET", fmt.Sprintf("/users/%d", other.ID), ""), http.StatusOK); got != other {
@@ -791,11 +842,48 @@ func TestUpdateUser(t *testing.T) {
 	}
 }
 
+func TestConditionalRequests(t *testing.T) {
+	t.Parallel()
+	e := newTestEnv(t)
+	r := e.do("POST", "/users", userBody("Ann", "Lee", "ann@example.com", "passw0rd-1"))
+	path, tag := r.header.Get("Location"), r.header.Get("ETag")
+	if mustUser(t, r, http.StatusCreated); tag != `"1"` {
+		t.Fatalf("%s: ETag %q, want \"1\"", r, tag)
+	}
+	// Each step: a request, its status, and whether the ETag then changes.
+	for _, step := range []struct {
+		method, body, header string
+		status               int
+		changes              bool
+	}{
+		{"GET", "", "", 200, false},
+		{"GET", "", "If-None-Match: " + tag, 304, false},
+		{"GET", "", `If-None-Match: "9", W/` + tag, 304, false},
+		{"GET", "", "If-None-Match: *", 304, false},
+		{"GET", "", `If-None-Match: "9"`, 200, false},
+		{"PUT", `{"first_name":"Anna"}`, `If-Match: "9", ` + tag, 200, true},
+		{"PUT", `{"first_name":"Anna"}`, "", 200, false}, // no change, no new version
+		{"PUT", `{"last_name":"Ray"}`, "If-Match: *", 200, true},
+		{"PUT", `{"password":"new password"}`, "If-Match: {tag}", 200, true},
+		{"PUT", `{"last_name":"Day"}`, "", 200, true},
+		{"GET", "", "If-None-Match: {tag}", 304, false},
+		{"DELETE", "", "If-Match: {tag}", 204, false},
+	} {
+		r := e.do(step.method, path, step.body, strings.ReplaceAll(step.header, "{tag}", tag))
+		got := r.header.Get("ETag")
+		if r.status != step.status || (r.status == 204) != (got == "") || (got != tag) != step.changes && r.status != 204 ||
+			r.status == 304 && len(r.body) > 0 {
+			t.Fatalf("%s %s, ETag %q (was %q); want %d, a new ETag %v", r, step.header, got, tag, step.status, step.changes)
+		}
+		tag = got
+	}
+}
+
 func TestDeleteUser(t *testing.T) {
 	t.Parallel()
 	e := newTestEnv(t)
-	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
-	keep := e.createUser(t, "Bob", "Ray", "bob@example.com", "password2")
+	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "passw0rd-1")
+	keep := e.createUser(t, "Bob", "Ray", "bob@example.com", "passw0rd-2")
 	path := fmt.Sprintf("/users/%d", u.ID)
 
 	r := e.do("DELETE", path, "")
@@ -807,7 +895,7 @@ func TestDeleteUser(t *testing.T) {
 	mustError(t, e.do("PUT", path, `{"first_name":"X"}`), http.StatusNotFound, "User not found")
 	mustUser(t, e.do("GET", fmt.Sprintf("/users/%d", keep.ID), ""), http.StatusOK)
 	// The address is free again.
-	e.createUser(t, "Ann", "Again", "ann@example.com", "password1")
+	e.createUser(t, "Ann", "Again", "ann@example.com", "passw0rd-1")
 }
 
 func TestListUsers(t *testing.T) {
@@ -827,7 +915,7 @@ func TestListUsers(t *testing.T) {
 	}
 	var want []userJSON
 	for i := 0; i < 5; i++ {
-		want = append(want, e.createUser(t, "User", strconv.Itoa(i), fmt.Sprintf("u%d@example.com", i), "password1"))
+		want = append(want, e.createUser(t, "User", strconv.Itoa(i), fmt.Sprintf("u%d@example.com", i), "passw0rd-1"))
 	}
 	e.do("DELETE", fmt.Sprintf("/users/%d", want[2].ID), "")
 	want = slices.Delete(want, 2, 3)
@@ -1102,7 +1190,7 @@ func TestLogLinesAreBounded(t *testing.T) {
 	h := newHasher(bcrypt.MinCost, 1, time.Minute)
 	e := newTestEnv(t, withHasher(h))
 	zeros := "/users/" + strings.Repeat("0", 60000) + "1"
-	e.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
+	e.createUser(t, "Ann", "Lee", "ann@example.com", "passw0rd-1")
 	h.slots <- struct{}{} // a PUT waits for a hashing slot until its client leaves
 	for _, request := range []string{
 		"PUT " + zeros + " HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 24\r\n\r\n{\"password\":\"password2\"}",
@@ -1148,7 +1236,7 @@ func TestAPIToken(t *testing.T) {
 	const token = "tok-3f9a"
 	e := newTestEnv(t, withToken(token))
 	requests := append(everyUsersRoute(1), struct{ method, path, body string }{
-		"POST", "/users/authenticate", authBody("ann@example.com", "password1")})
+		"POST", "/users/authenticate", authBody("ann@example.com", "passw0rd-1")})
 	for _, auth := range []string{"Authorization:", "Authorization: Bearer", "Authorization: Bearer wrong",
 		"Authorization: Bearer " + token + "x", "Authorization: Basic " + token, "Authorization: " + token,
 		"Authorization: Bearer  " + token} {
@@ -1164,9 +1252,9 @@ func TestAPIToken(t *testing.T) {
 		t.Fatalf("without the token: %d users created, failures counted for %d addresses; want none", n, failures)
 	}
 	// The scheme is case-insensitive; the public routes need no token.
-	u := mustUser(t, e.do("POST", "/users/", userBody("Ann", "Lee", "ann@example.com", "password1"), "Authorization: Bearer "+token), http.StatusCreated)
+	u := mustUser(t, e.do("POST", "/users/", userBody("Ann", "Lee", "ann@example.com", "passw0rd-1"), "Authorization: Bearer "+token), http.StatusCreated)
 	mustUser(t, e.do("GET", fmt.Sprintf("/users/%d", u.ID), "", "Authorization: bearer "+token), http.StatusOK)
-	mustUser(t, e.do("POST", "/users/authenticate", authBody("ann@example.com", "password1"), "Authorization: Bearer "+token), http.StatusOK)
+	mustUser(t, e.do("POST", "/users/authenticate", authBody("ann@example.com", "passw0rd-1"), "Authorization: Bearer "+token), http.StatusOK)
 	for _, path := range []string{"/healthz", "/openapi.json", "/docs"} {
 		if r := e.do("GET", path, ""); r.status != http.StatusOK {
 			t.Errorf("%s without a token, want 200", r)
@@ -1177,11 +1265,11 @@ func TestAPIToken(t *testing.T) {
 func TestOnlyLoopbackHostsWithoutToken(t *testing.T) {
 	t.Parallel()
 	e := newTestEnv(t, withOptions(serverOptions{maxStreams: 1, loopbackHostsOnly: true}))
-	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
+	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "passw0rd-1")
 	for _, rt := range (&server{}).routes() {
 		var body string
 		if rt.method == http.MethodPost || rt.method == http.MethodPut {
-			body = userBody("Bob", "Ray", "bob@example.com", "password2")
+			body = userBody("Bob", "Ray", "bob@example.com", "passw0rd-2")
 		}
 		path := strings.NewReplacer("{$}", "", "{id}", strconv.FormatInt(u.ID, 10)).Replace(rt.pattern)
 		for _, host := range []string{"evil.example:8000", "127.0.0.1.evil.example"} {
@@ -1311,7 +1399,7 @@ func TestSlowBodyHoldsNoDatabaseConnection(t *testing.T) {
 	}
 	t.Cleanup(func() { st.Close() })
 	e := newTestEnv(t, withStore(st))
-	body := userBody("Ann", "Lee", "ann@example.com", "password1")
+	body := userBody("Ann", "Lee", "ann@example.com", "passw0rd-1")
 	head := fmt.Sprintf("POST /users/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n", len(body))
 
 	conn, err := net.Dial("tcp", strings.TrimPrefix(e.url, "http://"))
@@ -1340,12 +1428,12 @@ func TestClientThatLeftGetsNoSuccess(t *testing.T) {
 	t.Parallel()
 	h := newHasher(bcrypt.MinCost, 1, time.Minute)
 	e := newTestEnv(t, withHasher(h))
-	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
+	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "passw0rd-1")
 	// Every hashing slot is taken: a request waits until its client leaves.
 	h.slots <- struct{}{}
 	for _, rq := range []struct{ method, path, body string }{
-		{"POST", "/users", userBody("Bob", "Ray", "bob@example.com", "password1")},
-		{"PUT", fmt.Sprintf("/users/%d", u.ID), `{"password":"password2","first_name":"Changed"}`},
+		{"POST", "/users", userBody("Bob", "Ray", "bob@example.com", "passw0rd-1")},
+		{"PUT", fmt.Sprintf("/users/%d", u.ID), `{"password":"passw0rd-2","first_name":"Changed"}`},
 	} {
 		// A whole request, then the client closes its side: it will read
 		// no more than what is already on its way.
@@ -1383,15 +1471,15 @@ func TestHashingBusyAnswers503(t *testing.T) {
 		countAuthFailure(t, e.store, "bob@example.com", "127.0.0.2")
 	}
 	first := make(chan response, 1)
-	go func() { first <- e.do("POST", "/users/", userBody("Ann", "Lee", "ann@example.com", "password1")) }()
+	go func() { first <- e.do("POST", "/users/", userBody("Ann", "Lee", "ann@example.com", "passw0rd-1")) }()
 	waitUntil(t, "a hash to start", func() bool { return active.Load() == 1 })
 
 	// 127.0.0.1 holds the one hashing slot, its share (half, rounded up).
 	for _, rq := range []struct{ method, path, body string }{
-		{"POST", "/users/", userBody("Bob", "Ray", "bob@example.com", "password1")},
-		{"POST", "/users", userBody("Bob", "Ray", "bob@example.com", "password1")},
-		{"PUT", "/users/1", `{"password":"password2"}`},
-		{"POST", "/users/authenticate", authBody("carol@example.com", "password1")},
+		{"POST", "/users/", userBody("Bob", "Ray", "bob@example.com", "passw0rd-1")},
+		{"POST", "/users", userBody("Bob", "Ray", "bob@example.com", "passw0rd-1")},
+		{"PUT", "/users/1", `{"password":"passw0rd-2"}`},
+		{"POST", "/users/authenticate", authBody("carol@example.com", "passw0rd-1")},
 	} {
 		r := e.do(rq.method, rq.path, rq.body)
 		mustError(t, r, http.StatusTooManyRequests, "Too many requests")
@@ -1409,10 +1497,10 @@ func TestHashingBusyAnswers503(t *testing.T) {
 	}
 	// What needs no hashing is served meanwhile, an early attempt too.
 	mustError(t, other.do("GET", "/users/", ""), http.StatusNotFound, "No users found")
-	mustThrottled(t, other.authenticate("bob@example.com", "password1"), 1)
+	mustThrottled(t, other.authenticate("bob@example.com", "passw0rd-1"), 1)
 	letGo()
 	mustUser(t, <-first, http.StatusCreated)
-	mustUser(t, e.authenticate("ann@example.com", "password1"), http.StatusOK)
+	mustUser(t, e.authenticate("ann@example.com", "passw0rd-1"), http.StatusOK)
 	if n := countUsers(t, e.store); n != 1 {
 		t.Errorf("%d users stored, want only the first", n)
 	}
@@ -1428,12 +1516,12 @@ func TestHashingShareLeavesTheRest(t *testing.T) {
 	t.Cleanup(letGo)
 	results := make(chan response, 3)
 	create := func(e *testEnv, email string) {
-		results <- e.do("POST", "/users/", userBody("Ann", "Lee", email, "password1"))
+		results <- e.do("POST", "/users/", userBody("Ann", "Lee", email, "passw0rd-1"))
 	}
 	go create(e, "a1@example.com")
 	go create(e, "a2@example.com")
 	waitUntil(t, "two hashes to start", func() bool { return active.Load() == 2 })
-	mustError(t, e.authenticate("a1@example.com", "password1"), http.StatusTooManyRequests, "Too many requests")
+	mustError(t, e.authenticate("a1@example.com", "passw0rd-1"), http.StatusTooManyRequests, "Too many requests")
 	go create(e.from("127.0.0.2"), "b@example.com")
 	waitUntil(t, "another client's hash to start", func() bool { return active.Load() == 3 })
 	letGo()
@@ -1445,13 +1533,13 @@ func TestHashingShareLeavesTheRest(t *testing.T) {
 func TestInternalErrorsAreGeneric(t *testing.T) {
 	t.Parallel()
 	e := newTestEnv(t)
-	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "password1")
+	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "passw0rd-1")
 	// A fault on the server's side: the table is not what the code expects.
 	if _, err := e.store.db.Exec(`ALTER TABLE users RENAME COLUMN first_name TO given_name`); err != nil {
 		t.Fatal(err)
 	}
 	requests := append(everyUsersRoute(u.ID), struct{ method, path, body string }{
-		"POST", "/users/authenticate", authBody("ann@example.com", "password1")})
+		"POST", "/users/authenticate", authBody("ann@example.com", "passw0rd-1")})
 	for _, rq := range requests {
 		if rq.method == "DELETE" {
 			continue // DELETE does not read the renamed column

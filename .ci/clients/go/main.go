@@ -59,8 +59,8 @@ func drive(ctx context.Context, base string) error {
 	}
 	email := Email(fmt.Sprintf("gen.%s.0@example.com", tag))
 
-	got, err := c.GetUserWithResponse(ctx, ids[0])
-	if err != nil || got.JSON200 == nil || got.JSON200.Email != email {
+	got, err := c.GetUserWithResponse(ctx, ids[0], nil)
+	if err != nil || got.JSON200 == nil || got.JSON200.Email != email || got.Headers200 == nil {
 		return fmt.Errorf("GET /users/%d: %v %s", ids[0], err, answer(got))
 	}
 
@@ -96,9 +96,15 @@ func drive(ctx context.Context, base string) error {
 	}
 
 	last := "Smith"
-	updated, err := c.UpdateUserWithResponse(ctx, ids[0], UpdateUserJSONRequestBody{LastName: &last})
+	// Conditional on the ETag read; sent again, that tag is stale.
+	ifMatch := &UpdateUserParams{IfMatch: &got.Headers200.ETag}
+	updated, err := c.UpdateUserWithResponse(ctx, ids[0], ifMatch, UpdateUserJSONRequestBody{LastName: &last})
 	if err != nil || updated.JSON200 == nil || updated.JSON200.LastName != last || updated.JSON200.FirstName != "Gen" {
 		return fmt.Errorf("PUT /users/%d: %v %s", ids[0], err, answer(updated))
+	}
+	stale, err := c.UpdateUserWithResponse(ctx, ids[0], ifMatch, UpdateUserJSONRequestBody{FirstName: &last})
+	if err != nil || stale.JSON412 == nil {
+		return fmt.Errorf("PUT /users/%d with a stale If-Match: %v %s", ids[0], err, answer(stale))
 	}
 
 	found, err := c.ListUsersWithResponse(ctx, &ListUsersParams{Email: &email})
@@ -107,7 +113,7 @@ func drive(ctx context.Context, base string) error {
 	}
 
 	for _, id := range ids {
-		deleted, err := c.DeleteUserWithResponse(ctx, id)
+		deleted, err := c.DeleteUserWithResponse(ctx, id, nil)
 		if err != nil || deleted.StatusCode() != 204 {
 			return fmt.Errorf("DELETE /users/%d: %v %s", id, err, answer(deleted))
 		}
@@ -120,7 +126,7 @@ func drive(ctx context.Context, base string) error {
 		return fmt.Errorf("POST /users/ with a short password: %v %s", err, answer(bad))
 	}
 
-	gone, err := c.GetUserWithResponse(ctx, ids[0])
+	gone, err := c.GetUserWithResponse(ctx, ids[0], nil)
 	if err != nil || gone.JSON404 == nil || gone.JSON404.Detail != "User not found" {
 		return fmt.Errorf("GET /users/%d after DELETE: %v %s", ids[0], err, answer(gone))
 	}
