@@ -115,7 +115,7 @@ func TestStorePassesTheContext(t *testing.T) {
 	if _, err := st.User(ctx, 1); !errors.Is(err, context.Canceled) {
 		t.Errorf("User with a cancelled context: err = %v, want context.Canceled", err)
 	}
-	if _, err := st.CreateUser(ctx, newUser{"Ann", "Lee", "ann@example.com", "$2a$04$" + strings.Repeat("x", 53)}); !errors.Is(err, context.Canceled) {
+	if _, err := st.CreateUser(ctx, newUser{"Ann", "Lee", "ann@example.com", passwordHash{"$2a$04$" + strings.Repeat("x", 53), "$2a$04$" + strings.Repeat("x", 22)}}); !errors.Is(err, context.Canceled) {
 		t.Errorf("CreateUser with a cancelled context: err = %v, want context.Canceled", err)
 	}
 }
