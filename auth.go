@@ -102,7 +102,7 @@ func (s *server) authenticate(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	match := s.hasher.matches(stored, in.password)
-	var newHash string
+	var newHash passwordHash
 	var rehashErr error
 	if match && s.hasher.outdated(stored) {
 		newHash, rehashErr = s.hasher.hashHeld(in.password)
@@ -121,7 +121,7 @@ func (s *server) authenticate(w http.ResponseWriter, r *http.Request) {
 	if err := s.store.ResetAuthFailures(ctx, in.email, client, u.ID); err != nil {
 		s.log(w, r).Warn("reset failed sign-ins", "user_id", u.ID, "err", err)
 	}
-	if newHash != "" {
+	if newHash.hash != "" {
 		_, rehashErr = s.store.RehashPassword(ctx, u.ID, stored, newHash)
 	}
 	if rehashErr != nil {

@@ -20,6 +20,9 @@ var (
 // bcryptSaltLen is the length of a bcrypt hash's "$2a$12$" + salt prefix.
 const bcryptSaltLen = 29
 
+// maxPasswordBytes is as much of a password as bcrypt reads.
+const maxPasswordBytes = 72
+
 // hasher hashes passwords with bcrypt. A hash takes a core for a long time
 // on purpose, so at most cap(slots) run at once and a request waits at most
 // maxWait for a slot: a flood of creates cannot take every core and starve
@@ -65,12 +68,16 @@ func newHasher(cost, concurrency int, maxWait time.Duration) *hasher {
 	}
 }
 
+// passwordHash is a bcrypt hash and the salt bcrypt generated for it: the
+// hash's "$2a$cc$" prefix and the 22 characters that follow.
+type passwordHash struct{ hash, salt string }
+
 // hash returns the bcrypt hash of password, for client. It returns the
 // errors of acquire.
-func (h *hasher) hash(ctx context.Context, client, password string) (string, error) {
+func (h *hasher) hash(ctx context.Context, client, password string) (passwordHash, error) {
 	release, err := h.acquire(ctx, client)
 	if err != nil {
-		return "", err
+		return passwordHash{}, err
 	}
 	defer release()
 	return h.hashHeld(password)
@@ -116,14 +123,13 @@ func (h *hasher) share(client string, d int) bool {
 }
 
 // hashHeld is hash for a caller that holds a slot.
-func (h *hasher) hashHeld(password string) (string, error) {
+func (h *hasher) hashHeld(password string) (passwordHash, error) {
 	b, err := h.generate([]byte(password), h.cost)
-	return string(b), err
+	if err != nil {
+		return passwordHash{}, err
+	}
+	return passwordHash{string(b), string(b[:bcryptSaltLen])}, nil
 }
-
-// bcryptSalt returns the salt that bcrypt generated for hash: its
-// "$2a$cc$" prefix and the 22 characters that follow.
-func bcryptSalt(hash string) string { return hash[:bcryptSaltLen] }
 
 // matches reports whether password is the one that the stored hash was made
 // from, for a caller that holds a slot. Every call does one bcrypt

@@ -318,16 +318,17 @@ func rollback(ctx context.Context, conn *sql.Conn) {
 	conn.Raw(func(any) error { return driver.ErrBadConn })
 }
 
-// newUser is a user to create. Email must already be normalized, and
-// PasswordHash comes from the hasher; the salt is read from it.
+// newUser is a user to create. Email must already be normalized.
 type newUser struct {
-	FirstName, LastName, Email, PasswordHash string
+	FirstName, LastName, Email string
+	Password                   passwordHash
 }
 
 // userUpdate is a change to a user: a nil field is left as it is. Email must
-// already be normalized, and PasswordHash comes from the hasher.
+// already be normalized.
 type userUpdate struct {
-	FirstName, LastName, Email, PasswordHash *string
+	FirstName, LastName, Email *string
+	Password                   *passwordHash
 	// Versions, if not nil, are the versions the user may have (If-Match).
 	Versions []int64
 	// Check, if not nil, vets the user as changed; its error undoes the change.
@@ -344,7 +345,7 @@ func (s *store) CreateUser(ctx context.Context, c newUser) (user, error) {
 			INSERT INTO users (first_name, last_name, email, password, salt)
 			VALUES ($1, $2, $3, $4, $5)
 			RETURNING `+userColumns,
-			c.FirstName, c.LastName, c.Email, c.PasswordHash, bcryptSalt(c.PasswordHash)))
+			c.FirstName, c.LastName, c.Email, c.Password.hash, c.Password.salt))
 		return err
 	})
 	return u, err
@@ -379,7 +380,7 @@ func (s *store) NFC(ctx context.Context, text string) (string, error) {
 // Users returns up to limit users whose id is greater than afterID, ordered
 // by id.
 func (s *store) Users(ctx context.Context, afterID int64, limit int) ([]user, error) {
-	users := make([]user, 0, min(limit, maxPageSize))
+	users := make([]user, 0, limit)
 	err := s.EachUser(ctx, afterID, limit, func(u *user) { users = append(users, *u) })
 	return users, err
 }
@@ -414,10 +415,9 @@ func (s *store) EachUser(ctx context.Context, afterID int64, limit int, fn func(
 // has that id, errStale if its version is not among c.Versions,
 // errEmailTaken if another user has c.Email, and c.Check's error.
 func (s *store) UpdateUser(ctx context.Context, id int64, c userUpdate) (user, error) {
-	var salt *string
-	if c.PasswordHash != nil {
-		s := bcryptSalt(*c.PasswordHash)
-		salt = &s
+	var hash, salt *string
+	if c.Password != nil {
+		hash, salt = &c.Password.hash, &c.Password.salt
 	}
 	var u user
 	err := s.write(ctx, func(ctx context.Context, conn *sql.Conn) error {
@@ -438,14 +438,14 @@ func (s *store) UpdateUser(ctx context.Context, id int64, c userUpdate) (user, e
 				version    = CASE WHEN `+changed+` THEN version + 1 ELSE version END
 			WHERE id = $1 AND ($7::bigint[] IS NULL OR version = ANY ($7))
 			RETURNING `+userColumns,
-			id, c.FirstName, c.LastName, c.Email, c.PasswordHash, salt, pq.Array(c.Versions)))
+			id, c.FirstName, c.LastName, c.Email, hash, salt, pq.Array(c.Versions)))
 		if errors.Is(err, sql.ErrNoRows) {
 			return missingOrStale(ctx, conn, id)
 		}
 		if err == nil && c.Check != nil {
 			err = c.Check(u)
 		}
-		if err == nil && c.PasswordHash != nil {
+		if err == nil && c.Password != nil {
 			_, err = conn.ExecContext(ctx, `DELETE FROM sign_in_failures WHERE email = $1`, u.Email)
 		}
 		return err
@@ -507,10 +507,10 @@ func (s *store) Credentials(ctx context.Context, email string) (user, string, er
 // change that landed meanwhile wins. It reports whether the hash was
 // replaced. The user's updated_at stays as it is, since nothing the API
 // shows changed.
-func (s *store) RehashPassword(ctx context.Context, id int64, old, hash string) (bool, error) {
+func (s *store) RehashPassword(ctx context.Context, id int64, old string, hash passwordHash) (bool, error) {
 	var n int64
 	err := s.write(ctx, func(ctx context.Context, conn *sql.Conn) error {
-		res, err := conn.ExecContext(ctx, `UPDATE users SET password = $3, salt = $4 WHERE id = $1 AND password = $2`, id, old, hash, bcryptSalt(hash))
+		res, err := conn.ExecContext(ctx, `UPDATE users SET password = $3, salt = $4 WHERE id = $1 AND password = $2`, id, old, hash.hash, hash.salt)
 		if err != nil {
 			return err
 		}

@@ -38,7 +38,6 @@ const (
 	maxNameChars     = 128     // first_name and last_name, in characters
 	maxEmailBytes    = 254     // an address, per RFC 5321's path limit
 	minPasswordChars = 8       // NIST SP 800-63B's floor
-	maxPasswordBytes = 72      // bcrypt reads no further
 	maxPageSize      = 1000    // ?limit=
 
 	// An error body echoes names the client chose (unknown fields and
@@ -209,7 +208,7 @@ func (s *server) createUser(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	u, err := s.store.CreateUser(r.Context(), newUser{
-		FirstName: *in.FirstName, LastName: *in.LastName, Email: *in.Email, PasswordHash: hash,
+		FirstName: *in.FirstName, LastName: *in.LastName, Email: *in.Email, Password: hash,
 	})
 	if err != nil {
 		s.fail(w, r, err)
@@ -258,7 +257,7 @@ func (s *server) updateUser(w http.ResponseWriter, r *http.Request) {
 			s.fail(w, r, err)
 			return
 		}
-		change.PasswordHash = &hash
+		change.Password = &hash
 		// The names and email the body leaves out are the stored ones: the
 		// password is checked against the user as changed, before commit.
 		change.Check = func(u user) error {
