@@ -15,12 +15,9 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"net/netip"
 	"net/url"
 	"os"
-	"reflect"
 	"regexp"
-	"runtime/debug"
 	"strconv"
 	"strings"
 	"sync"
@@ -46,8 +43,8 @@ func testDatabaseURL() string {
 var adminDB *sql.DB
 
 func TestMain(m *testing.M) {
-	databaseURL := testDatabaseURL()
-	db, err := sql.Open("postgres", databaseURL)
+	dsn, err := parseDatabaseURL(testDatabaseURL())
+	db, _ := sql.Open("postgres", dsn)
 	if err == nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		err = db.PingContext(ctx)
@@ -55,7 +52,7 @@ func TestMain(m *testing.M) {
 	}
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "FAIL: these tests need PostgreSQL and none answers at %s (%v): set TEST_DATABASE_URL to a database where you may create schemas\n",
-			databaseAddr(databaseURL), redactURLError(err))
+			databaseAttr(dsn).Value, err)
 		os.Exit(1)
 	}
 	adminDB = db
@@ -441,10 +438,6 @@ func TestRun(t *testing.T) {
 	if !strings.Contains(logs, want) || strings.Contains(logs, "hunter2") {
 		t.Errorf("log does not have %q, or holds the password:\n%s", want, logs)
 	}
-	several := "host=h1,h2 port=5432,5433 dbname=db password=hunter2"
-	if got, want := databaseAttr(several).String(), "database=[host=h1,h2 port=5432,5433 name=db]"; got != want {
-		t.Errorf("databaseAttr(%q) = %s, want %s: every host, no password", several, got, want)
-	}
 	// The user was stored, hashed at the cost BCRYPT_COST set.
 	var hash string
 	if err := adminDB.QueryRow(`SELECT password FROM `+schema+`.users WHERE id = $1`, u.ID).Scan(&hash); err != nil ||
@@ -479,218 +472,6 @@ func closedAddr(t *testing.T) string {
 	}
 	defer ln.Close()
 	return ln.Addr().String()
-}
-
-// TestRunRefusesBadConfiguration checks that run refuses what it cannot use
-// with one line that starts with the setting, named as it was given (the
-// flag if it came from a flag), and shows no password: each value here
-// that holds one holds hunter2.
-func TestRunRefusesBadConfiguration(t *testing.T) {
-	t.Parallel()
-	databaseURL, _ := newSchema(t)
-	down, other := closedAddr(t), closedAddr(t)
-	downURL := "postgres://ann:hunter2@" + down + "/db?sslmode=disable"
-	type env = map[string]string
-	tests := []struct {
-		name  string
-		env   env
-		args  []string
-		want  string   // the error's start
-		wants []string // also in the error
-	}{
-		{"cost not a number", env{"BCRYPT_COST": "twelve"}, nil, "BCRYPT_COST: ", []string{`"twelve"`}},
-		{"cost too low", env{"BCRYPT_COST": "9"}, nil, "BCRYPT_COST: ", []string{"10 to 15"}},
-		{"cost too high", env{"BCRYPT_COST": "16"}, nil, "BCRYPT_COST: ", []string{"10 to 15"}},
-		{"cost flag over a good variable", env{"BCRYPT_COST": "12"}, []string{"-bcrypt-cost=4"}, "-bcrypt-cost: ", []string{"10 to 15"}},
-		{"pool size", env{"DB_MAX_CONNS": "0"}, nil, "DB_MAX_CONNS: ", nil},
-		{"pool beyond the file limit", env{"DB_MAX_CONNS": "100000000"}, nil, "DB_MAX_CONNS: ", []string{"no room"}},
-		{"pooler mode", env{"DB_POOLER": "session"}, nil, `DB_POOLER: must be "none" or "transaction", got "session"`, nil},
-		{"pooler flag", nil, []string{"-db-pooler", "Transaction"}, "-db-pooler: ", []string{`"Transaction"`}},
-		{"token with spaces", env{"API_TOKEN": "tok "}, nil, "API_TOKEN: ", []string{"white space"}},
-		{"stream limit", env{"MAX_STREAMS": "x"}, nil, "MAX_STREAMS: ", []string{`"x"`}},
-		{"client limit", env{"MAX_CLIENTS": "0"}, nil, "MAX_CLIENTS: ", nil},
-		{"client limit flag", nil, []string{"-max-clients", "many"}, "-max-clients: ", []string{`"many"`}},
-		{"trusted proxies", env{"TRUSTED_PROXIES": "10.0.0.0/8 192.0.2.1"}, nil, "TRUSTED_PROXIES: ", []string{"CIDRs"}},
-		{"log format", env{"LOG_FORMAT": "logfmt"}, nil, `LOG_FORMAT: must be "text" or "json", got "logfmt"`, nil},
-		{"GOMAXPROCS not a number", env{"GOMAXPROCS": "abc"}, nil, "GOMAXPROCS: ", []string{`"abc"`}},
-		{"stray argument", nil, []string{"serve"}, "unexpected arguments", nil},
-		{"unknown flag", nil, []string{"-nope"}, "", []string{"-nope"}},
-		{"port not a number", env{"PORT": "http"}, nil, "PORT: ", []string{`"http"`}},
-		{"port out of range", env{"PORT": "65536"}, nil, "PORT: ", nil},
-		{"address variable", env{"DATABASE_URL": databaseURL, "ADDR": "127.0.0.1:-1"}, nil, "ADDR: ", nil},
-		{"address flag", env{"DATABASE_URL": databaseURL, "ADDR": "127.0.0.1:0"}, []string{"-addr", "127.0.0.1:-1"}, "-addr: ", nil},
-		{"database flag", env{"DATABASE_URL": databaseURL}, []string{"-database-url", downURL}, "-database-url: cannot use the database at " + down + ":", nil},
-		{"database URL in quotes", env{"DATABASE_URL": `"` + downURL + `"`}, nil, "DATABASE_URL: cannot use the database at " + down + ":", nil},
-		{"database settings with a stray word", env{"DATABASE_URL": "host=127.0.0.1 user=ann password=hunter2 hunter3 dbname=db"}, nil,
-			"DATABASE_URL: not a postgres:// URL, nor key=value settings", nil},
-		{"database hosts", env{"DATABASE_URL": "postgres://ann:hunter2@" + down + "," + other + "/db?sslmode=disable"}, nil,
-			"DATABASE_URL: cannot use the database at " + down + ", " + other + ":", nil},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			var stdout, stderr syncBuffer
-			err := run(context.Background(), tt.args, func(k string) string { return tt.env[k] }, &stdout, &stderr)
-			if err == nil {
-				t.Fatalf("run(%q, %v) succeeded, want an error", tt.args, tt.env)
-			}
-			msg := err.Error()
-			if !strings.HasPrefix(msg, tt.want) || strings.Contains(msg, "\n") {
-				t.Errorf("run(%q, %v) = %q, want one line starting %q", tt.args, tt.env, msg, tt.want)
-			}
-			for _, want := range tt.wants {
-				if !strings.Contains(msg, want) {
-					t.Errorf("run(%q, %v) = %q, want it to mention %q", tt.args, tt.env, msg, want)
-				}
-			}
-			if out := msg + stdout.String() + stderr.String(); strings.Contains(out, "hunter") || stderr.String() != "" {
-				t.Errorf("run(%q, ...) wrote %q to stderr, or showed the password: %s", tt.args, stderr.String(), out)
-			}
-		})
-	}
-}
-
-func TestLoadConfig(t *testing.T) {
-	t.Parallel()
-	defaults := config{addr: defaultAddr, databaseURL: defaultDatabaseURL, bcryptCost: defaultBcryptCost, maxStreams: defaultMaxStreams,
-		pool: poolConfig{maxOpen: 16, maxIdle: 16, maxIdleTime: 5 * time.Minute}}
-	defaults.maxClients, _ = parseMaxClients("", fileLimit(), defaults.pool.maxOpen)
-	with := func(change func(*config)) config {
-		c := defaults
-		change(&c)
-		return c
-	}
-	tests := []struct {
-		name string
-		env  map[string]string
-		args []string
-		want config
-	}{
-		{"defaults", nil, nil, defaults},
-		{"platform PORT", map[string]string{"PORT": "9000"}, nil, with(func(c *config) { c.addr = ":9000" })},
-		{"ADDR wins over PORT", map[string]string{"PORT": "9000", "ADDR": "0.0.0.0:80"}, nil, with(func(c *config) { c.addr = "0.0.0.0:80" })},
-		{"environment", map[string]string{
-			"DATABASE_URL": "postgres://db/x", "BCRYPT_COST": "10", "API_TOKEN": "t", "DB_MAX_CONNS": "8",
-			"DB_POOLER": "transaction", "MAX_STREAMS": "5", "MAX_CLIENTS": "100", "TRUSTED_PROXIES": "10.0.0.0/8, ::1", "LOG_FORMAT": "json",
-		}, nil, with(func(c *config) {
-			c.databaseURL, c.bcryptCost, c.apiToken, c.maxStreams, c.maxClients, c.jsonLogs = "postgres://db/x", 10, "t", 5, 100, true
-			c.proxies = []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8"), netip.MustParsePrefix("::1/128")}
-			c.pool.maxOpen, c.pool.maxIdle, c.pool.transactionPooler = 8, 8, true
-		})},
-		{"flags win over the environment", map[string]string{
-			"ADDR": ":1", "DATABASE_URL": "postgres://a/", "BCRYPT_COST": "10", "DB_POOLER": "transaction", "MAX_STREAMS": "5", "MAX_CLIENTS": "100",
-			"LOG_FORMAT": "json",
-		}, []string{
-			"-addr", ":2", "-database-url", "postgres://b/", "-bcrypt-cost", "15", "-db-pooler", "none", "-max-streams", "6", "-max-clients", "200",
-			"-log-format", "text",
-		}, with(func(c *config) {
-			c.addr, c.databaseURL, c.bcryptCost, c.maxStreams, c.maxClients = ":2", "postgres://b/", 15, 6, 200
-		})},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			got, err := loadConfig(tt.args, func(k string) string { return tt.env[k] }, io.Discard)
-			if err != nil {
-				t.Fatalf("loadConfig(%q, %v) = %v", tt.args, tt.env, err)
-			}
-			// Where a value came from shows in errors: see
-			// TestRunRefusesBadConfiguration.
-			got.maxClientsSet, got.maxClientsFrom, got.addrFrom, got.databaseURLFrom = "", "", "", ""
-			if !reflect.DeepEqual(got, tt.want) {
-				t.Errorf("loadConfig(%q, %v) = %+v, want %+v", tt.args, tt.env, got, tt.want)
-			}
-		})
-	}
-}
-
-func TestParseMaxClients(t *testing.T) {
-	t.Parallel()
-	for _, tt := range []struct {
-		value     string
-		fileLimit uint64
-		pool      int
-		want      int // 0: an error
-	}{
-		{"", 1024, 16, 1024 - 16 - fileReserve},
-		{"", 1 << 20, 16, maxDefaultClients},
-		{"", 100, 16, 20},
-		{"", 80, 16, 0},
-		{"944", 1024, 16, 944},
-		{"945", 1024, 16, 0},
-		{"0", 1024, 16, 0},
-		{"many", 1024, 16, 0},
-	} {
-		got, err := parseMaxClients(tt.value, tt.fileLimit, tt.pool)
-		if got != tt.want || (err == nil) != (tt.want != 0) {
-			t.Errorf("parseMaxClients(%q, %d, %d) = %d, %v; want %d", tt.value, tt.fileLimit, tt.pool, got, err, tt.want)
-		}
-	}
-}
-func TestParseDatabaseURL(t *testing.T) {
-	t.Parallel()
-	accepted := []struct{ name, value, want string }{
-		{"URL", "postgres://ann:se%20cret@db.example.com:6432/users?sslmode=require",
-			"user='ann' password='se cret' host='db.example.com' port='6432' dbname='users' sslmode='require'"},
-		{"postgresql scheme, upper case", "POSTGRESQL://db/users", "host='db' dbname='users'"},
-		{"in double quotes, with spaces", ` "postgres://db/users" `, "host='db' dbname='users'"},
-		{"in single quotes", `'postgres://db/users'`, "host='db' dbname='users'"},
-		{"hosts with ports", "postgres://h1:5432,h2:5433/db?target_session_attrs=read-write",
-			"host='h1,h2' port='5432,5433' dbname='db' target_session_attrs='read-write'"},
-		{"hosts, ports as a parameter", "postgres://h1,h2/db?port=5432,5433",
-			"host='h1,h2' dbname='db' port='5432,5433'"},
-		{"a host without its port", "postgres://h1,h2:5433/db", "host='h1,h2' port='5432,5433' dbname='db'"},
-		{"IPv6 hosts", "postgres://[::1]:5432,[2001:db8::1]/db", "host='::1,2001:db8::1' port='5432,5432' dbname='db'"},
-		{"socket directory", "postgres://%2Fvar%2Frun%2Fpostgresql/db", "host='/var/run/postgresql' dbname='db'"},
-		{"host as a parameter", "postgres:///db?host=/tmp", "dbname='db' host='/tmp'"},
-		{"key=value", "host=h1,h2 port=5432,5433 dbname=db target_session_attrs=read-write",
-			"host='h1,h2' port='5432,5433' dbname='db' target_session_attrs='read-write'"},
-		{"key=value, quoted and escaped", `user = ann password='it\'s a secret' dbname=a\ b`,
-			`user='ann' password='it\'s a secret' dbname='a b'`},
-	}
-	for _, tt := range accepted {
-		got, err := parseDatabaseURL(tt.value)
-		if err != nil || got != tt.want {
-			t.Errorf("%s: parseDatabaseURL(%q) = %q, %v; want %q", tt.name, tt.value, got, err, tt.want)
-		}
-	}
-
-	// Each holds the password hunter2 and the host secret-host: an error
-	// may show neither.
-	refused := []struct{ name, value string }{
-		{"another scheme", "postgresql+asyncpg://ann:hunter2@secret-host/db"},
-		{"a misspelt scheme", "postgress://ann:hunter2@secret-host/db"},
-		{"no scheme", "ann:hunter2@secret-host/db"},
-		{"a port that is not a number", "postgres://ann:hunter2@secret-host:port/db"},
-		{"a port out of range", "postgres://ann:hunter2@secret-host:65536/db"},
-		{"an empty host in the list", "postgres://ann:hunter2@secret-host,,h2/db"},
-		{"IPv6 without brackets", "postgres://ann:hunter2@::1/db?host=secret-host"},
-		{"a fragment", "postgres://ann:hunter2@secret-host/db#x"},
-		{"a '/' in the password", "postgres://ann:12/hunter2@secret-host/db"},
-		{"a bad escape", "postgres://ann:hunter%2@secret-host/db"},
-		{"a query key that is no setting", "postgres://ann:hunter2@secret-host/db?ssl+mode=x"},
-		{"an unbalanced quote", `"postgres://ann:hunter2@secret-host/db`},
-		{"a stray word", "host=secret-host user=ann password=hunter2 hunter3"},
-		{"a password cut by a space", "host=secret-host password=hunter2 and more"},
-		{"an unterminated quote", "host=secret-host password='hunter2"},
-		{"a URL as a setting", "dbname=postgres://ann:hunter2@secret-host/db"},
-		{"empty", " "},
-		{"empty quotes", `""`},
-	}
-	for _, tt := range refused {
-		_, err := parseDatabaseURL(tt.value)
-		if err == nil {
-			t.Errorf("%s: parseDatabaseURL(%q) succeeded, want an error", tt.name, tt.value)
-			continue
-		}
-		msg := err.Error()
-		if strings.Contains(msg, "\n") || strings.Contains(msg, "hunter") || strings.Contains(msg, "secret") {
-			t.Errorf("%s: error %q, want one line that shows nothing of the value", tt.name, msg)
-		}
-	}
-	// lib/pq's own checks still apply, and may name the setting at fault.
-	if _, err := parseDatabaseURL("postgres://ann:hunter2@db/x?sslmode=sometimes"); err == nil ||
-		!strings.Contains(err.Error(), "sslmode") || strings.Contains(err.Error(), "hunter2") {
-		t.Errorf("bad sslmode: error %v, want one naming sslmode and not the password", err)
-	}
 }
 
 func TestServerTimeouts(t *testing.T) {
@@ -880,71 +661,5 @@ func TestGracefulShutdown(t *testing.T) {
 	var n int
 	if err := adminDB.QueryRow(`SELECT count(*) FROM ` + schema + `.users`).Scan(&n); err != nil || n != inFlight {
 		t.Errorf("%d users stored (%v), want the %d created during the shutdown", n, err, inFlight)
-	}
-}
-
-// TestHelpAndVersion checks that -h prints what the program is and every
-// setting, by its variable, flag and default, and -version one line, both
-// whatever the environment holds.
-func TestHelpAndVersion(t *testing.T) {
-	t.Parallel()
-	help := []string{"users serves a user-management REST API backed by PostgreSQL.\n", "-version\n"}
-	for _, st := range settings() {
-		help = append(help, "  "+st.env, st.usage)
-		if st.flag != "" {
-			help = append(help, ", -"+st.flag+"\n")
-		}
-		if st.def != "" {
-			help = append(help, "default: "+st.def+"\n")
-		}
-	}
-	version := regexp.MustCompile(`^users \S+( [0-9a-f]{7} \S+)?\n$`)
-	env := map[string]string{"BCRYPT_COST": "3", "PORT": "x"}
-	for _, arg := range []string{"-h", "-help", "--help", "-version"} {
-		var stdout, stderr syncBuffer
-		err := run(context.Background(), []string{arg}, func(k string) string { return env[k] }, &stdout, &stderr)
-		if err != nil || stderr.String() != "" {
-			t.Errorf("run %s = %v, stderr %q; want nil and nothing on stderr", arg, err, stderr.String())
-		}
-		out := stdout.String()
-		if arg == "-version" {
-			if !version.MatchString(out) {
-				t.Errorf("run -version: %q, want one line \"users <version> [<revision> <time>]\"", out)
-			}
-			continue
-		}
-		if !strings.HasPrefix(out, help[0]) {
-			t.Errorf("run %s: %q, want it to start with what the program is", arg, out)
-		}
-		for _, want := range help {
-			if !strings.Contains(out, want) {
-				t.Errorf("run %s: help does not have %q:\n%s", arg, want, out)
-			}
-		}
-	}
-}
-
-func TestFormatVersion(t *testing.T) {
-	t.Parallel()
-	vcs := []debug.BuildSetting{
-		{Key: "-compiler", Value: "gc"},
-		{Key: "vcs.time", Value: "2026-11-28T10:00:00Z"},
-		{Key: "vcs.revision", Value: "5ba070a1b2c3d4e5f60718293a4b5c6d7e8f9012"},
-		{Key: "vcs.modified", Value: "false"},
-	}
-	for _, tt := range []struct {
-		version  string
-		settings []debug.BuildSetting
-		want     string
-	}{
-		{"(devel)", vcs, "users (devel) 5ba070a 2026-11-28T10:00:00Z"},
-		{"v1.2.3", vcs, "users v1.2.3 5ba070a 2026-11-28T10:00:00Z"},
-		{"(devel)", nil, "users (devel)"},
-		{"", nil, "users (devel)"},
-	} {
-		info := &debug.BuildInfo{Main: debug.Module{Path: "users", Version: tt.version}, Settings: tt.settings}
-		if got := formatVersion(info); got != tt.want {
-			t.Errorf("formatVersion(%q, %d settings) = %q, want %q", tt.version, len(tt.settings), got, tt.want)
-		}
 	}
 }

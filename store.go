@@ -9,6 +9,8 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
+	"sync"
 	"time"
 
 	"github.com/lib/pq"
@@ -70,7 +72,7 @@ func openStore(ctx context.Context, databaseURL string, pool poolConfig, timeout
 		return nil, err
 	}
 	b := newBounds(timeout)
-	pqConnector.Dialer(silenceDialer{timeout: b.silence})
+	pqConnector.Dialer(silenceDialer{timeout: b.silence, silentSince: new(sync.Map)})
 	c := connector{pqConnector}
 	db := sql.OpenDB(c)
 	db.SetMaxOpenConns(pool.maxOpen)
@@ -101,6 +103,10 @@ func openStore(ctx context.Context, databaseURL string, pool poolConfig, timeout
 	return s, nil
 }
 
+// defaultConnectTimeout is each host's bound to connect, if DATABASE_URL
+// gives no connect_timeout.
+const defaultConnectTimeout = 2 * time.Second
+
 // newConnector returns the connector for databaseURL. Behind a transaction
 // pooler the next transaction of a connection may run on another server
 // connection, so nothing may outlive one: the store prepares no statement,
@@ -116,6 +122,11 @@ func newConnector(databaseURL string, transactionPooler bool) (*pq.Connector, er
 	}
 	if transactionPooler {
 		cfg.BinaryParameters = true
+	}
+	// Each host gets its own bound to connect, so that one which takes
+	// connections and never answers leaves time for the next.
+	if cfg.ConnectTimeout <= 0 {
+		cfg.ConnectTimeout = defaultConnectTimeout
 	}
 	return pq.NewConnectorConfig(cfg)
 }
@@ -597,17 +608,19 @@ func (e *connectError) Error() string { return e.err.Error() }
 func (e *connectError) Unwrap() error { return e.err }
 
 // silenceDialer dials database connections on which every read gives up
-// after timeout without data. lib/pq waits for the server's answer with no
-// deadline of its own: when a context ends it asks the server, over the
-// network, to cancel, and keeps waiting. If the network itself falls silent
-// (a partition, a stuck proxy), that wait would hold the request, and its
-// pooled connection, forever. lib/pq reads only while it expects an answer,
-// so an idle connection is never cut by this. The timeout is the silence
-// bound, longer than the call's (see bounds): cutting a connection while the
-// server still runs a statement asks no one to cancel it.
+// after timeout without data: lib/pq has no read deadline of its own, and
+// a silent network (a partition, a stuck proxy) would hold a request and
+// its connection forever. lib/pq reads only while it expects an answer, so
+// an idle connection is never cut. Until connected, lib/pq's connect
+// deadline holds instead, cut to the dial's context (the call's bound) and
+// to timeout.
 type silenceDialer struct {
 	net.Dialer
 	timeout time.Duration
+	// silentSince holds, by address, when a connection there last fell
+	// silent: older ones fail at their next write, which lib/pq and
+	// database/sql retry on another, rather than each wait in turn.
+	silentSince *sync.Map
 }
 
 func (d silenceDialer) Dial(network, address string) (net.Conn, error) {
@@ -625,13 +638,20 @@ func (d silenceDialer) DialContext(ctx context.Context, network, address string)
 	if err != nil {
 		return nil, err
 	}
-	return &silenceConn{Conn: c, timeout: d.timeout}, nil
+	connectBy := time.Now().Add(d.timeout)
+	if dl, ok := ctx.Deadline(); ok && dl.Before(connectBy) {
+		connectBy = dl
+	}
+	return &silenceConn{Conn: c, silenceDialer: d, address: address, opened: time.Now(), connectBy: connectBy}, nil
 }
 
 type silenceConn struct {
 	net.Conn
-	timeout  time.Duration
-	deadline time.Time // the read deadline set last
+	silenceDialer
+	address   string
+	opened    time.Time
+	deadline  time.Time // the read deadline set last
+	connectBy time.Time // the deadline while connecting; zero once connected
 }
 
 // silenceSlack is how much of the silence bound a read may find used up:
@@ -641,11 +661,32 @@ type silenceConn struct {
 const silenceSlack = 50 * time.Millisecond
 
 func (c *silenceConn) Read(b []byte) (int, error) {
-	if now := time.Now(); c.deadline.Sub(now) < c.timeout-silenceSlack {
+	if now := time.Now(); c.connectBy.IsZero() && c.deadline.Sub(now) < c.timeout-silenceSlack {
 		c.deadline = now.Add(c.timeout)
 		if err := c.Conn.SetReadDeadline(c.deadline); err != nil {
 			return 0, err
 		}
 	}
-	return c.Conn.Read(b)
+	n, err := c.Conn.Read(b)
+	if c.connectBy.IsZero() && errors.Is(err, os.ErrDeadlineExceeded) {
+		c.silentSince.Store(c.address, time.Now())
+	}
+	return n, err
+}
+
+func (c *silenceConn) Write(b []byte) (int, error) {
+	if t, ok := c.silentSince.Load(c.address); ok && c.opened.Before(t.(time.Time)) {
+		return 0, errors.New("a connection to this host fell silent")
+	}
+	return c.Conn.Write(b)
+}
+
+// SetDeadline is how lib/pq bounds connecting (connect_timeout), and lifts
+// that bound once connected.
+func (c *silenceConn) SetDeadline(t time.Time) error {
+	if !t.IsZero() && !c.connectBy.IsZero() && c.connectBy.Before(t) {
+		t = c.connectBy
+	}
+	c.connectBy = t
+	return c.Conn.SetDeadline(t)
 }

@@ -379,13 +379,14 @@ log_disconnections = 0
 `, database, target, dir, pgBouncerPoolSize)
 }
 
-// dbProxy forwards TCP connections to the test database. It can cut every
-// connection and refuse new ones until it is restored, and stall: take
-// everything and forward nothing, as a network that stops answering does.
+// dbProxy forwards TCP connections to a database. It can cut every
+// connection and refuse new ones until it is restored, and stall (freeze):
+// take everything and forward nothing, as a network or a host that stops
+// answering does.
 type dbProxy struct {
 	network, target string // the database's address
 	addr            string // where the proxy listens
-	schema          string // the schema its URL works in
+	schema          string // for newDBProxy, the schema its URL works in
 
 	// stalled makes the proxy swallow everything in both directions.
 	stalled atomic.Bool
@@ -396,8 +397,7 @@ type dbProxy struct {
 }
 
 // newDBProxy starts a proxy to the test database and returns it with a
-// connection URL that goes through it to a fresh schema. The proxy is cut
-// when the test ends.
+// connection URL that goes through it to a fresh schema.
 func newDBProxy(t *testing.T) (*dbProxy, string) {
 	t.Helper()
 	databaseURL, schema := newSchema(t)
@@ -405,16 +405,26 @@ func newDBProxy(t *testing.T) (*dbProxy, string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &dbProxy{network: "tcp", target: net.JoinHostPort(cfg.Host, strconv.Itoa(int(cfg.Port))), schema: schema, conns: map[net.Conn]bool{}}
+	network, target := "tcp", net.JoinHostPort(cfg.Host, strconv.Itoa(int(cfg.Port)))
 	if strings.HasPrefix(cfg.Host, "/") {
-		p.network, p.target = "unix", fmt.Sprintf("%s/.s.PGSQL.%d", cfg.Host, cfg.Port)
+		network, target = "unix", fmt.Sprintf("%s/.s.PGSQL.%d", cfg.Host, cfg.Port)
 	}
+	p := newProxy(t, network, target)
+	p.schema = schema
+	host, port, _ := net.SplitHostPort(p.addr)
+	return p, retarget(t, databaseURL, "host", host, "port", port)
+}
+
+// newProxy starts a proxy to target on a loopback port, cut when the test
+// ends.
+func newProxy(t *testing.T, network, target string) *dbProxy {
+	t.Helper()
+	p := &dbProxy{network: network, target: target, conns: map[net.Conn]bool{}}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	p.addr = ln.Addr().String()
-	host, port, _ := net.SplitHostPort(p.addr)
 	go func() {
 		for {
 			client, err := ln.Accept()
@@ -430,7 +440,7 @@ func newDBProxy(t *testing.T) (*dbProxy, string) {
 		ln.Close()
 		p.cut()
 	})
-	return p, retarget(t, databaseURL, "host", host, "port", port)
+	return p
 }
 
 // track registers c for cut to close, under the lock that cut takes, so no
@@ -670,11 +680,60 @@ func TestDatabaseGoneAtStart(t *testing.T) {
 	}
 }
 
+// TestFrozenHostIsPassedOver lists two hosts, both the test database, the
+// first through a proxy that freezes: it takes connections and never
+// answers. The service starts, and once one request has waited out the
+// silence bound, the next are served by the second host, not by the next
+// pooled connection to the frozen one.
+func TestFrozenHostIsPassedOver(t *testing.T) {
+	t.Parallel()
+	proxy, databaseURL := newDBProxy(t)
+	cfg, err := pq.NewConfig(testDatabaseURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	host, port, _ := net.SplitHostPort(proxy.addr)
+	databaseURL = retarget(t, databaseURL, "host", host+","+cfg.Host, "port", port+","+strconv.Itoa(int(cfg.Port)), "connect_timeout", "1")
+
+	proxy.stalled.Store(true)
+	s := startRun(t, map[string]string{"DATABASE_URL": databaseURL, "ADDR": "127.0.0.1:0"})
+	if r := s.do("GET", "/healthz", ""); r.status != http.StatusOK {
+		t.Errorf("%s with the first host frozen, want 200", r)
+	}
+	s.stop(t)
+
+	proxy.stalled.Store(false)
+	st := newStoreWith(t, databaseURL, testPool, 3*time.Second)
+	var conns []*sql.Conn // fill the pool with connections to the first host
+	for range testPool.maxOpen {
+		c, err := st.db.Conn(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, c)
+	}
+	for _, c := range conns {
+		c.Close()
+	}
+	e := newTestEnv(t, withStore(st))
+	proxy.stalled.Store(true)
+	mustRetryLater(t, e.do("GET", "/users/1", ""))
+	for range 3 {
+		if r := e.do("GET", "/users/1", ""); r.status != http.StatusNotFound {
+			t.Errorf("%s after a connection to the frozen host fell silent, want 404 from the other host", r)
+		}
+	}
+}
+
 // retarget returns databaseURL as key=value settings, with the settings
 // kv (key, value, ...) in place of its own.
 func retarget(t *testing.T, databaseURL string, kv ...string) string {
 	t.Helper()
 	dsn, err := parseDatabaseURL(databaseURL)
+	if err == nil && strings.HasPrefix(dsn, "postgres://") {
+		//lint:ignore SA1019 it turns a URL into settings, which later ones override
+		dsn, err = pq.ParseURL(dsn)
+	}
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -984,8 +1043,19 @@ func openDB(t *testing.T, dsn string) *sql.DB {
 	return db
 }
 
+// TestFailoverDrill fails a primary under creates, killed or frozen (it
+// takes connections and never answers), and promotes its standby.
 func TestFailoverDrill(t *testing.T) {
 	t.Parallel()
+	for _, fault := range []string{"killed", "frozen"} {
+		t.Run(fault, func(t *testing.T) {
+			t.Parallel()
+			failoverDrill(t, fault == "frozen")
+		})
+	}
+}
+
+func failoverDrill(t *testing.T, freeze bool) {
 	pg := newPGServers(t)
 	_, primaryPort, _ := net.SplitHostPort(closedAddr(t))
 	_, standbyPort, _ := net.SplitHostPort(closedAddr(t))
@@ -1004,6 +1074,8 @@ func TestFailoverDrill(t *testing.T) {
 		primaryDB.QueryRow(`SELECT sync_state FROM pg_stat_replication WHERE application_name = 'standby'`).Scan(&state)
 		return state == "sync"
 	})
+	// The service reaches the primary through a proxy that can freeze.
+	proxy := newProxy(t, "tcp", "127.0.0.1:"+primaryPort)
 
 	// The service, on both, in the form operators copy from PostgreSQL's
 	// documentation, with its production bound; and a second copy told
@@ -1011,7 +1083,7 @@ func TestFailoverDrill(t *testing.T) {
 	// read-only.
 	var envs []*testEnv
 	for _, attrs := range []string{"&target_session_attrs=read-write", ""} {
-		dsn, err := parseDatabaseURL("postgres://postgres@127.0.0.1:" + primaryPort + ",127.0.0.1:" + standbyPort + "/postgres?sslmode=disable" + attrs)
+		dsn, err := parseDatabaseURL("postgres://postgres@" + proxy.addr + ",127.0.0.1:" + standbyPort + "/postgres?sslmode=disable" + attrs)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -1022,11 +1094,14 @@ func TestFailoverDrill(t *testing.T) {
 	begin := time.Now()
 	waitUntil(t, "20 creates on the primary", func() bool { return load.count(http.StatusCreated, begin) >= 20 })
 
-	// The primary dies.
-	killStart := time.Now()
-	pg.run("pg_ctl", "-D", "primary", "-m", "immediate", "stop")
-	killed := time.Now()
-	waitUntil(t, "503s while there is no primary", func() bool { return load.count(http.StatusServiceUnavailable, killed) >= 8 })
+	faultStart := time.Now()
+	if freeze {
+		proxy.stalled.Store(true)
+	} else {
+		pg.run("pg_ctl", "-D", "primary", "-m", "immediate", "stop")
+	}
+	faultEnd := time.Now()
+	waitUntil(t, "503s while there is no primary", func() bool { return load.count(http.StatusServiceUnavailable, faultEnd) >= 8 })
 	// The standby takes over.
 	promoted := time.Now()
 	pg.run("pg_ctl", "-D", "standby", "-w", "-t", "60", "promote")
@@ -1034,9 +1109,9 @@ func TestFailoverDrill(t *testing.T) {
 	load.stop()
 
 	// Every 201 is on the new primary; a create answered 503 left nothing, unless it was in flight
-	// when the primary died: its commit may have reached the standby.
+	// when the primary failed: its commit may have reached the standby.
 	newPrimary := openDB(t, "host=127.0.0.1 port="+standbyPort+" user=postgres dbname=postgres sslmode=disable")
-	slowest := load.check(t, newPrimary, "users", killStart, killed)
+	slowest := load.check(t, newPrimary, "users", faultStart, faultEnd)
 	var firstAfter time.Duration
 	for _, o := range load.outcomes {
 		if d := o.end.Sub(promoted); o.status == http.StatusCreated && !o.start.Before(promoted) && (firstAfter == 0 || d < firstAfter) {
@@ -1050,7 +1125,7 @@ func TestFailoverDrill(t *testing.T) {
 	if bound := newBounds(queryTimeout).silence; slowest > 3*bound {
 		t.Errorf("slowest answer %v, want well within the bound %v", slowest, bound)
 	}
-	t.Logf("first 201 %v after the promotion began", firstAfter.Round(time.Millisecond))
+	t.Logf("first 201 %v after the promotion began, %v after the fault", firstAfter.Round(time.Millisecond), (promoted.Sub(faultEnd) + firstAfter).Round(time.Millisecond))
 }
 
 // A write runs at READ COMMITTED whatever the database's default: at a
