@@ -1193,7 +1193,7 @@ func TestLogLinesAreBounded(t *testing.T) {
 	e.createUser(t, "Ann", "Lee", "ann@example.com", "passw0rd-1")
 	h.slots <- struct{}{} // a PUT waits for a hashing slot until its client leaves
 	for _, request := range []string{
-		"PUT " + zeros + " HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 24\r\n\r\n{\"password\":\"password2\"}",
+		"PUT " + zeros + " HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 25\r\n\r\n{\"password\":\"passw0rd-2\"}",
 		"GET " + zeros + " HTTP/1.1\r\nHost: x\r\n\r\n",
 		"GET /" + strings.Repeat("%ff%00", 10000) + " HTTP/1.1\r\nHost: x\r\n\r\n",
 		"GET /users/?email=" + strings.Repeat("a", 60000) + " HTTP/1.1\r\nHost: x\r\n\r\n",
