@@ -20,6 +20,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 	"unicode"
 	"unicode/utf8"
@@ -73,6 +74,7 @@ type server struct {
 	apiToken string
 	serverOptions
 	streams chan struct{} // a slot for each whole-table list stream
+	batches sync.Pool     // *bytes.Buffer: a list stream's batch, kept for the next
 }
 
 // serverOptions are newServer's settings besides the API token.
@@ -117,6 +119,7 @@ func (s *server) routes() []route {
 func newServer(logger *slog.Logger, st *store, h *hasher, apiToken string, opts serverOptions) http.Handler {
 	s := &server{logger: logger, store: st, hasher: h, apiToken: apiToken, serverOptions: opts,
 		streams: make(chan struct{}, opts.maxStreams)}
+	s.batches.New = func() any { return new(bytes.Buffer) }
 	mux := http.NewServeMux()
 	for _, rt := range s.routes() {
 		var h http.Handler = rt.handler
@@ -627,8 +630,9 @@ func (s *server) allUsers(w http.ResponseWriter, r *http.Request, q listQuery) {
 		return
 	}
 
-	var buf bytes.Buffer
-	enc := json.NewEncoder(&buf)
+	buf := s.batches.Get().(*bytes.Buffer)
+	defer s.batches.Put(buf)
+	enc := json.NewEncoder(buf)
 	sent, afterID := 0, q.afterID
 	// readBatch encodes the next batch into buf, each user preceded by a
 	// comma but the first, and reports whether more users follow: it reads
