@@ -52,11 +52,12 @@ const (
 
 // A whole-table list is streamed in batches of listBatchSize users, one
 // query each, so that no database connection is held while a client reads.
-// Each batch gets listWriteTimeout to reach the client: one that keeps
-// reading may take as long as the list needs, one that stalls is cut off.
+// A batch goes out listChunk bytes at a time, each with the streamStall
+// option to be taken: a client that keeps reading may take as long as the
+// list needs, one that stalls is cut off.
 const (
-	listBatchSize    = 1000
-	listWriteTimeout = 30 * time.Second
+	listBatchSize = 1000
+	listChunk     = 16 << 10
 )
 
 // retryAfter is the Retry-After of every 503, in seconds: hashing slots free
@@ -81,6 +82,9 @@ type server struct {
 type serverOptions struct {
 	// maxStreams bounds the whole-table list streams served at once.
 	maxStreams int
+	// streamStall is how long a list stream waits for its client to take
+	// the next chunk before it cuts the connection.
+	streamStall time.Duration
 	// loopbackHostsOnly makes the service answer only requests whose Host
 	// names a loopback host. Set when the service listens on loopback
 	// without a token, it keeps web pages out by DNS rebinding.
@@ -671,19 +675,24 @@ func (s *server) allUsers(w http.ResponseWriter, r *http.Request, q listQuery) {
 	rc := http.NewResponseController(w)
 	io.WriteString(w, "[")
 	for {
-		if _, err := w.Write(buf.Bytes()); err != nil {
-			s.logger.Info("list users: client stopped reading", "err", err)
-			panic(http.ErrAbortHandler)
+		if !more {
+			buf.WriteString("]\n")
+		}
+		for b := buf.Bytes(); len(b) > 0; b = b[min(len(b), listChunk):] {
+			rc.SetWriteDeadline(time.Now().Add(s.streamStall))
+			if _, err := w.Write(b[:min(len(b), listChunk)]); err != nil {
+				s.logger.Info("list users: client stopped reading", "err", err)
+				panic(http.ErrAbortHandler)
+			}
 		}
 		if !more {
-			break
+			return
 		}
 		// Send what is buffered before the next query.
 		if err := rc.Flush(); err != nil {
 			s.logger.Info("list users: client stopped reading", "err", err)
 			panic(http.ErrAbortHandler)
 		}
-		rc.SetWriteDeadline(time.Now().Add(listWriteTimeout))
 		if more, err = readBatch(); err != nil {
 			if r.Context().Err() == nil {
 				s.logger.Error("list users: read next batch", "err", err)
@@ -691,7 +700,6 @@ func (s *server) allUsers(w http.ResponseWriter, r *http.Request, q listQuery) {
 			panic(http.ErrAbortHandler)
 		}
 	}
-	io.WriteString(w, "]\n")
 }
 
 // Reading and validating input.
