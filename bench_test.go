@@ -137,8 +137,8 @@ func BenchmarkHandler(b *testing.B) {
 		name string
 		h    http.Handler
 	}{
-		{"service", newServer(logger, st, h, "", serverOptions{maxStreams: defaultMaxStreams})},
-		{"service-nolog", newServer(quiet, st, h, "", serverOptions{maxStreams: defaultMaxStreams})},
+		{"service", newServer(logger, st, h, "", serverOptions{maxStreams: defaultMaxStreams, streamStall: streamStall})},
+		{"service-nolog", newServer(quiet, st, h, "", serverOptions{maxStreams: defaultMaxStreams, streamStall: streamStall})},
 		{"ceiling", ceiling},
 	}
 	paths := []struct {

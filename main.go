@@ -39,13 +39,16 @@ const (
 	// HTTP server timeouts. ReadHeaderTimeout cuts clients that trickle
 	// headers; ReadTimeout bounds reading a whole request body (1 MiB at
 	// 64 KiB/s); WriteTimeout bounds the response and so must cover the
-	// hash wait, a hash and a query (the list stream extends it batch by
-	// batch); IdleTimeout frees idle keep-alive connections.
+	// hash wait, a hash and a query (a list stream moves it on as it
+	// sends); IdleTimeout frees idle keep-alive connections.
 	readHeaderTimeout = 5 * time.Second
 	readTimeout       = 16 * time.Second
 	writeTimeout      = 30 * time.Second
 	idleTimeout       = 60 * time.Second
 	maxHeaderBytes    = 64 << 10
+	// streamStall: a whole-table list whose client takes nothing for this
+	// long is cut, and its stream slot freed.
+	streamStall = 10 * time.Second
 )
 
 func main() {
@@ -109,7 +112,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	hashSlots := max(1, runtime.GOMAXPROCS(0)-1)
 	h := newHasher(cfg.bcryptCost, hashSlots, hashWait)
 	opts := serverOptions{
-		maxStreams: cfg.maxStreams,
+		maxStreams:  cfg.maxStreams,
+		streamStall: streamStall,
 		// Without a token, a loopback address is the only guard: keep web
 		// pages out that reach it through a name of their own (DNS
 		// rebinding).
@@ -156,6 +160,20 @@ func newHTTPServer(handler http.Handler, logger *slog.Logger) *http.Server {
 		// any other path it does not serve.
 		DisableGeneralOptionsHandler: true,
 		ErrorLog:                     slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
+		ConnContext:                  func(ctx context.Context, c net.Conn) context.Context { limitUnsent(c); return ctx },
+	}
+}
+
+// limitUnsent caps what c's socket holds unsent, on Linux. A writer blocked
+// on a full send buffer wakes only once a third of it is free, megabytes on
+// a fast link: a client reading slowly would look stalled for that long.
+// With the cap, the writer wakes as the client reads.
+func limitUnsent(c net.Conn) {
+	const tcpNotSentLowat, maxUnsent = 0x19, 128 << 10
+	if sc, ok := c.(syscall.Conn); ok && runtime.GOOS == "linux" {
+		if raw, err := sc.SyscallConn(); err == nil {
+			raw.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.IPPROTO_TCP, tcpNotSentLowat, maxUnsent) })
+		}
 	}
 }
 

@@ -162,7 +162,7 @@ func withServer(configure func(*http.Server)) envOption {
 // bcrypt's minimum cost to keep the tests fast.
 func newTestEnv(t testing.TB, opts ...envOption) *testEnv {
 	t.Helper()
-	cfg := envConfig{options: serverOptions{maxStreams: defaultMaxStreams}}
+	cfg := envConfig{options: serverOptions{maxStreams: defaultMaxStreams, streamStall: streamStall}}
 	for _, o := range opts {
 		o(&cfg)
 	}

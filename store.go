@@ -399,9 +399,11 @@ func (s *store) EachUser(ctx context.Context, afterID int64, limit int, fn func(
 	defer rows.Close()
 	var u user
 	for rows.Next() {
-		if err := u.scan(rows, nil); err != nil {
+		// Scanning *sql.Rows, not a scanner, keeps the arguments off the heap.
+		if err := rows.Scan(&u.ID, &u.FirstName, &u.LastName, &u.Email, &u.CreatedAt, &u.UpdatedAt, &u.Version); err != nil {
 			return dbError(err)
 		}
+		u.CreatedAt, u.UpdatedAt = u.CreatedAt.UTC(), u.UpdatedAt.UTC()
 		fn(&u)
 	}
 	return dbError(rows.Err())

@@ -22,6 +22,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 	"unicode"
@@ -53,11 +54,12 @@ const (
 
 // A whole-table list is streamed in batches of listBatchSize users, one
 // query each, so that no database connection is held while a client reads.
-// Each batch gets listWriteTimeout to reach the client: one that keeps
-// reading may take as long as the list needs, one that stalls is cut off.
+// A batch goes out listChunk bytes at a time, each with the streamStall
+// option to be taken: a client that keeps reading may take as long as the
+// list needs, one that stalls is cut off.
 const (
-	listBatchSize    = 1000
-	listWriteTimeout = 30 * time.Second
+	listBatchSize = 1000
+	listChunk     = 16 << 10
 )
 
 // retryAfter is the Retry-After of every 503, and of a 429 for a client's
@@ -79,12 +81,16 @@ type server struct {
 	// Request ids the service makes are idPrefix and a count.
 	idPrefix string
 	requests atomic.Uint64
+	batches  sync.Pool // *bytes.Buffer: a list stream's batch, kept for the next
 }
 
 // serverOptions are newServer's settings besides the API token.
 type serverOptions struct {
 	// maxStreams bounds the whole-table list streams served at once.
 	maxStreams int
+	// streamStall is how long a list stream waits for its client to take
+	// the next chunk before it cuts the connection.
+	streamStall time.Duration
 	// loopbackHostsOnly makes the service answer only requests whose Host
 	// names a loopback host. Set when the service listens on loopback
 	// without a token, it keeps web pages out by DNS rebinding.
@@ -125,6 +131,7 @@ func (s *server) routes() []route {
 func newServer(logger *slog.Logger, st *store, h *hasher, apiToken string, opts serverOptions) http.Handler {
 	s := &server{logger: logger, store: st, hasher: h, apiToken: apiToken, serverOptions: opts,
 		streams: make(chan struct{}, opts.maxStreams), idPrefix: rand.Text()[:10] + "-"}
+	s.batches.New = func() any { return new(bytes.Buffer) }
 	mux := http.NewServeMux()
 	for _, rt := range s.routes() {
 		var h http.Handler = rt.handler
@@ -377,8 +384,9 @@ func (s *server) allUsers(w http.ResponseWriter, r *http.Request, q listQuery) {
 		return
 	}
 
-	var buf bytes.Buffer
-	enc := json.NewEncoder(&buf)
+	buf := s.batches.Get().(*bytes.Buffer)
+	defer s.batches.Put(buf)
+	enc := json.NewEncoder(buf)
 	sent, afterID := 0, q.afterID
 	// readBatch encodes the next batch into buf, each user preceded by a
 	// comma but the first, and reports whether more users follow: it reads
@@ -417,19 +425,24 @@ func (s *server) allUsers(w http.ResponseWriter, r *http.Request, q listQuery) {
 	rc := http.NewResponseController(w)
 	io.WriteString(w, "[")
 	for {
-		if _, err := w.Write(buf.Bytes()); err != nil {
-			s.log(w, r).Info("list users: client stopped reading", "err", err)
-			panic(http.ErrAbortHandler)
+		if !more {
+			buf.WriteString("]\n")
+		}
+		for b := buf.Bytes(); len(b) > 0; b = b[min(len(b), listChunk):] {
+			rc.SetWriteDeadline(time.Now().Add(s.streamStall))
+			if _, err := w.Write(b[:min(len(b), listChunk)]); err != nil {
+				s.log(w, r).Info("list users: client stopped reading", "err", err)
+				panic(http.ErrAbortHandler)
+			}
 		}
 		if !more {
-			break
+			return
 		}
 		// Send what is buffered before the next query.
 		if err := rc.Flush(); err != nil {
 			s.log(w, r).Info("list users: client stopped reading", "err", err)
 			panic(http.ErrAbortHandler)
 		}
-		rc.SetWriteDeadline(time.Now().Add(listWriteTimeout))
 		if more, err = readBatch(); err != nil {
 			if r.Context().Err() == nil {
 				s.log(w, r).Error("list users: read next batch", "err", err)
@@ -437,7 +450,6 @@ func (s *server) allUsers(w http.ResponseWriter, r *http.Request, q listQuery) {
 			panic(http.ErrAbortHandler)
 		}
 	}
-	io.WriteString(w, "]\n")
 }
 
 // Reading and validating input.

@@ -20,6 +20,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -1068,7 +1069,7 @@ func TestWholeTableStreamsAreBounded(t *testing.T) {
 	}
 	t.Cleanup(func() { st.Close() })
 	const streams = 2
-	e := newTestEnv(t, withStore(st), withOptions(serverOptions{maxStreams: streams}))
+	e := newTestEnv(t, withStore(st), withOptions(serverOptions{maxStreams: streams, streamStall: streamStall}))
 	seedUsers(t, st, 3)
 
 	// The lock holds every read of the table until released: the streams
@@ -1115,6 +1116,66 @@ func TestWholeTableStreamsAreBounded(t *testing.T) {
 	if got := mustList(t, e.do("GET", "/users/", "")); len(got) != 3 {
 		t.Errorf("GET /users/ after the streams gave %d users, want 3", len(got))
 	}
+}
+
+// A list stream waits for a client as long as it keeps reading, however
+// slowly, and cuts one that reads nothing for streamStall, freeing its slot.
+// The list outgrows the kernel's buffers, and the client's receive buffer is
+// small, so the server waits on the client's reading itself.
+func TestListStreamWaitsForProgress(t *testing.T) {
+	t.Parallel()
+	const users = 15000 // some 6 MB, in batches of 400 KB
+	e := newTestEnv(t, withOptions(serverOptions{maxStreams: 1, streamStall: 3 * time.Second}))
+	seedUsers(t, e.store, users)
+	if _, err := e.store.db.Exec(`UPDATE users SET first_name = repeat('F', 128), last_name = repeat('L', 128)`); err != nil {
+		t.Fatal(err)
+	}
+	client := &http.Client{Transport: &http.Transport{DialContext: dialSmallBuffer}}
+	t.Cleanup(client.CloseIdleConnections)
+
+	// At 40 KiB/s, a batch takes longer than the stall bound, but no chunk
+	// does; then the rest at once.
+	resp, err := client.Get(e.url + "/users/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	tick := time.NewTicker(25 * time.Millisecond)
+	defer tick.Stop()
+	var body bytes.Buffer
+	for ; body.Len() < 200<<10 && err == nil; <-tick.C {
+		_, err = io.CopyN(&body, resp.Body, 1<<10)
+	}
+	if err == nil {
+		_, err = body.ReadFrom(resp.Body)
+	}
+	var got []userJSON
+	if err != nil || json.Unmarshal(body.Bytes(), &got) != nil || len(got) != users {
+		t.Fatalf("GET /users/ read slowly: %d users in %d bytes, read error %v; want all %d", len(got), body.Len(), err, users)
+	}
+
+	// A client that stops reading after the status holds the only slot,
+	// until it is cut.
+	c, err := dialSmallBuffer(context.Background(), "tcp", strings.TrimPrefix(e.url, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	fmt.Fprintf(c, "GET /users/ HTTP/1.1\r\nHost: localhost\r\n\r\n")
+	status := make([]byte, len("HTTP/1.1 200"))
+	if _, err := io.ReadFull(c, status); err != nil || string(status) != "HTTP/1.1 200" {
+		t.Fatalf("GET /users/ to stop reading: %q, %v; want HTTP/1.1 200", status, err)
+	}
+	last := fmt.Sprintf("/users/?after_id=%d", got[users-1].ID)
+	waitUntil(t, "the stalled stream to be cut", func() bool { return e.do("GET", last, "").status == http.StatusOK })
+}
+
+// dialSmallBuffer dials with a 16 KiB socket receive buffer.
+func dialSmallBuffer(ctx context.Context, network, addr string) (net.Conn, error) {
+	d := net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
+		return c.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 16<<10) })
+	}}
+	return d.DialContext(ctx, network, addr)
 }
 
 // Middleware.
@@ -1264,7 +1325,7 @@ func TestAPIToken(t *testing.T) {
 
 func TestOnlyLoopbackHostsWithoutToken(t *testing.T) {
 	t.Parallel()
-	e := newTestEnv(t, withOptions(serverOptions{maxStreams: 1, loopbackHostsOnly: true}))
+	e := newTestEnv(t, withOptions(serverOptions{maxStreams: 1, streamStall: streamStall, loopbackHostsOnly: true}))
 	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "passw0rd-1")
 	for _, rt := range (&server{}).routes() {
 		var body string
