@@ -29,9 +29,8 @@ import (
 	"unicode/utf8"
 )
 
-// This file is the HTTP surface: the routes, the handlers, reading and
-// validating input, writing answers; and last the middleware every request
-// passes through, the service's armor.
+// This file is the HTTP surface: routes, handlers, reading and validating
+// input, writing answers; and last the middleware, the service's armor.
 
 // Limits on what clients send, and on what the service sends back.
 const (
@@ -78,7 +77,7 @@ type route struct {
 }
 
 // routes is the whole API surface. /users and /users/ are both served: a
-// subtree pattern would redirect /users, and a POST would come back a GET.
+// subtree pattern would redirect /users.
 func (s *server) routes() []route {
 	return []route{
 		{"GET", "/healthz", s.health, true},
@@ -95,9 +94,8 @@ func (s *server) routes() []route {
 	}
 }
 
-// newServer returns the service's HTTP handler. If apiToken is not empty,
-// every route but the public ones requires it as a bearer token. Every POST
-// and PUT body must be labelled JSON.
+// newServer returns the service's HTTP handler. Every route but the public
+// ones requires apiToken, if set; every POST and PUT body must be JSON.
 func newServer(logger *slog.Logger, st *store, h *hasher, apiToken string, opts serverOptions) http.Handler {
 	s := &server{logger: logger, store: st, hasher: h, apiToken: apiToken, serverOptions: opts,
 		streams: make(chan struct{}, opts.maxStreams), idPrefix: rand.Text()[:10] + "-"}
@@ -118,9 +116,8 @@ func newServer(logger *slog.Logger, st *store, h *hasher, apiToken string, opts 
 
 // Handlers.
 
-// health answers whether the database answers, bounded by the store and not
-// by the client: net/http ends a request's context when the client
-// half-closes its connection, as some probes do.
+// health answers whether the database answers, bounded by the store, not by
+// the client: net/http ends a request's context on a client's half-close.
 func (s *server) health(w http.ResponseWriter, r *http.Request) {
 	if err := s.store.Ping(context.WithoutCancel(r.Context())); err != nil {
 		s.log(w, r).Warn("health check failed", "err", err)
@@ -135,27 +132,17 @@ func (s *server) health(w http.ResponseWriter, r *http.Request) {
 //go:embed openapi.json
 var openAPI []byte
 
-// docsPage renders /openapi.json with Swagger UI from a CDN, as FastAPI's
-// /docs does, pinned to one release and its SHA-384 hashes so that changed
-// files cannot run on this origin (.ci/run checks the hashes). Without the
-// CDN the page links the description.
+// docsPage renders /openapi.json with Swagger UI from a CDN, pinned to one
+// release and its SHA-384 hashes (.ci/run checks them); without it, a link.
 const docsPage = `<!doctype html>
 <html lang="en">
-<head>
 <meta charset="utf-8">
 <title>users API</title>
 <link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5.35.0/swagger-ui.css" integrity="sha384-WlYgdmXYOOBWL5apwjDEZwN+U3HmXSSu5R6V5aGxEcf7z+KuRNwBhoxKVN1i3D5I" crossorigin="anonymous">
-</head>
-<body>
-<div id="swagger-ui">
-<h1>users API</h1>
-<p>Swagger UI, from cdn.jsdelivr.net, shows the API's description here. Without it,
-read the description itself: <a href="/openapi.json">/openapi.json</a> (OpenAPI 3.1).</p>
-</div>
+<div id="swagger-ui"><h1>users API</h1><p>Swagger UI, from cdn.jsdelivr.net, shows the API's description here.
+Without it, read the description itself: <a href="/openapi.json">/openapi.json</a> (OpenAPI 3.1).</p></div>
 <script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5.35.0/swagger-ui-bundle.js" integrity="sha384-gjRm0bEPMeTmMh5jT2cHccIwCUZSTd8YC+j0d0sXw0MdGEfScduGpSyF3ZSSLkX9" crossorigin="anonymous"></script>
 <script>if (window.SwaggerUIBundle) SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
-</body>
-</html>
 `
 
 // serve answers with body, of type contentType.
@@ -290,8 +277,7 @@ func (s *server) userByEmail(w http.ResponseWriter, r *http.Request, email strin
 	encode(w, http.StatusOK, []user{u})
 }
 
-// usersPage answers one page of users, with a Link to the next one if the
-// page is full.
+// usersPage answers one page of users, with a Link to the next if it is full.
 func (s *server) usersPage(w http.ResponseWriter, r *http.Request, q listQuery) {
 	page, err := s.store.Users(r.Context(), q.afterID, q.limit)
 	if err != nil {
@@ -304,8 +290,7 @@ func (s *server) usersPage(w http.ResponseWriter, r *http.Request, q listQuery) 
 	encode(w, http.StatusOK, page)
 }
 
-// headUsers answers HEAD for the whole list as a GET would be answered now,
-// which takes one user to know, not the table.
+// headUsers answers HEAD for the whole list as a GET would be, from one user.
 func (s *server) headUsers(w http.ResponseWriter, r *http.Request, q listQuery) {
 	if len(s.streams) == cap(s.streams) {
 		writeUnavailable(w)
@@ -325,9 +310,8 @@ func (s *server) headUsers(w http.ResponseWriter, r *http.Request, q listQuery) 
 }
 
 // allUsers streams every user after q.afterID as one JSON array, a batch per
-// query, each read before it is sent so that no connection waits on the
-// client. A stream holds a slot; with none free the client is asked to come
-// back. Once the 200 is out, a failure can only cut the stream short.
+// query, each read before it is sent; a stream holds one of s.streams. Once
+// the 200 is out, a failure can only cut the stream short.
 func (s *server) allUsers(w http.ResponseWriter, r *http.Request, q listQuery) {
 	select {
 	case s.streams <- struct{}{}:
@@ -341,8 +325,7 @@ func (s *server) allUsers(w http.ResponseWriter, r *http.Request, q listQuery) {
 	defer s.batches.Put(buf)
 	enc := json.NewEncoder(buf)
 	sent, afterID := 0, q.afterID
-	// readBatch encodes the next batch into buf, a comma before each user but
-	// the first; it reads one user more to know whether more follow.
+	// readBatch encodes the next batch into buf; one user more says if more follow.
 	readBatch := func() (more bool, err error) {
 		buf.Reset()
 		n := 0
@@ -456,8 +439,8 @@ func parseListQuery(rawQuery string) (listQuery, map[string]string) {
 	return q, problems
 }
 
-// userID returns the user id in r's path, a positive integer that fits
-// int64. If there is none, it answers 404 and returns false.
+// userID returns the user id in r's path. If there is none, it answers 404
+// and returns false.
 func userID(w http.ResponseWriter, r *http.Request) (int64, bool) {
 	id, ok := parseNumber(r.PathValue("id"))
 	if !ok || id == 0 {
@@ -477,14 +460,12 @@ func parseNumber(s string) (int64, bool) {
 	return n, err == nil
 }
 
-// userInput is the body of a create or an update. A nil field was absent or
-// null.
+// userInput is the body of a create or an update; nil is absent or null.
 type userInput struct {
 	FirstName, LastName, Email, Password *string
 }
 
-// readUserInput reads and validates the body of a create or an update. If
-// the body is not acceptable it answers the request and returns false.
+// readUserInput reads the body of a create or an update; like decode.
 func readUserInput(w http.ResponseWriter, r *http.Request, create bool) (userInput, bool) {
 	var in userInput
 	fields := map[string]**string{"first_name": &in.FirstName, "last_name": &in.LastName, "email": &in.Email, "password": &in.Password}
@@ -495,9 +476,9 @@ func readUserInput(w http.ResponseWriter, r *http.Request, create bool) (userInp
 // credentials is the body of POST /users/authenticate, the email normalized.
 type credentials struct{ email, password string }
 
-// readCredentials reads the body of POST /users/authenticate. Both fields are
-// required; the password has no rule, as a wrong one of any length gets the
-// same answer. If the body is not acceptable it answers and returns false.
+// readCredentials reads the body of POST /users/authenticate: both fields
+// required, the password of any length. If the body is not acceptable it
+// answers the request and returns false.
 func readCredentials(w http.ResponseWriter, r *http.Request) (credentials, bool) {
 	var in userInput
 	ok := decode(w, r, map[string]**string{"email": &in.Email, "password": &in.Password}, func() map[string]string {
@@ -512,12 +493,10 @@ func readCredentials(w http.ResponseWriter, r *http.Request) (credentials, bool)
 	return credentials{*in.Email, *in.Password}, true
 }
 
-// decode reads the request body, one JSON object in UTF-8 of at most
-// maxBodyBytes, into fields: each member one of them, named once and exactly
-// (encoding/json alone would match names in any case, and keep the last of
-// a repeated name where a proxy may keep the first), with a string or null
-// value. Then it calls validate. If anything is wrong it answers the request
-// and returns false.
+// decode reads the body, one JSON object in UTF-8 of at most maxBodyBytes,
+// into fields: each member one of them, named once and exactly, with a
+// string or null value; then it calls validate. If anything is wrong it
+// answers the request and returns false.
 func decode(w http.ResponseWriter, r *http.Request, fields map[string]**string, validate func() map[string]string) bool {
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBodyBytes))
 	var tooLarge *http.MaxBytesError
@@ -568,9 +547,8 @@ func decode(w http.ResponseWriter, r *http.Request, fields map[string]**string, 
 	return true
 }
 
-// validate normalizes the fields that are set (trimming names and email,
-// lower-casing email) and reports what is wrong with them. On create every
-// field is required.
+// validate normalizes the fields that are set and reports what is wrong
+// with them. On create every field is required.
 func (in *userInput) validate(create bool) map[string]string {
 	problems := make(map[string]string)
 	check(problems, "first_name", &in.FirstName, create, cleanName)
@@ -616,22 +594,19 @@ func cleanName(s string) (string, string) {
 	return s, ""
 }
 
-// isVisible reports whether r shows as something: not a space, not a
-// control character, not an invisible one.
+// isVisible reports whether r shows as something.
 func isVisible(r rune) bool {
 	return unicode.IsGraphic(r) && !unicode.IsSpace(r) && !isInvisible(r)
 }
 
-// isInvisible reports whether r is a default-ignorable code point (format
-// characters such as U+200B or U+FEFF, variation selectors, Hangul fillers),
-// or the blank Braille pattern, which shows as a space.
+// isInvisible reports whether r is a default-ignorable code point (U+200B,
+// U+FEFF, variation selectors...) or the blank Braille pattern.
 func isInvisible(r rune) bool {
 	return r == '\u2800' || unicode.In(r, unicode.Cf, unicode.Variation_Selector, unicode.Other_Default_Ignorable_Code_Point)
 }
 
 // cleanEmail trims and lower-cases an address and reports what is wrong
-// with it, if anything. Addresses are compared, stored and unique in lower
-// case and, once the handler has called nfc, in NFC.
+// with it, if anything.
 func cleanEmail(s string) (string, string) {
 	s = strings.TrimSpace(s)
 	lower := strings.ToLower(s) // which can take more bytes (Ⱥ, ⱥ)
@@ -644,13 +619,11 @@ func cleanEmail(s string) (string, string) {
 	return lower, ""
 }
 
-// validEmail reports whether s is an address as python-email-validator
-// takes it by default: a local part of 1 to 64 bytes, dot-separated atoms
-// of ASCII atext or non-ASCII letters and digits (no quoted strings or
-// comments); a domain of at most 253 bytes and two or more labels of 1 to 63
-// bytes, letters, digits and inner hyphens, the last not all digits (no IP
-// literals). Combining marks may follow an atom's or a label's first
-// character.
+// validEmail reports whether s is an address python-email-validator takes
+// by default: a local part of at most 64 bytes, dot-separated atoms; a
+// domain of at most 253 bytes, two or more labels of at most 63 bytes
+// without an outer hyphen, the last not all digits. No quotes, comments or
+// IP literals.
 func validEmail(s string) bool {
 	local, domain, ok := strings.Cut(s, "@")
 	if !ok || len(local) > 64 || len(domain) > 253 {
@@ -677,8 +650,7 @@ func validEmail(s string) bool {
 const labelChars = "-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 // emailWord reports whether s, an atom or a label, is not empty and holds
-// only the ASCII characters in ascii, non-ASCII letters and digits, and
-// combining marks after its first character.
+// only ASCII in ascii, other letters and digits, and marks after the first.
 func emailWord(s, ascii string) bool {
 	for i, r := range s {
 		switch {
@@ -698,8 +670,7 @@ func emailWord(s, ascii string) bool {
 }
 
 // checkPassword reports what is wrong with a password, if anything, with no
-// composition rules, per NIST SP 800-63B. C implementations of bcrypt stop
-// at NUL, and U+FFFD is what encoding/json makes of an unpaired surrogate.
+// composition rules, per NIST SP 800-63B.
 func checkPassword(s string) (string, string) {
 	switch {
 	case strings.IndexFunc(s, unicode.IsControl) >= 0:
@@ -716,14 +687,13 @@ func checkPassword(s string) (string, string) {
 	return s, ""
 }
 
-// commonPasswordsText is common-passwords.txt: lower-case passwords people
-// often choose, one per line, after comment lines that start with "#".
+// commonPasswordsText holds lower-case common passwords, one per line,
+// after comment lines that start with "#".
 //
 //go:embed common-passwords.txt
 var commonPasswordsText string
 
-// commonPasswords is the set of commonPasswordsText's passwords, which NIST
-// SP 800-63B says a new password must not be.
+// commonPasswords is the set of commonPasswordsText's passwords.
 var commonPasswords = func() map[string]bool {
 	set := make(map[string]bool, strings.Count(commonPasswordsText, "\n"))
 	for line := range strings.Lines(commonPasswordsText) {
@@ -734,15 +704,13 @@ var commonPasswords = func() map[string]bool {
 	return set
 }()
 
-// closeToAccountProblem is the problem with a password that closeToAccount
-// refuses; errCloseToAccount is the store's error for it on update.
+// closeToAccountProblem is closeToAccount's problem; errCloseToAccount, on update.
 const closeToAccountProblem = "is too close to the account's names or email: choose another"
 
 var errCloseToAccount = errors.New("password too close to the account")
 
 // closeToAccount reports whether password is, in any case, one of the
-// account's words (its names and email address) or what precedes an "@" in
-// one. Nil is no word.
+// account's words or what precedes an "@" in one. Nil is no word.
 func closeToAccount(password string, words ...*string) bool {
 	for _, w := range words {
 		if w == nil {
@@ -758,10 +726,9 @@ func closeToAccount(password string, words ...*string) bool {
 // etag is the entity tag of u's representation: its version, quoted.
 func etag(u user) string { return `"` + strconv.FormatInt(u.Version, 10) + `"` }
 
-// tagVersions reads an If-Match or If-None-Match header, given as its lines:
-// star if it is "*", otherwise the versions of the entity tags it lists
-// (weak tags only if weak), nil if it is absent. A tag that is not one of
-// this service's matches nothing.
+// tagVersions reads an If-Match or If-None-Match header's lines: star if it
+// is "*", otherwise the versions its tags name (weak ones only if weak), nil
+// if it is absent.
 func tagVersions(lines []string, weak bool) (versions []int64, star bool) {
 	s := strings.Join(lines, ",")
 	if len(lines) == 0 || strings.Trim(s, " \t") == "*" {
@@ -781,8 +748,7 @@ func tagVersions(lines []string, weak bool) (versions []int64, star bool) {
 	}
 }
 
-// nfc puts *email, if not nil, in Unicode NFC, in which addresses are stored
-// and compared; Go's standard library cannot normalize, PostgreSQL can. If it
+// nfc puts *email, if not nil, in Unicode NFC, with PostgreSQL's help. If it
 // fails, nfc answers the request itself and returns false.
 func (s *server) nfc(w http.ResponseWriter, r *http.Request, email *string) bool {
 	// Below U+0300 no character combines or decomposes: such text is NFC.
@@ -835,8 +801,8 @@ func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 	}
 }
 
-// errorBody is every error response. Errors lists field problems, for 400
-// Invalid data only; it never repeats the rejected value.
+// errorBody is every error response; Errors, for 400 Invalid data only,
+// never repeats the rejected value.
 type errorBody struct {
 	Detail string            `json:"detail"`
 	Errors map[string]string `json:"errors,omitempty"`
@@ -846,8 +812,7 @@ func writeError(w http.ResponseWriter, status int, detail string) {
 	encode(w, status, errorBody{Detail: detail})
 }
 
-// writeUnavailable answers 503: the work was not done, and may succeed if
-// tried again in Retry-After seconds.
+// writeUnavailable answers 503: retry after Retry-After seconds.
 func writeUnavailable(w http.ResponseWriter) {
 	w.Header().Set("Retry-After", retryAfter)
 	writeError(w, http.StatusServiceUnavailable, "Service unavailable")
@@ -857,8 +822,7 @@ func writeInvalid(w http.ResponseWriter, problems map[string]string) {
 	encode(w, http.StatusBadRequest, errorBody{Detail: "Invalid data", Errors: capProblems(problems)})
 }
 
-// capProblems bounds what an error body echoes of the names a client chose:
-// at most maxErrorEntries problems, those with known names first, each name
+// capProblems keeps maxErrorEntries problems, known names first, each name
 // cut to maxErrorName bytes and marked with an ellipsis.
 func capProblems(problems map[string]string) map[string]string {
 	key := func(name string) string {
@@ -909,10 +873,8 @@ func encode(w http.ResponseWriter, status int, v any) {
 
 // Middleware, outermost first: each does one job.
 
-// wrap adds what every request gets: an id and an access log line (whose
-// recorder also gives the mux's plain-text 404 and 405 a JSON body),
-// recovery from panics, a prompt close of bodies left unread, security
-// headers, the loopback Host check, and refusal of unclean paths.
+// wrap adds the middleware every request passes through. The log's recorder
+// also gives the mux's plain-text 404 and 405 a JSON body.
 func (s *server) wrap(mux http.Handler) http.Handler {
 	h := refuseUncleanPaths(mux)
 	if s.loopbackHostsOnly {
@@ -921,9 +883,9 @@ func (s *server) wrap(mux http.Handler) http.Handler {
 	return s.logRequests(closeUnreadBodies(s.recoverPanics(secureHeaders(h))))
 }
 
-// logRequests gives each request an id, sent back as X-Request-Id, and
-// writes one line once it is answered: status 499 if the client left before
-// any answer, aborted=true if the answer was cut short.
+// logRequests gives each request an id, sent back as X-Request-Id, and logs
+// one line once it is answered: 499 if the client left first, aborted=true
+// if the answer was cut short.
 func (s *server) logRequests(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
@@ -951,8 +913,8 @@ func (s *server) logRequests(next http.Handler) http.Handler {
 	})
 }
 
-// requestID returns r's X-Request-Id if it is sane, one value of 1 to
-// maxRequestID visible ASCII characters, and otherwise makes one.
+// requestID returns r's X-Request-Id if it is one value of 1 to maxRequestID
+// visible ASCII characters, and otherwise makes one.
 func (s *server) requestID(r *http.Request) string {
 	if v := r.Header.Values("X-Request-Id"); len(v) == 1 && len(v[0]) <= maxRequestID &&
 		v[0] != "" && strings.IndexFunc(v[0], func(c rune) bool { return c < '!' || c > '~' }) < 0 {
@@ -961,8 +923,8 @@ func (s *server) requestID(r *http.Request) string {
 	return string(strconv.AppendUint([]byte(s.idPrefix), s.requests.Add(1), 10))
 }
 
-// requestAttrs are what every log line about r carries, then more. Each is
-// bounded: a client chooses the method, the path and so the line's size.
+// requestAttrs are what every log line about r carries, then more, each
+// bounded.
 func (s *server) requestAttrs(w http.ResponseWriter, r *http.Request, more ...slog.Attr) []slog.Attr {
 	return append([]slog.Attr{slog.String("request_id", w.Header().Get("X-Request-Id")), slog.String("client", clientAddr(r, s.trustedProxies).String()),
 		slog.String("method", truncate(r.Method, maxLogField)), slog.String("path", truncate(r.URL.Path, maxLogField))}, more...)
@@ -974,8 +936,7 @@ func (s *server) log(w http.ResponseWriter, r *http.Request) *slog.Logger {
 }
 
 // recoverPanics turns a handler's panic into a logged 500 or, once part of
-// the answer is out, into a cut connection. It runs inside logRequests,
-// whose recorder knows which.
+// the answer is out (logRequests's recorder knows), a cut connection.
 func (s *server) recoverPanics(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		defer func() {
@@ -997,8 +958,7 @@ func (s *server) recoverPanics(next http.Handler) http.Handler {
 }
 
 // closeUnreadBodies closes the connection after a request whose body was left
-// unread: net/http would wait for it (up to 256 KiB) to keep the connection,
-// so a client that never sends it would hold its place for the ReadTimeout.
+// unread, which net/http would otherwise wait for.
 func closeUnreadBodies(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.ContentLength == 0 {
@@ -1014,8 +974,7 @@ func closeUnreadBodies(next http.Handler) http.Handler {
 	})
 }
 
-// secureHeaders keeps answers out of caches and browsers from sniffing
-// their type.
+// secureHeaders keeps answers out of caches and from type sniffing.
 func secureHeaders(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Cache-Control", "no-store")
@@ -1024,8 +983,8 @@ func secureHeaders(next http.Handler) http.Handler {
 	})
 }
 
-// refuse answers status and detail, with header, to a request that bad
-// reports on, and passes the others to next.
+// refuse answers status and detail, with header, to a request bad reports
+// on, and passes the others to next.
 func refuse(next http.Handler, bad func(*http.Request) bool, status int, detail string, header map[string]string) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if !bad(r) {
@@ -1039,27 +998,23 @@ func refuse(next http.Handler, bad func(*http.Request) bool, status int, detail 
 	})
 }
 
-// requireLoopbackHost answers 421 to a request whose Host is not a loopback
-// name: it keeps out web pages that reach the service through a name of
-// their own (DNS rebinding).
+// requireLoopbackHost answers 421 to a Host that is not a loopback name,
+// against DNS rebinding.
 func requireLoopbackHost(next http.Handler) http.Handler {
 	notLoopback := func(r *http.Request) bool { return !isLoopbackHost(r.Host) }
 	return refuse(next, notLoopback, http.StatusMisdirectedRequest, "Misdirected request", nil)
 }
 
-// refuseUncleanPaths answers 404 to a path that is not clean (//users,
-// /users/./1), which the mux would redirect, in HTML, and clients follow for
-// a POST as a GET without its body. Both forms: /users/%2F routes as /users//.
+// refuseUncleanPaths answers 404 to a path the mux would redirect (//users,
+// /users/./1), as sent or as routed (/users/%2F routes as /users//).
 func refuseUncleanPaths(next http.Handler) http.Handler {
 	unclean := func(r *http.Request) bool { return !isCleanPath(r.URL.EscapedPath()) || !isCleanPath(r.URL.Path) }
 	return refuse(next, unclean, http.StatusNotFound, "Not Found", nil)
 }
 
-// requireToken lets a request through only if it carries the API token as a
-// bearer token. A client without it has its connection closed.
+// requireToken lets a request through only with the API token as a bearer
+// token; digests compared in constant time leak neither bytes nor length.
 func (s *server) requireToken(next http.Handler) http.Handler {
-	// Comparing digests in constant time leaks neither the token's bytes nor
-	// its length.
 	want := sha256.Sum256([]byte(s.apiToken))
 	noToken := func(r *http.Request) bool {
 		scheme, token, _ := strings.Cut(r.Header.Get("Authorization"), " ")
@@ -1071,23 +1026,21 @@ func (s *server) requireToken(next http.Handler) http.Handler {
 }
 
 // onlyPost answers 405 to any method but POST on path, which the mux would
-// otherwise route to /users/{id}, or answer with its methods.
+// otherwise route to /users/{id}.
 func onlyPost(path string, next http.Handler) http.Handler {
 	notPost := func(r *http.Request) bool { return r.URL.Path == path && r.Method != http.MethodPost }
 	return refuse(next, notPost, http.StatusMethodNotAllowed, "Method Not Allowed", map[string]string{"Allow": http.MethodPost})
 }
 
-// requireJSON answers 415 to a request whose body is not labelled JSON. No
-// web page can make a browser send that label to another site without a
-// CORS preflight, which the service never allows.
+// requireJSON answers 415 to a body not labelled JSON, a label no web page
+// can send to another site without a CORS preflight.
 func requireJSON(next http.Handler) http.Handler {
 	notJSON := func(r *http.Request) bool { return !isJSONType(r.Header.Values("Content-Type")) }
 	return refuse(next, notJSON, http.StatusUnsupportedMediaType, "Unsupported media type", nil)
 }
 
-// isJSONType reports whether the Content-Type header lines say JSON: one
-// line, application/json in any case, with any parameters but a charset
-// other than UTF-8.
+// isJSONType reports whether the Content-Type lines are one application/json,
+// in any case, with no charset but UTF-8.
 func isJSONType(lines []string) bool {
 	if len(lines) != 1 {
 		return false
@@ -1100,9 +1053,8 @@ func isJSONType(lines []string) bool {
 	return !ok || strings.EqualFold(charset, "utf-8")
 }
 
-// isCleanPath reports whether p, a request's escaped path, is in the form
-// the mux serves without a redirect: rooted, with no empty, "." or ".."
-// segment (a final slash aside).
+// isCleanPath reports whether p is rooted, with no empty, "." or ".."
+// segment (a final slash aside): the mux serves it without a redirect.
 func isCleanPath(p string) bool {
 	if !strings.HasPrefix(p, "/") {
 		return false
@@ -1130,9 +1082,8 @@ func isLoopbackHost(host string) bool {
 		err == nil && bracketed == closed && addr.Is6() == bracketed && addr.Zone() == "" && addr.IsLoopback()
 }
 
-// recorder remembers the status of the answer it writes, and gives the
-// plain-text error answers of net/http (the mux's 404 and 405) a JSON body,
-// {"detail": "<status text>"}, keeping their status and headers.
+// recorder remembers the status of the answer it writes, and gives
+// net/http's plain-text errors a JSON body, keeping status and headers.
 type recorder struct {
 	http.ResponseWriter
 	status   int
@@ -1161,8 +1112,7 @@ func (rec *recorder) Write(b []byte) (int, error) {
 	return rec.ResponseWriter.Write(b)
 }
 
-// Unwrap lets http.ResponseController reach the connection's writer, to
-// flush it or set its deadlines.
+// Unwrap lets http.ResponseController reach the connection's writer.
 func (rec *recorder) Unwrap() http.ResponseWriter { return rec.ResponseWriter }
 
 // bodyReader notes whether a request body was read to its end.
