@@ -14,12 +14,12 @@ import (
 )
 
 // The fuzzers' seed corpora live in testdata/fuzz and run with every
-// go test. To search further: go test -run '^$' -fuzz FuzzBody -fuzztime 60s
+// go test. To search further: go test -run '^$' -fuzz FuzzUserBody -fuzztime 60s
 
-// FuzzBody feeds arbitrary bodies to the decoding and validation of
+// FuzzUserBody feeds arbitrary bodies to the decoding and validation of
 // creates, updates and sign-ins: never a panic, and either an accepted,
 // normalized input or a 400 Invalid data (413 when too large) that says why.
-func FuzzBody(f *testing.F) {
+func FuzzUserBody(f *testing.F) {
 	f.Add([]byte(`{"first_name":"Ann","last_name":"Lee","email":"ann@example.com","password":"passw0rd-1"}`), true, false)
 	f.Add([]byte(`{"email":null}`), false, false)
 	f.Add([]byte(`{"email":" Ann@Example.COM ","password":""}`), false, true)
@@ -75,9 +75,9 @@ func checkRefusal(t *testing.T, rec *httptest.ResponseRecorder, size int) {
 	}
 }
 
-// FuzzParseNumber checks the parser of ids and numbers: only digits that
+// FuzzUserID checks the parser of ids and numbers: only digits that
 // fit int64, and the number written.
-func FuzzParseNumber(f *testing.F) {
+func FuzzUserID(f *testing.F) {
 	f.Fuzz(func(t *testing.T, s string) {
 		n, ok := parseNumber(s)
 		if ok && (strings.TrimLeft(s, "0") != strings.TrimLeft(strconv.FormatInt(n, 10), "0")) {
