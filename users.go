@@ -29,46 +29,24 @@ import (
 	"unicode/utf8"
 )
 
-// This file is the HTTP surface: the routes and the handler constructor;
-// the handlers; reading and validating input; writing answers; and last the
-// middleware every request passes through, the service's armor.
+// This file is the HTTP surface: routes, handlers, reading and validating
+// input, writing answers; and last the middleware, the service's armor.
 
 // Limits on what clients send, and on what the service sends back.
 const (
-	maxBodyBytes     = 1 << 20 // a request body
-	maxNameChars     = 128     // first_name and last_name, in characters
-	maxEmailBytes    = 254     // an address, per RFC 5321's path limit
-	minPasswordChars = 8       // NIST SP 800-63B's floor
-	maxPageSize      = 1000    // ?limit=
-
-	// An error body echoes names the client chose (unknown fields and
-	// query parameters): at most maxErrorEntries, cut to maxErrorName bytes.
-	maxErrorEntries = 20
-	maxErrorName    = 64
-
-	// maxLogField is how much of a method or a path a log line keeps, and
-	// maxRequestID the longest X-Request-Id taken from a client.
-	maxLogField  = 200
-	maxRequestID = 128
+	maxBodyBytes     = 1 << 20  // a request body
+	maxNameChars     = 128      // first_name and last_name, in characters
+	maxEmailBytes    = 254      // an address, per RFC 5321's path limit
+	minPasswordChars = 8        // NIST SP 800-63B's floor
+	maxPageSize      = 1000     // ?limit=
+	maxErrorEntries  = 20       // problems an error body lists
+	maxErrorName     = 64       // bytes an error body keeps of a name the client chose
+	maxLogField      = 200      // bytes a log line keeps of a method or a path
+	maxRequestID     = 128      // the longest X-Request-Id taken from a client
+	listBatchSize    = 1000     // users per query of a whole-table list
+	listChunk        = 16 << 10 // bytes per write of a list, each given streamStall
+	retryAfter       = "1"      // seconds, in every 503 and a 429 for the hashing share
 )
-
-// A whole-table list is streamed in batches of listBatchSize users, one
-// query each, so that no database connection is held while a client reads.
-// A batch goes out listChunk bytes at a time, each with the streamStall
-// option to be taken: a client that keeps reading may take as long as the
-// list needs, one that stalls is cut off.
-const (
-	listBatchSize = 1000
-	listChunk     = 16 << 10
-)
-
-// retryAfter is the Retry-After of every 503, and of a 429 for a client's
-// share of the hashing slots, in seconds: hashing slots free
-// up within a second, and a client that retries each second through a
-// database failover is back as soon as the new primary is.
-const retryAfter = "1"
-
-// Routes and the handler constructor.
 
 // server holds what the handlers need.
 type server struct {
@@ -77,26 +55,18 @@ type server struct {
 	hasher   *hasher
 	apiToken string
 	serverOptions
-	streams chan struct{} // a slot for each whole-table list stream
-	// Request ids the service makes are idPrefix and a count.
-	idPrefix string
+	streams  chan struct{} // a slot for each whole-table list stream
+	idPrefix string        // request ids the service makes are idPrefix and a count
 	requests atomic.Uint64
 	batches  sync.Pool // *bytes.Buffer: a list stream's batch, kept for the next
 }
 
 // serverOptions are newServer's settings besides the API token.
 type serverOptions struct {
-	// maxStreams bounds the whole-table list streams served at once.
-	maxStreams int
-	// streamStall is how long a list stream waits for its client to take
-	// the next chunk before it cuts the connection.
-	streamStall time.Duration
-	// loopbackHostsOnly makes the service answer only requests whose Host
-	// names a loopback host. Set when the service listens on loopback
-	// without a token, it keeps web pages out by DNS rebinding.
-	loopbackHostsOnly bool
-	// trustedProxies are the peers whose X-Forwarded-For names the client.
-	trustedProxies []netip.Prefix
+	maxStreams        int            // whole-table list streams served at once
+	streamStall       time.Duration  // how long a list stream waits for its client to take a chunk
+	loopbackHostsOnly bool           // answer only a loopback Host: on loopback without a token
+	trustedProxies    []netip.Prefix // peers whose X-Forwarded-For names the client
 }
 
 // route is one entry of the API surface.
@@ -106,14 +76,13 @@ type route struct {
 	public          bool // served without the API token
 }
 
-// routes is the whole API surface. Both /users and /users/ are served
-// explicitly: a subtree pattern would answer /users with a redirect, which
-// clients follow for a POST by re-sending it as a GET without its body.
+// routes is the whole API surface. /users and /users/ are both served: a
+// subtree pattern would redirect /users.
 func (s *server) routes() []route {
 	return []route{
 		{"GET", "/healthz", s.health, true},
-		{"GET", "/openapi.json", serveOpenAPI, true},
-		{"GET", "/docs", serveDocs, true},
+		{"GET", "/openapi.json", serve("application/json", openAPI), true},
+		{"GET", "/docs", serve("text/html; charset=utf-8", []byte(docsPage)), true},
 		{"POST", "/users", s.createUser, false},
 		{"POST", "/users/{$}", s.createUser, false},
 		{"GET", "/users", s.listUsers, false},
@@ -125,9 +94,8 @@ func (s *server) routes() []route {
 	}
 }
 
-// newServer returns the service's HTTP handler. If apiToken is not empty,
-// every route but the public ones requires it as a bearer token. Every POST
-// and PUT body must be labelled JSON.
+// newServer returns the service's HTTP handler. Every route but the public
+// ones requires apiToken, if set; every POST and PUT body must be JSON.
 func newServer(logger *slog.Logger, st *store, h *hasher, apiToken string, opts serverOptions) http.Handler {
 	s := &server{logger: logger, store: st, hasher: h, apiToken: apiToken, serverOptions: opts,
 		streams: make(chan struct{}, opts.maxStreams), idPrefix: rand.Text()[:10] + "-"}
@@ -148,9 +116,8 @@ func newServer(logger *slog.Logger, st *store, h *hasher, apiToken string, opts 
 
 // Handlers.
 
-// health answers whether the database answers. The check is bounded by
-// the store, not by the client: net/http ends a request's context when the
-// client half-closes its connection, as some probes do after sending.
+// health answers whether the database answers, bounded by the store, not by
+// the client: net/http ends a request's context on a client's half-close.
 func (s *server) health(w http.ResponseWriter, r *http.Request) {
 	if err := s.store.Ping(context.WithoutCancel(r.Context())); err != nil {
 		s.log(w, r).Warn("health check failed", "err", err)
@@ -160,47 +127,30 @@ func (s *server) health(w http.ResponseWriter, r *http.Request) {
 	encode(w, http.StatusOK, map[string]string{"status": "ok"})
 }
 
-// openAPI describes the API; TestOpenAPIDescribesEveryRoute and the check of
-// every answer in the tests keep it true to the code.
+// openAPI describes the API; the tests keep it true to the code.
 //
 //go:embed openapi.json
 var openAPI []byte
 
-func serveOpenAPI(w http.ResponseWriter, r *http.Request) {
-	w.Header().Set("Content-Type", "application/json")
-	w.Write(openAPI)
-}
-
-// docsPage renders /openapi.json with Swagger UI from a public CDN, as
-// FastAPI's /docs does. The files are pinned to one release and to their
-// SHA-384 hashes (Subresource Integrity): changed files, on the CDN or in
-// the package, would otherwise run on this origin and see any token typed
-// into Authorize. To move to another release, change the version and the
-// hashes together; .ci/run checks the hashes against the npm package.
-// Without the CDN (offline, a strict proxy) the page says so and links the
-// description; Swagger UI replaces that text when it loads.
+// docsPage renders /openapi.json with Swagger UI from a CDN, pinned to one
+// release and its SHA-384 hashes (.ci/run checks them); without it, a link.
 const docsPage = `<!doctype html>
 <html lang="en">
-<head>
 <meta charset="utf-8">
 <title>users API</title>
 <link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5.35.0/swagger-ui.css" integrity="sha384-WlYgdmXYOOBWL5apwjDEZwN+U3HmXSSu5R6V5aGxEcf7z+KuRNwBhoxKVN1i3D5I" crossorigin="anonymous">
-</head>
-<body>
-<div id="swagger-ui">
-<h1>users API</h1>
-<p>Swagger UI, from cdn.jsdelivr.net, shows the API's description here. Without it,
-read the description itself: <a href="/openapi.json">/openapi.json</a> (OpenAPI 3.1).</p>
-</div>
+<div id="swagger-ui"><h1>users API</h1><p>Swagger UI, from cdn.jsdelivr.net, shows the API's description here.
+Without it, read the description itself: <a href="/openapi.json">/openapi.json</a> (OpenAPI 3.1).</p></div>
 <script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5.35.0/swagger-ui-bundle.js" integrity="sha384-gjRm0bEPMeTmMh5jT2cHccIwCUZSTd8YC+j0d0sXw0MdGEfScduGpSyF3ZSSLkX9" crossorigin="anonymous"></script>
 <script>if (window.SwaggerUIBundle) SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
-</body>
-</html>
 `
 
-func serveDocs(w http.ResponseWriter, r *http.Request) {
-	w.Header().Set("Content-Type", "text/html; charset=utf-8")
-	io.WriteString(w, docsPage)
+// serve answers with body, of type contentType.
+func serve(contentType string, body []byte) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", contentType)
+		w.Write(body)
+	}
 }
 
 func (s *server) createUser(w http.ResponseWriter, r *http.Request) {
@@ -226,9 +176,8 @@ func (s *server) createUser(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *server) getUser(w http.ResponseWriter, r *http.Request) {
-	id, ok := parseUserID(r.PathValue("id"))
+	id, ok := userID(w, r)
 	if !ok {
-		writeError(w, http.StatusNotFound, "User not found")
 		return
 	}
 	u, err := s.store.User(r.Context(), id)
@@ -247,9 +196,8 @@ func (s *server) getUser(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *server) updateUser(w http.ResponseWriter, r *http.Request) {
-	id, ok := parseUserID(r.PathValue("id"))
+	id, ok := userID(w, r)
 	if !ok {
-		writeError(w, http.StatusNotFound, "User not found")
 		return
 	}
 	in, ok := readUserInput(w, r, false)
@@ -265,8 +213,7 @@ func (s *server) updateUser(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		change.Password = &hash
-		// The names and email the body leaves out are the stored ones: the
-		// password is checked against the user as changed, before commit.
+		// The password is checked against the user as changed, before commit.
 		change.Check = func(u user) error {
 			if closeToAccount(*in.Password, &u.FirstName, &u.LastName, &u.Email) {
 				return errCloseToAccount
@@ -283,9 +230,8 @@ func (s *server) updateUser(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *server) deleteUser(w http.ResponseWriter, r *http.Request) {
-	id, ok := parseUserID(r.PathValue("id"))
+	id, ok := userID(w, r)
 	if !ok {
-		writeError(w, http.StatusNotFound, "User not found")
 		return
 	}
 	versions, _ := tagVersions(r.Header.Values("If-Match"), false)
@@ -331,8 +277,7 @@ func (s *server) userByEmail(w http.ResponseWriter, r *http.Request, email strin
 	encode(w, http.StatusOK, []user{u})
 }
 
-// usersPage answers one page of users, with a Link to the next one if the
-// page is full.
+// usersPage answers one page of users, with a Link to the next if it is full.
 func (s *server) usersPage(w http.ResponseWriter, r *http.Request, q listQuery) {
 	page, err := s.store.Users(r.Context(), q.afterID, q.limit)
 	if err != nil {
@@ -340,19 +285,15 @@ func (s *server) usersPage(w http.ResponseWriter, r *http.Request, q listQuery) 
 		return
 	}
 	if len(page) == q.limit {
-		next := url.Values{}
-		next.Set("limit", strconv.Itoa(q.limit))
-		next.Set("after_id", strconv.FormatInt(page[len(page)-1].ID, 10))
-		w.Header().Set("Link", fmt.Sprintf(`<%s?%s>; rel="next"`, r.URL.Path, next.Encode()))
+		w.Header().Set("Link", fmt.Sprintf(`<%s?after_id=%d&limit=%d>; rel="next"`, r.URL.Path, page[len(page)-1].ID, q.limit))
 	}
 	encode(w, http.StatusOK, page)
 }
 
-// headUsers answers HEAD for the whole list: the status and headers a GET
-// would get, which takes one user to know, not the table.
+// headUsers answers HEAD for the whole list as a GET would be, from one user.
 func (s *server) headUsers(w http.ResponseWriter, r *http.Request, q listQuery) {
 	if len(s.streams) == cap(s.streams) {
-		writeUnavailable(w) // as a GET would be answered now
+		writeUnavailable(w)
 		return
 	}
 	first, err := s.store.Users(r.Context(), q.afterID, 1)
@@ -368,13 +309,10 @@ func (s *server) headUsers(w http.ResponseWriter, r *http.Request, q listQuery) 
 	w.WriteHeader(http.StatusOK)
 }
 
-// allUsers streams every user after q.afterID as one JSON array, a batch
-// at a time: each batch is read into buf and the connection given back
-// before the batch is sent. Once the 200 is out, a failure can only be told
-// by cutting the stream short.
+// allUsers streams every user after q.afterID as one JSON array, a batch per
+// query, each read before it is sent; a stream holds one of s.streams. Once
+// the 200 is out, a failure can only cut the stream short.
 func (s *server) allUsers(w http.ResponseWriter, r *http.Request, q listQuery) {
-	// A stream lasts as long as its client cares to read: each holds a
-	// slot, and when none is free the client is asked to come back.
 	select {
 	case s.streams <- struct{}{}:
 		defer func() { <-s.streams }()
@@ -383,15 +321,11 @@ func (s *server) allUsers(w http.ResponseWriter, r *http.Request, q listQuery) {
 		writeUnavailable(w)
 		return
 	}
-
 	buf := s.batches.Get().(*bytes.Buffer)
 	defer s.batches.Put(buf)
 	enc := json.NewEncoder(buf)
 	sent, afterID := 0, q.afterID
-	// readBatch encodes the next batch into buf, each user preceded by a
-	// comma but the first, and reports whether more users follow: it reads
-	// one user more than it encodes, to know that without asking the
-	// database for an empty batch.
+	// readBatch encodes the next batch into buf; one user more says if more follow.
 	readBatch := func() (more bool, err error) {
 		buf.Reset()
 		n := 0
@@ -409,6 +343,10 @@ func (s *server) allUsers(w http.ResponseWriter, r *http.Request, q listQuery) {
 			buf.Truncate(buf.Len() - 1) // and its newline goes: the array stays one line
 		})
 		return more, err
+	}
+	cut := func(level slog.Level, msg string, err error) {
+		s.log(w, r).Log(r.Context(), level, msg, "err", err)
+		panic(http.ErrAbortHandler)
 	}
 
 	more, err := readBatch()
@@ -431,8 +369,7 @@ func (s *server) allUsers(w http.ResponseWriter, r *http.Request, q listQuery) {
 		for b := buf.Bytes(); len(b) > 0; b = b[min(len(b), listChunk):] {
 			rc.SetWriteDeadline(time.Now().Add(s.streamStall))
 			if _, err := w.Write(b[:min(len(b), listChunk)]); err != nil {
-				s.log(w, r).Info("list users: client stopped reading", "err", err)
-				panic(http.ErrAbortHandler)
+				cut(slog.LevelInfo, "list users: client stopped reading", err)
 			}
 		}
 		if !more {
@@ -440,14 +377,12 @@ func (s *server) allUsers(w http.ResponseWriter, r *http.Request, q listQuery) {
 		}
 		// Send what is buffered before the next query.
 		if err := rc.Flush(); err != nil {
-			s.log(w, r).Info("list users: client stopped reading", "err", err)
-			panic(http.ErrAbortHandler)
+			cut(slog.LevelInfo, "list users: client stopped reading", err)
 		}
-		if more, err = readBatch(); err != nil {
-			if r.Context().Err() == nil {
-				s.log(w, r).Error("list users: read next batch", "err", err)
-			}
-			panic(http.ErrAbortHandler)
+		if more, err = readBatch(); err != nil && r.Context().Err() == nil {
+			cut(slog.LevelError, "list users: read next batch", err)
+		} else if err != nil {
+			panic(http.ErrAbortHandler) // the client left
 		}
 	}
 }
@@ -504,10 +439,15 @@ func parseListQuery(rawQuery string) (listQuery, map[string]string) {
 	return q, problems
 }
 
-// parseUserID parses a user id: a positive integer that fits int64.
-func parseUserID(s string) (int64, bool) {
-	id, ok := parseNumber(s)
-	return id, ok && id > 0
+// userID returns the user id in r's path. If there is none, it answers 404
+// and returns false.
+func userID(w http.ResponseWriter, r *http.Request) (int64, bool) {
+	id, ok := parseNumber(r.PathValue("id"))
+	if !ok || id == 0 {
+		writeError(w, http.StatusNotFound, "User not found")
+		return 0, false
+	}
+	return id, true
 }
 
 // parseNumber parses a non-negative decimal integer that fits int64, written
@@ -520,52 +460,56 @@ func parseNumber(s string) (int64, bool) {
 	return n, err == nil
 }
 
-// userInput is the body of a create or an update. A nil field was absent or
-// null.
+// userInput is the body of a create or an update; nil is absent or null.
 type userInput struct {
 	FirstName, LastName, Email, Password *string
 }
 
-// readUserInput reads, decodes and validates the request body. If the body
-// is not acceptable it answers the request itself and returns false.
+// readUserInput reads the body of a create or an update; like decode.
 func readUserInput(w http.ResponseWriter, r *http.Request, create bool) (userInput, bool) {
 	var in userInput
-	problems, ok := decode(w, r, map[string]**string{
-		"first_name": &in.FirstName, "last_name": &in.LastName, "email": &in.Email, "password": &in.Password})
-	if !ok {
-		return in, false
-	}
-	for name, problem := range in.validate(create) {
-		if _, ok := problems[name]; !ok {
-			problems[name] = problem
-		}
-	}
-	if len(problems) > 0 {
-		writeInvalid(w, problems)
-		return in, false
-	}
-	return in, true
+	fields := map[string]**string{"first_name": &in.FirstName, "last_name": &in.LastName, "email": &in.Email, "password": &in.Password}
+	ok := decode(w, r, fields, func() map[string]string { return in.validate(create) })
+	return in, ok
 }
 
-// decode reads the request body, one JSON object in UTF-8 of at most
-// maxBodyBytes, into fields: each member must be one of them, named once
-// and exactly (encoding/json alone would match names in any case, and keep
-// the last of a repeated name where a proxy may keep the first), with a
-// string or null (nil) value. It returns what is wrong with the members.
-// If the body is not such an object it answers the request and returns false.
-func decode(w http.ResponseWriter, r *http.Request, fields map[string]**string) (map[string]string, bool) {
+// credentials is the body of POST /users/authenticate, the email normalized.
+type credentials struct{ email, password string }
+
+// readCredentials reads the body of POST /users/authenticate: both fields
+// required, the password of any length. If the body is not acceptable it
+// answers the request and returns false.
+func readCredentials(w http.ResponseWriter, r *http.Request) (credentials, bool) {
+	var in userInput
+	ok := decode(w, r, map[string]**string{"email": &in.Email, "password": &in.Password}, func() map[string]string {
+		problems := make(map[string]string)
+		check(problems, "email", &in.Email, true, cleanEmail)
+		check(problems, "password", &in.Password, true, nil)
+		return problems
+	})
+	if !ok {
+		return credentials{}, false
+	}
+	return credentials{*in.Email, *in.Password}, true
+}
+
+// decode reads the body, one JSON object in UTF-8 of at most maxBodyBytes,
+// into fields: each member one of them, named once and exactly, with a
+// string or null value; then it calls validate. If anything is wrong it
+// answers the request and returns false.
+func decode(w http.ResponseWriter, r *http.Request, fields map[string]**string, validate func() map[string]string) bool {
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBodyBytes))
 	var tooLarge *http.MaxBytesError
 	switch {
 	case errors.As(err, &tooLarge):
 		writeError(w, http.StatusRequestEntityTooLarge, "Request body too large")
-		return nil, false
+		return false
 	case err != nil:
 		writeInvalid(w, map[string]string{"body": "could not be read"})
-		return nil, false
+		return false
 	case !utf8.Valid(body): // encoding/json would quietly make it U+FFFD
 		writeInvalid(w, map[string]string{"body": "must be valid UTF-8"})
-		return nil, false
+		return false
 	}
 	problems := make(map[string]string)
 	seen := make(map[string]bool)
@@ -592,73 +536,44 @@ func decode(w http.ResponseWriter, r *http.Request, fields map[string]**string) 
 	}
 	if _, err := dec.Token(); !ok || err != nil || len(bytes.TrimLeft(body[dec.InputOffset():], " \t\r\n")) > 0 {
 		writeInvalid(w, map[string]string{"body": "must be one JSON object"})
-		return nil, false
+		return false
 	}
-	return problems, true
+	all := validate()
+	maps.Copy(all, problems) // a member's own problem comes first
+	if len(all) > 0 {
+		writeInvalid(w, all)
+		return false
+	}
+	return true
 }
 
-// validate normalizes the fields that are set (trimming names and email,
-// lower-casing email) and reports what is wrong with them. On create every
-// field is required.
+// validate normalizes the fields that are set and reports what is wrong
+// with them. On create every field is required.
 func (in *userInput) validate(create bool) map[string]string {
 	problems := make(map[string]string)
-	check := func(name string, value *string, clean func(string) (string, string)) *string {
-		if value == nil {
-			if create {
-				problems[name] = "required"
-			}
-			return nil
-		}
-		cleaned, problem := clean(*value)
-		if problem != "" {
-			problems[name] = problem
-		}
-		return &cleaned
-	}
-	in.FirstName = check("first_name", in.FirstName, cleanName)
-	in.LastName = check("last_name", in.LastName, cleanName)
-	in.Email = check("email", in.Email, cleanEmail)
-	in.Password = check("password", in.Password, func(s string) (string, string) { return s, checkPassword(s) })
-	if _, bad := problems["password"]; !bad && in.Password != nil && closeToAccount(*in.Password, in.FirstName, in.LastName, in.Email) {
+	check(problems, "first_name", &in.FirstName, create, cleanName)
+	check(problems, "last_name", &in.LastName, create, cleanName)
+	check(problems, "email", &in.Email, create, cleanEmail)
+	check(problems, "password", &in.Password, create, checkPassword)
+	if problems["password"] == "" && in.Password != nil && closeToAccount(*in.Password, in.FirstName, in.LastName, in.Email) {
 		problems["password"] = closeToAccountProblem
 	}
 	return problems
 }
 
-// credentials is the body of POST /users/authenticate, with the email
-// normalized.
-type credentials struct{ email, password string }
-
-// readCredentials reads and decodes the body of POST /users/authenticate.
-// Both fields are required strings. The password has no length rule: a
-// wrong one of any length gets the same answer as any other. If the body
-// is not acceptable it answers the request itself and returns false.
-func readCredentials(w http.ResponseWriter, r *http.Request) (credentials, bool) {
-	var email, password *string
-	problems, ok := decode(w, r, map[string]**string{"email": &email, "password": &password})
-	if !ok {
-		return credentials{}, false
-	}
-	var in credentials
-	if email != nil && problems["email"] == "" {
-		var p string
-		if in.email, p = cleanEmail(*email); p != "" {
-			problems["email"] = p
+// check replaces *field, if set, with its cleaned value (clean nil: as is)
+// and notes its problem; if it is not set and required, that is its problem.
+func check(problems map[string]string, name string, field **string, required bool, clean func(string) (string, string)) {
+	switch {
+	case *field == nil && required:
+		problems[name] = "required"
+	case *field != nil && clean != nil:
+		cleaned, problem := clean(**field)
+		if problem != "" {
+			problems[name] = problem
 		}
+		*field = &cleaned
 	}
-	if password != nil {
-		in.password = *password
-	}
-	for name, v := range map[string]*string{"email": email, "password": password} {
-		if _, bad := problems[name]; !bad && v == nil {
-			problems[name] = "required"
-		}
-	}
-	if len(problems) > 0 {
-		writeInvalid(w, problems)
-		return credentials{}, false
-	}
-	return in, true
 }
 
 // cleanName trims a name and reports what is wrong with it, if anything.
@@ -671,8 +586,7 @@ func cleanName(s string) (string, string) {
 		return s, fmt.Sprintf("must be at most %d characters", maxNameChars)
 	case strings.IndexFunc(s, unicode.IsControl) >= 0:
 		return s, "must not contain control characters"
-	case strings.ContainsRune(s, utf8.RuneError):
-		// What encoding/json makes of an unpaired surrogate escape.
+	case strings.ContainsRune(s, utf8.RuneError): // from an unpaired surrogate escape
 		return s, "must be valid Unicode text"
 	case strings.IndexFunc(s, isVisible) < 0:
 		return s, "must contain a visible character"
@@ -680,57 +594,43 @@ func cleanName(s string) (string, string) {
 	return s, ""
 }
 
-// isVisible reports whether r shows as something: not a space, not a
-// control character, not an invisible one.
+// isVisible reports whether r shows as something.
 func isVisible(r rune) bool {
 	return unicode.IsGraphic(r) && !unicode.IsSpace(r) && !isInvisible(r)
 }
 
-// isInvisible reports whether r is a default-ignorable code point, which
-// shows nothing: a format character (zero-width space, joiners, U+FEFF,
-// the soft hyphen, bidirectional controls), a variation selector, a Hangul
-// filler; or the blank Braille pattern, a symbol that shows as a space.
+// isInvisible reports whether r is a default-ignorable code point (U+200B,
+// U+FEFF, variation selectors...) or the blank Braille pattern.
 func isInvisible(r rune) bool {
 	return r == '\u2800' || unicode.In(r, unicode.Cf, unicode.Variation_Selector, unicode.Other_Default_Ignorable_Code_Point)
 }
 
-// cleanEmail trims and lower-cases an address and reports what is wrong with
-// it, if anything. Addresses are compared, stored and unique in lower case
-// and, once the handler has called nfc, in NFC.
+// cleanEmail trims and lower-cases an address and reports what is wrong
+// with it, if anything.
 func cleanEmail(s string) (string, string) {
 	s = strings.TrimSpace(s)
-	if len(s) > maxEmailBytes {
-		return s, fmt.Sprintf("must be at most %d bytes", maxEmailBytes)
+	lower := strings.ToLower(s) // which can take more bytes (Ⱥ, ⱥ)
+	switch {
+	case len(s) > maxEmailBytes || len(lower) > maxEmailBytes:
+		return lower, fmt.Sprintf("must be at most %d bytes", maxEmailBytes)
+	case !validEmail(lower):
+		return lower, "must be a plain email address such as ann@example.com"
 	}
-	// Lower case can take more bytes than upper case (Ⱥ, ⱥ): check again.
-	if s = strings.ToLower(s); len(s) > maxEmailBytes {
-		return s, fmt.Sprintf("must be at most %d bytes", maxEmailBytes)
-	}
-	if !validEmail(s) {
-		return s, "must be a plain email address such as ann@example.com"
-	}
-	return s, ""
+	return lower, ""
 }
 
-// validEmail reports whether s is an address as python-email-validator
-// accepts it by default, which is what strict clients expect of an email:
-//
-//   - a local part of 1 to 64 bytes, dot-separated atoms of ASCII atext or
-//     non-ASCII letters and digits; no quoted strings, no comments;
-//   - a domain of at most 253 bytes and at least two labels, each 1 to 63
-//     bytes of letters, digits and hyphens (non-ASCII letters and digits
-//     too), not starting or ending with a hyphen; the last label is not all
-//     digits, and there are no IP literals.
-//
-// Combining marks are allowed after the first character of an atom or a
-// label, since many scripts (and decomposed accents) need them.
+// validEmail reports whether s is an address python-email-validator takes
+// by default: a local part of at most 64 bytes, dot-separated atoms; a
+// domain of at most 253 bytes, two or more labels of at most 63 bytes
+// without an outer hyphen, the last not all digits. No quotes, comments or
+// IP literals.
 func validEmail(s string) bool {
 	local, domain, ok := strings.Cut(s, "@")
 	if !ok || len(local) > 64 || len(domain) > 253 {
 		return false
 	}
 	for _, atom := range strings.Split(local, ".") {
-		if !emailWord(atom, isAtext) {
+		if !emailWord(atom, labelChars+"!#$%&'*+/=?^_`{|}~") {
 			return false
 		}
 	}
@@ -739,21 +639,23 @@ func validEmail(s string) bool {
 		return false
 	}
 	for _, label := range labels {
-		if len(label) > 63 || !emailWord(label, isLabelASCII) || label[0] == '-' || label[len(label)-1] == '-' {
+		if len(label) > 63 || !emailWord(label, labelChars) || label[0] == '-' || label[len(label)-1] == '-' {
 			return false
 		}
 	}
 	return strings.IndexFunc(labels[len(labels)-1], func(r rune) bool { return !unicode.IsDigit(r) }) >= 0
 }
 
+// labelChars are the ASCII characters of a domain label.
+const labelChars = "-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
 // emailWord reports whether s, an atom or a label, is not empty and holds
-// only ASCII characters that ascii allows, non-ASCII letters and digits,
-// and combining marks after its first character.
-func emailWord(s string, ascii func(rune) bool) bool {
+// only ASCII in ascii, other letters and digits, and marks after the first.
+func emailWord(s, ascii string) bool {
 	for i, r := range s {
 		switch {
 		case r < utf8.RuneSelf:
-			if !ascii(r) {
+			if !strings.ContainsRune(ascii, r) {
 				return false
 			}
 		case isInvisible(r):
@@ -767,47 +669,31 @@ func emailWord(s string, ascii func(rune) bool) bool {
 	return s != ""
 }
 
-// isAtext reports whether r is an RFC 5322 atext character.
-func isAtext(r rune) bool {
-	return isLabelASCII(r) || strings.ContainsRune("!#$%&'*+/=?^_`{|}~", r)
-}
-
-// isLabelASCII reports whether r is an ASCII letter, digit or hyphen.
-func isLabelASCII(r rune) bool {
-	return 'a' <= r && r <= 'z' || 'A' <= r && r <= 'Z' || '0' <= r && r <= '9' || r == '-'
-}
-
-// checkPassword reports what is wrong with a password, if anything. There
-// are no composition rules, per NIST SP 800-63B.
-func checkPassword(s string) string {
+// checkPassword reports what is wrong with a password, if anything, with no
+// composition rules, per NIST SP 800-63B.
+func checkPassword(s string) (string, string) {
 	switch {
 	case strings.IndexFunc(s, unicode.IsControl) >= 0:
-		// C implementations of bcrypt stop at NUL: the hash would not
-		// carry over to them. No other control character is typed.
-		return "must not contain control characters"
+		return s, "must not contain control characters"
 	case strings.ContainsRune(s, utf8.RuneError):
-		// What encoding/json makes of an unpaired surrogate escape: the
-		// hash would not be of the password the client sent.
-		return "must be valid Unicode text"
+		return s, "must be valid Unicode text"
 	case utf8.RuneCountInString(s) < minPasswordChars:
-		return fmt.Sprintf("must be at least %d characters", minPasswordChars)
+		return s, fmt.Sprintf("must be at least %d characters", minPasswordChars)
 	case len(s) > maxPasswordBytes:
-		return fmt.Sprintf("must be at most %d bytes", maxPasswordBytes)
+		return s, fmt.Sprintf("must be at most %d bytes", maxPasswordBytes)
 	case commonPasswords[strings.ToLower(s)]:
-		return "is too common: choose one that is harder to guess"
+		return s, "is too common: choose one that is harder to guess"
 	}
-	return ""
+	return s, ""
 }
 
-// commonPasswordsText is common-passwords.txt: lower-case passwords of at
-// least minPasswordChars characters that people often choose, one per line,
+// commonPasswordsText holds lower-case common passwords, one per line,
 // after comment lines that start with "#".
 //
 //go:embed common-passwords.txt
 var commonPasswordsText string
 
-// commonPasswords is the set of commonPasswordsText's passwords, which
-// NIST SP 800-63B says a new password must not be.
+// commonPasswords is the set of commonPasswordsText's passwords.
 var commonPasswords = func() map[string]bool {
 	set := make(map[string]bool, strings.Count(commonPasswordsText, "\n"))
 	for line := range strings.Lines(commonPasswordsText) {
@@ -818,15 +704,13 @@ var commonPasswords = func() map[string]bool {
 	return set
 }()
 
-// closeToAccountProblem is the problem with a password that closeToAccount
-// refuses; errCloseToAccount is the store's error for it on update.
+// closeToAccountProblem is closeToAccount's problem; errCloseToAccount, on update.
 const closeToAccountProblem = "is too close to the account's names or email: choose another"
 
 var errCloseToAccount = errors.New("password too close to the account")
 
 // closeToAccount reports whether password is, in any case, one of the
-// account's words (its names and email address, NIST SP 800-63B's
-// context-specific words) or what precedes an "@" in one. Nil is no word.
+// account's words or what precedes an "@" in one. Nil is no word.
 func closeToAccount(password string, words ...*string) bool {
 	for _, w := range words {
 		if w == nil {
@@ -842,10 +726,9 @@ func closeToAccount(password string, words ...*string) bool {
 // etag is the entity tag of u's representation: its version, quoted.
 func etag(u user) string { return `"` + strconv.FormatInt(u.Version, 10) + `"` }
 
-// tagVersions reads an If-Match or If-None-Match header, given as its lines:
-// star if it is "*", otherwise the versions of the entity tags it lists
-// (weak tags only if weak, for a weak comparison), nil if it is absent. A
-// tag that is not one of this service's matches nothing.
+// tagVersions reads an If-Match or If-None-Match header's lines: star if it
+// is "*", otherwise the versions its tags name (weak ones only if weak), nil
+// if it is absent.
 func tagVersions(lines []string, weak bool) (versions []int64, star bool) {
 	s := strings.Join(lines, ",")
 	if len(lines) == 0 || strings.Trim(s, " \t") == "*" {
@@ -865,10 +748,8 @@ func tagVersions(lines []string, weak bool) (versions []int64, star bool) {
 	}
 }
 
-// nfc puts *email, if not nil, in Unicode NFC, in which addresses are
-// stored and compared: "ü" typed as one character or as u and a combining
-// mark is one address. Go's standard library cannot normalize, PostgreSQL
-// can. If it fails, nfc answers the request itself and returns false.
+// nfc puts *email, if not nil, in Unicode NFC, with PostgreSQL's help. If it
+// fails, nfc answers the request itself and returns false.
 func (s *server) nfc(w http.ResponseWriter, r *http.Request, email *string) bool {
 	// Below U+0300 no character combines or decomposes: such text is NFC.
 	if email == nil || strings.IndexFunc(*email, func(c rune) bool { return c >= 0x300 }) < 0 {
@@ -902,9 +783,8 @@ func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 	case errors.Is(err, errCloseToAccount):
 		writeInvalid(w, map[string]string{"password": closeToAccountProblem})
 	case r.Context().Err() != nil:
-		// The client went away, or closed its side: an answer would at best
-		// reach no one, and an empty one would read as a 200. Cutting the
-		// connection says the work was not done.
+		// The client left or closed its side: an empty answer would read as a
+		// 200, so the connection is cut to say the work was not done.
 		s.log(w, r).Info("request canceled", "err", err)
 		panic(http.ErrAbortHandler)
 	case errors.Is(err, errBusy):
@@ -921,8 +801,8 @@ func (s *server) fail(w http.ResponseWriter, r *http.Request, err error) {
 	}
 }
 
-// errorBody is every error response. Errors lists field problems, for 400
-// Invalid data only; it never repeats the rejected value.
+// errorBody is every error response; Errors, for 400 Invalid data only,
+// never repeats the rejected value.
 type errorBody struct {
 	Detail string            `json:"detail"`
 	Errors map[string]string `json:"errors,omitempty"`
@@ -932,8 +812,7 @@ func writeError(w http.ResponseWriter, status int, detail string) {
 	encode(w, status, errorBody{Detail: detail})
 }
 
-// writeUnavailable answers 503: the work was not done, and may succeed if
-// tried again in Retry-After seconds.
+// writeUnavailable answers 503: retry after Retry-After seconds.
 func writeUnavailable(w http.ResponseWriter) {
 	w.Header().Set("Retry-After", retryAfter)
 	writeError(w, http.StatusServiceUnavailable, "Service unavailable")
@@ -943,8 +822,7 @@ func writeInvalid(w http.ResponseWriter, problems map[string]string) {
 	encode(w, http.StatusBadRequest, errorBody{Detail: "Invalid data", Errors: capProblems(problems)})
 }
 
-// capProblems bounds what an error body echoes of the names a client chose:
-// at most maxErrorEntries problems, those with known names first, each name
+// capProblems keeps maxErrorEntries problems, known names first, each name
 // cut to maxErrorName bytes and marked with an ellipsis.
 func capProblems(problems map[string]string) map[string]string {
 	key := func(name string) string {
@@ -995,26 +873,24 @@ func encode(w http.ResponseWriter, status int, v any) {
 
 // Middleware, outermost first: each does one job.
 
-// wrap adds what every request gets: an id and an access log line,
-// recovery from panics, a prompt close of bodies left unread, security
-// headers, the loopback Host check, refusal of unclean paths, and JSON
-// bodies for the mux's own 404 and 405 answers.
+// wrap adds the middleware every request passes through. The log's recorder
+// also gives the mux's plain-text 404 and 405 a JSON body.
 func (s *server) wrap(mux http.Handler) http.Handler {
-	h := refuseUncleanPaths(jsonErrors(mux))
+	h := refuseUncleanPaths(mux)
 	if s.loopbackHostsOnly {
 		h = requireLoopbackHost(h)
 	}
 	return s.logRequests(closeUnreadBodies(s.recoverPanics(secureHeaders(h))))
 }
 
-// logRequests gives each request an id, sent back as X-Request-Id, and
-// writes one line once it is answered: status 499 if the client left before
-// any answer, aborted=true if the answer was cut short.
+// logRequests gives each request an id, sent back as X-Request-Id, and logs
+// one line once it is answered: 499 if the client left first, aborted=true
+// if the answer was cut short.
 func (s *server) logRequests(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
 		w.Header().Set("X-Request-Id", s.requestID(r))
-		rec := &statusRecorder{ResponseWriter: w}
+		rec := &recorder{ResponseWriter: w}
 		aborted := true // unless next returns
 		defer func() {
 			status := rec.status
@@ -1037,8 +913,8 @@ func (s *server) logRequests(next http.Handler) http.Handler {
 	})
 }
 
-// requestID returns r's X-Request-Id if it is sane, one value of 1 to
-// maxRequestID visible ASCII characters, and otherwise makes one.
+// requestID returns r's X-Request-Id if it is one value of 1 to maxRequestID
+// visible ASCII characters, and otherwise makes one.
 func (s *server) requestID(r *http.Request) string {
 	if v := r.Header.Values("X-Request-Id"); len(v) == 1 && len(v[0]) <= maxRequestID &&
 		v[0] != "" && strings.IndexFunc(v[0], func(c rune) bool { return c < '!' || c > '~' }) < 0 {
@@ -1047,8 +923,8 @@ func (s *server) requestID(r *http.Request) string {
 	return string(strconv.AppendUint([]byte(s.idPrefix), s.requests.Add(1), 10))
 }
 
-// requestAttrs are what every log line about r carries, then more. Each is
-// bounded: a client chooses the method, the path and so the line's size.
+// requestAttrs are what every log line about r carries, then more, each
+// bounded.
 func (s *server) requestAttrs(w http.ResponseWriter, r *http.Request, more ...slog.Attr) []slog.Attr {
 	return append([]slog.Attr{slog.String("request_id", w.Header().Get("X-Request-Id")), slog.String("client", clientAddr(r, s.trustedProxies).String()),
 		slog.String("method", truncate(r.Method, maxLogField)), slog.String("path", truncate(r.URL.Path, maxLogField))}, more...)
@@ -1059,9 +935,8 @@ func (s *server) log(w http.ResponseWriter, r *http.Request) *slog.Logger {
 	return slog.New(s.logger.Handler().WithAttrs(s.requestAttrs(w, r)))
 }
 
-// recoverPanics turns a handler's panic into a logged 500, or, once part
-// of the answer is out and cannot be taken back, into a cut connection.
-// It runs inside logRequests, whose statusRecorder knows which.
+// recoverPanics turns a handler's panic into a logged 500 or, once part of
+// the answer is out (logRequests's recorder knows), a cut connection.
 func (s *server) recoverPanics(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		defer func() {
@@ -1071,7 +946,7 @@ func (s *server) recoverPanics(next http.Handler) http.Handler {
 			}
 			if v != http.ErrAbortHandler {
 				s.log(w, r).Error("panic", "pattern", r.Pattern, "panic", v, "stack", string(debug.Stack()))
-				if rec, ok := w.(*statusRecorder); ok && rec.status == 0 {
+				if rec, ok := w.(*recorder); ok && rec.status == 0 {
 					writeError(w, http.StatusInternalServerError, "Internal server error")
 					return
 				}
@@ -1082,11 +957,8 @@ func (s *server) recoverPanics(next http.Handler) http.Handler {
 	})
 }
 
-// closeUnreadBodies closes the connection after answering a request whose
-// body was left unread. net/http would first wait for it (up to 256 KiB),
-// to keep the connection: a client that declares a body and never sends it
-// would hold its connection, and a MAX_CLIENTS place, for the ReadTimeout.
-// With the read deadline past, net/http gives up at once.
+// closeUnreadBodies closes the connection after a request whose body was left
+// unread, which net/http would otherwise wait for.
 func closeUnreadBodies(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.ContentLength == 0 {
@@ -1097,13 +969,12 @@ func closeUnreadBodies(next http.Handler) http.Handler {
 		r.Body = body
 		next.ServeHTTP(w, r)
 		if !body.eof {
-			http.NewResponseController(w).SetReadDeadline(time.Now())
+			http.NewResponseController(w).SetReadDeadline(time.Now()) // net/http gives up at once
 		}
 	})
 }
 
-// secureHeaders keeps answers out of caches and browsers from sniffing
-// their type.
+// secureHeaders keeps answers out of caches and from type sniffing.
 func secureHeaders(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Cache-Control", "no-store")
@@ -1112,132 +983,64 @@ func secureHeaders(next http.Handler) http.Handler {
 	})
 }
 
-// requireLoopbackHost answers 421 to a request whose Host is not a loopback
-// name: set when the service listens on loopback without a token, it keeps
-// out web pages that reach it through a name of their own (DNS rebinding).
+// refuse answers status and detail, with header, to a request bad reports
+// on, and passes the others to next.
+func refuse(next http.Handler, bad func(*http.Request) bool, status int, detail string, header map[string]string) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !bad(r) {
+			next.ServeHTTP(w, r)
+			return
+		}
+		for k, v := range header {
+			w.Header().Set(k, v)
+		}
+		writeError(w, status, detail)
+	})
+}
+
+// requireLoopbackHost answers 421 to a Host that is not a loopback name,
+// against DNS rebinding.
 func requireLoopbackHost(next http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if !isLoopbackHost(r.Host) {
-			writeError(w, http.StatusMisdirectedRequest, "Misdirected request")
-			return
-		}
-		next.ServeHTTP(w, r)
-	})
+	notLoopback := func(r *http.Request) bool { return !isLoopbackHost(r.Host) }
+	return refuse(next, notLoopback, http.StatusMisdirectedRequest, "Misdirected request", nil)
 }
 
-// refuseUncleanPaths answers 404 to a path that is not clean (//users,
-// /users/./1), which the mux would answer with an HTML redirect, followed by
-// clients for a POST as a GET without its body. No route has such a path.
-// Both forms: /users/%2F is clean as sent, but routes as /users//.
+// refuseUncleanPaths answers 404 to a path the mux would redirect (//users,
+// /users/./1), as sent or as routed (/users/%2F routes as /users//).
 func refuseUncleanPaths(next http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if !isCleanPath(r.URL.EscapedPath()) || !isCleanPath(r.URL.Path) {
-			writeError(w, http.StatusNotFound, "Not Found")
-			return
-		}
-		next.ServeHTTP(w, r)
-	})
+	unclean := func(r *http.Request) bool { return !isCleanPath(r.URL.EscapedPath()) || !isCleanPath(r.URL.Path) }
+	return refuse(next, unclean, http.StatusNotFound, "Not Found", nil)
 }
 
-// jsonErrors gives the plain-text error answers of net/http (the mux's 404
-// and 405) a JSON body, {"detail": "<status text>"}, keeping their status
-// and headers.
-func jsonErrors(next http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		next.ServeHTTP(&jsonErrorWriter{ResponseWriter: w}, r)
-	})
-}
-
-type jsonErrorWriter struct {
-	http.ResponseWriter
-	replaced bool // whether a plain-text error body is being dropped
-}
-
-func (w *jsonErrorWriter) WriteHeader(status int) {
-	if status >= 400 && strings.HasPrefix(w.Header().Get("Content-Type"), "text/plain") {
-		writeError(w.ResponseWriter, status, http.StatusText(status))
-		w.replaced = true
-		return
-	}
-	w.ResponseWriter.WriteHeader(status)
-}
-
-func (w *jsonErrorWriter) Write(b []byte) (int, error) {
-	if w.replaced {
-		return len(b), nil
-	}
-	return w.ResponseWriter.Write(b)
-}
-
-// Unwrap lets http.ResponseController reach the connection's writer, to
-// flush it or set its deadlines.
-func (w *jsonErrorWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
-
-// isCleanPath reports whether p, a request's escaped path, is in the form
-// the mux serves without a redirect: rooted, with no empty, "." or ".."
-// segment (a final slash aside).
-func isCleanPath(p string) bool {
-	if !strings.HasPrefix(p, "/") {
-		return false
-	}
-	clean := path.Clean(p)
-	if strings.HasSuffix(p, "/") && clean != "/" {
-		clean += "/"
-	}
-	return clean == p
-}
-
-// requireToken lets a request through only if it carries the API token as a
-// bearer token.
+// requireToken lets a request through only with the API token as a bearer
+// token; digests compared in constant time leak neither bytes nor length.
 func (s *server) requireToken(next http.Handler) http.Handler {
-	// Comparing digests in constant time leaks neither the token's bytes nor
-	// its length through timing.
 	want := sha256.Sum256([]byte(s.apiToken))
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	noToken := func(r *http.Request) bool {
 		scheme, token, _ := strings.Cut(r.Header.Get("Authorization"), " ")
 		got := sha256.Sum256([]byte(token))
-		if !strings.EqualFold(scheme, "Bearer") || subtle.ConstantTimeCompare(got[:], want[:]) != 1 {
-			w.Header().Set("WWW-Authenticate", "Bearer")
-			// A client without the token has nothing more to ask: its
-			// connection is closed rather than held for it.
-			w.Header().Set("Connection", "close")
-			writeError(w, http.StatusUnauthorized, "Not authenticated")
-			return
-		}
-		next.ServeHTTP(w, r)
-	})
+		return !strings.EqualFold(scheme, "Bearer") || subtle.ConstantTimeCompare(got[:], want[:]) != 1
+	}
+	return refuse(next, noToken, http.StatusUnauthorized, "Not authenticated",
+		map[string]string{"WWW-Authenticate": "Bearer", "Connection": "close"})
 }
 
-// onlyPost answers 405 to any method but POST on path, which the mux
-// would otherwise route to /users/{id}, or answer with its methods.
+// onlyPost answers 405 to any method but POST on path, which the mux would
+// otherwise route to /users/{id}.
 func onlyPost(path string, next http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.URL.Path == path && r.Method != http.MethodPost {
-			w.Header().Set("Allow", http.MethodPost)
-			writeError(w, http.StatusMethodNotAllowed, "Method Not Allowed")
-			return
-		}
-		next.ServeHTTP(w, r)
-	})
+	notPost := func(r *http.Request) bool { return r.URL.Path == path && r.Method != http.MethodPost }
+	return refuse(next, notPost, http.StatusMethodNotAllowed, "Method Not Allowed", map[string]string{"Allow": http.MethodPost})
 }
 
-// requireJSON answers 415 to a request whose body is not labelled JSON. A
-// browser cannot send that label to another site without asking first (a
-// CORS preflight, which the service never allows), so no web page can make
-// its visitor's browser create or change users.
+// requireJSON answers 415 to a body not labelled JSON, a label no web page
+// can send to another site without a CORS preflight.
 func requireJSON(next http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if !isJSONType(r.Header.Values("Content-Type")) {
-			writeError(w, http.StatusUnsupportedMediaType, "Unsupported media type")
-			return
-		}
-		next.ServeHTTP(w, r)
-	})
+	notJSON := func(r *http.Request) bool { return !isJSONType(r.Header.Values("Content-Type")) }
+	return refuse(next, notJSON, http.StatusUnsupportedMediaType, "Unsupported media type", nil)
 }
 
-// isJSONType reports whether the Content-Type header lines say JSON: one
-// line, application/json in any case, with any parameters but a charset
-// other than UTF-8.
+// isJSONType reports whether the Content-Type lines are one application/json,
+// in any case, with no charset but UTF-8.
 func isJSONType(lines []string) bool {
 	if len(lines) != 1 {
 		return false
@@ -1250,49 +1053,67 @@ func isJSONType(lines []string) bool {
 	return !ok || strings.EqualFold(charset, "utf-8")
 }
 
+// isCleanPath reports whether p is rooted, with no empty, "." or ".."
+// segment (a final slash aside): the mux serves it without a redirect.
+func isCleanPath(p string) bool {
+	if !strings.HasPrefix(p, "/") {
+		return false
+	}
+	clean := path.Clean(p)
+	if strings.HasSuffix(p, "/") && clean != "/" {
+		clean += "/"
+	}
+	return clean == p
+}
+
 // isLoopbackHost reports whether host, a request's Host, names a loopback
 // host: localhost, an address in 127.0.0.0/8 or [::1], with any port.
 func isLoopbackHost(host string) bool {
-	name := host
-	if i := strings.LastIndexByte(host, ':'); i >= 0 && !strings.Contains(host[i:], "]") {
-		name = host[:i]
+	if i := strings.LastIndexByte(host, ':'); i > strings.LastIndexByte(host, ']') {
 		if strings.Trim(host[i+1:], "0123456789") != "" {
 			return false
 		}
+		host = host[:i]
 	}
-	if strings.EqualFold(name, "localhost") {
-		return true
-	}
-	bracketed := strings.HasPrefix(name, "[") && strings.HasSuffix(name, "]")
-	if bracketed {
-		name = name[1 : len(name)-1]
-	}
-	addr, err := netip.ParseAddr(name)
-	return err == nil && addr.Is6() == bracketed && addr.Zone() == "" && addr.IsLoopback()
+	inner, bracketed := strings.CutPrefix(host, "[")
+	inner, closed := strings.CutSuffix(inner, "]")
+	addr, err := netip.ParseAddr(inner)
+	return strings.EqualFold(host, "localhost") ||
+		err == nil && bracketed == closed && addr.Is6() == bracketed && addr.Zone() == "" && addr.IsLoopback()
 }
 
-// statusRecorder remembers the status of the response it writes.
-type statusRecorder struct {
+// recorder remembers the status of the answer it writes, and gives
+// net/http's plain-text errors a JSON body, keeping status and headers.
+type recorder struct {
 	http.ResponseWriter
-	status int
+	status   int
+	replaced bool // whether a plain-text error body is being dropped
 }
 
-func (rec *statusRecorder) WriteHeader(status int) {
+func (rec *recorder) WriteHeader(status int) {
 	if rec.status == 0 {
 		rec.status = status
+	}
+	if status >= 400 && strings.HasPrefix(rec.Header().Get("Content-Type"), "text/plain") {
+		writeError(rec.ResponseWriter, status, http.StatusText(status))
+		rec.replaced = true
+		return
 	}
 	rec.ResponseWriter.WriteHeader(status)
 }
 
-func (rec *statusRecorder) Write(b []byte) (int, error) {
+func (rec *recorder) Write(b []byte) (int, error) {
 	if rec.status == 0 {
 		rec.status = http.StatusOK
+	}
+	if rec.replaced {
+		return len(b), nil
 	}
 	return rec.ResponseWriter.Write(b)
 }
 
 // Unwrap lets http.ResponseController reach the connection's writer.
-func (rec *statusRecorder) Unwrap() http.ResponseWriter { return rec.ResponseWriter }
+func (rec *recorder) Unwrap() http.ResponseWriter { return rec.ResponseWriter }
 
 // bodyReader notes whether a request body was read to its end.
 type bodyReader struct {
