@@ -594,9 +594,9 @@ func cleanName(s string) (string, string) {
 	return s, ""
 }
 
-// isVisible reports whether r shows as something.
+// isVisible reports whether r shows as something of its own.
 func isVisible(r rune) bool {
-	return unicode.IsGraphic(r) && !unicode.IsSpace(r) && !isInvisible(r)
+	return unicode.IsGraphic(r) && !unicode.IsSpace(r) && !unicode.IsMark(r) && !isInvisible(r)
 }
 
 // isInvisible reports whether r is a default-ignorable code point (U+200B,
@@ -681,7 +681,7 @@ func checkPassword(s string) (string, string) {
 		return s, fmt.Sprintf("must be at least %d characters", minPasswordChars)
 	case len(s) > maxPasswordBytes:
 		return s, fmt.Sprintf("must be at most %d bytes", maxPasswordBytes)
-	case commonPasswords[strings.ToLower(s)]:
+	case commonPasswords[strings.ToLower(strings.TrimSpace(s))]:
 		return s, "is too common: choose one that is harder to guess"
 	}
 	return s, ""
@@ -716,6 +716,7 @@ func closeToAccount(password string, words ...*string) bool {
 		if w == nil {
 			continue
 		}
+		password = strings.TrimSpace(password)
 		if local, _, _ := strings.Cut(*w, "@"); strings.EqualFold(*w, password) || strings.EqualFold(local, password) {
 			return true
 		}
@@ -727,25 +728,23 @@ func closeToAccount(password string, words ...*string) bool {
 func etag(u user) string { return `"` + strconv.FormatInt(u.Version, 10) + `"` }
 
 // tagVersions reads an If-Match or If-None-Match header's lines: star if it
-// is "*", otherwise the versions its tags name (weak ones only if weak), nil
-// if it is absent.
+// is "*", otherwise the versions its tags name exactly (weak ones only if
+// weak), nil if it is absent. A malformed tag names none.
 func tagVersions(lines []string, weak bool) (versions []int64, star bool) {
 	s := strings.Join(lines, ",")
 	if len(lines) == 0 || strings.Trim(s, " \t") == "*" {
 		return nil, len(lines) > 0
 	}
 	versions = []int64{}
-	for {
-		before, rest, ok := strings.Cut(s, `"`)
-		tag, after, closed := strings.Cut(rest, `"`)
-		if !ok || !closed {
-			return versions, false
-		}
-		if v, ok := parseNumber(tag); ok && (weak || !strings.HasSuffix(before, "W/")) {
+	for _, tag := range strings.Split(s, ",") {
+		tag, isWeak := strings.CutPrefix(strings.Trim(tag, " \t"), "W/")
+		digits := strings.TrimSuffix(strings.TrimPrefix(tag, `"`), `"`)
+		v, err := strconv.ParseInt(digits, 10, 64)
+		if err == nil && v >= 0 && tag == `"`+strconv.FormatInt(v, 10)+`"` && (weak || !isWeak) {
 			versions = append(versions, v)
 		}
-		s = after
 	}
+	return versions, false
 }
 
 // nfc puts *email, if not nil, in Unicode NFC, with PostgreSQL's help. If it

@@ -237,7 +237,7 @@ func TestRules(t *testing.T) {
 	}{
 		{"cleanName", cleanName, strings.TrimSpace, goodNames,
 			// Names with nothing visible; openapi.json's pattern cannot tell them.
-			append(badNames, "\ufeff", "\u200b", "\u200c\u200d", " \u3164 ", "\ufe0f", "\u2800\u00ad")},
+			append(badNames, "\ufeff", "\u200b", "\u200c\u200d", " \u3164 ", "\ufe0f", "\u2800\u00ad", "\u0301", "\u20dd", "\u3000\u0301")},
 		{"cleanEmail", cleanEmail, func(s string) string { return strings.ToLower(strings.TrimSpace(s)) }, goodEmails, badEmails},
 		{"checkPassword", checkPassword, same, []string{
 			"1234567x", strings.Repeat("p", 72), "        ", // 8 characters to 72 bytes, any of them
@@ -247,7 +247,7 @@ func TestRules(t *testing.T) {
 			"1234567", strings.Repeat("é", 7), // 7 characters, in 14 bytes
 			strings.Repeat("p", 73), strings.Repeat("€", 25), strings.Repeat("a", 10000),
 			"pass\u0001word", "pass\x00word", "passwo\uFFFDrd1",
-			"PassWord1", "ILOVEYOU", "qwertyuiop", "1q2w3e4r5t", // common, in any case
+			"PassWord1", "ILOVEYOU", "qwertyuiop", "1q2w3e4r5t", " password123 ", // common, in any case
 		}},
 		{"isLoopbackHost", rule(isLoopbackHost), same, []string{
 			"localhost", "localhost:8000", "LocalHost:1", "localhost:", "127.0.0.1", "127.0.0.1:8000",
@@ -296,7 +296,7 @@ func TestRules(t *testing.T) {
 func TestPasswordCloseToAccount(t *testing.T) {
 	t.Parallel()
 	for password, refused := range map[string]bool{
-		"Wilhelmina": true, "LEE-SMITHSON": true, "w.lee-smith@example.com": true, "W.Lee-Smith": true,
+		"Wilhelmina": true, " Wilhelmina ": true, "LEE-SMITHSON": true, "w.lee-smith@example.com": true, "W.Lee-Smith": true,
 		"Wilhelmina!": false, "example.com": false, "w.lee-smith@example": false,
 	} {
 		for _, create := range []bool{true, false} {
@@ -318,7 +318,8 @@ func TestTagVersions(t *testing.T) {
 		{nil, nil, nil, false},
 		{[]string{" * "}, nil, nil, true},
 		{[]string{`"1"`}, []int64{1}, []int64{1}, false},
-		{[]string{`W/"1", "2",,"x"`, `"3" , W/"04"`}, []int64{2, 3}, []int64{1, 2, 3, 4}, false},
+		{[]string{`W/"1", "2",,"x"`, `"3" , W/"4"`}, []int64{2, 3}, []int64{1, 2, 3, 4}, false},
+		{[]string{`"01", W/"0002", W/ "1", "1"x, "1" "2", "+1"`}, []int64{}, []int64{}, false},
 		{[]string{`"a,b", "5"`}, []int64{5}, []int64{5}, false},
 		{[]string{`"-1", "", "1`, `"`}, []int64{}, []int64{}, false},
 		{[]string{"1, *"}, []int64{}, []int64{}, false},
