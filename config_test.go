@@ -9,6 +9,7 @@ import (
 	"reflect"
 	"regexp"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -67,7 +68,7 @@ func TestRunRefusesBadConfiguration(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			var stdout, stderr syncBuffer
-			err := run(context.Background(), tt.args, func(k string) string { return tt.env[k] }, &stdout, &stderr)
+			err := run(context.Background(), tt.args, func(k string) string { return tt.env[k] }, &stdout)
 			if err == nil {
 				t.Fatalf("run(%q, %v) succeeded, want an error", tt.args, tt.env)
 			}
@@ -89,9 +90,11 @@ func TestRunRefusesBadConfiguration(t *testing.T) {
 
 func TestLoadConfig(t *testing.T) {
 	t.Parallel()
-	defaults := config{addr: defaultAddr, databaseURL: defaultDatabaseURL, bcryptCost: defaultBcryptCost, maxStreams: defaultMaxStreams,
+	defaults := config{addr: "127.0.0.1:8000", databaseURL: defaultDatabaseURL, bcryptCost: defaultBcryptCost, maxStreams: defaultMaxStreams,
 		pool: poolConfig{maxOpen: 16, maxIdle: 16, maxIdleTime: 5 * time.Minute}}
-	defaults.maxClients = int(min(fileLimit()/2, 4096))
+	var lim syscall.Rlimit
+	syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim)
+	defaults.maxClients = int(min(lim.Cur/2, 4096))
 	with := func(change func(*config)) config {
 		c := defaults
 		change(&c)
@@ -207,7 +210,7 @@ func TestParseDatabaseURL(t *testing.T) {
 func TestHelpAndVersion(t *testing.T) {
 	t.Parallel()
 	help := []string{"users serves a user-management REST API backed by PostgreSQL.\n", "-version\n"}
-	for _, st := range settings() {
+	for _, st := range new(config).settings() {
 		help = append(help, "  "+st.env, st.usage)
 		if st.flag != "" {
 			help = append(help, ", -"+st.flag+"\n")
@@ -220,7 +223,7 @@ func TestHelpAndVersion(t *testing.T) {
 	env := map[string]string{"BCRYPT_COST": "3", "PORT": "x"}
 	for _, arg := range []string{"-h", "-help", "--help", "-version"} {
 		var stdout, stderr syncBuffer
-		err := run(context.Background(), []string{arg}, func(k string) string { return env[k] }, &stdout, &stderr)
+		err := run(context.Background(), []string{arg}, func(k string) string { return env[k] }, &stdout)
 		if err != nil || stderr.String() != "" {
 			t.Errorf("run %s = %v, stderr %q; want nil and nothing on stderr", arg, err, stderr.String())
 		}

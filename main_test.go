@@ -362,7 +362,7 @@ func startRun(t *testing.T, env map[string]string) *runningService {
 	s := &runningService{logs: &syncBuffer{}, cancel: cancel, exited: make(chan struct{})}
 	go func() {
 		defer close(s.exited)
-		s.err = run(ctx, nil, func(k string) string { return env[k] }, s.logs, io.Discard)
+		s.err = run(ctx, nil, func(k string) string { return env[k] }, s.logs)
 	}()
 	t.Cleanup(func() { s.stop(t) })
 	listening := regexp.MustCompile(`(?:msg=listening addr=|"msg":"listening","addr":")[^ "]+:(\d+)[ "]`)
