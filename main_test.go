@@ -36,20 +36,15 @@ func testDatabaseURL() string { return cmp.Or(os.Getenv("TEST_DATABASE_URL"), de
 var adminDB *sql.DB
 
 func TestMain(m *testing.M) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
 	dsn, err := parseDatabaseURL(testDatabaseURL())
-	db, _ := sql.Open("postgres", dsn)
-	if err == nil {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		err = db.PingContext(ctx)
-		cancel()
-	}
-	if err != nil {
+	adminDB, _ = sql.Open("postgres", dsn)
+	if err = cmp.Or(err, adminDB.PingContext(ctx)); err != nil {
 		fmt.Fprintf(os.Stderr, "FAIL: no PostgreSQL at %s (%v): set TEST_DATABASE_URL to a database where you may create schemas\n", databaseAttr(dsn).Value, err)
 		os.Exit(1)
 	}
-	adminDB = db
 	code := m.Run()
-	// Only a full run that passed has produced every answer the tests make.
 	if code == 0 && fullRun() && !checkAnswersDocumented(os.Stderr) {
 		code = 1
 	}
@@ -63,11 +58,7 @@ func newSchema(t testing.TB) (databaseURL, schema string) {
 	if _, err := adminDB.Exec(`CREATE SCHEMA ` + schema); err != nil {
 		t.Fatalf("create schema: %v", err)
 	}
-	t.Cleanup(func() {
-		if _, err := adminDB.Exec(`DROP SCHEMA ` + schema + ` CASCADE`); err != nil {
-			t.Errorf("drop schema %s: %v", schema, err)
-		}
-	})
+	t.Cleanup(func() { adminDB.Exec(`DROP SCHEMA ` + schema + ` CASCADE`) })
 	// A session time zone other than UTC: the service must answer in UTC.
 	return withParam(withParam(testDatabaseURL(), "search_path", schema), "TimeZone", "Asia/Kolkata"), schema
 }
@@ -111,14 +102,13 @@ func newStoreWith(t testing.TB, databaseURL string, pool poolConfig, bound time.
 
 // testEnv is the real handler on a real database, served over HTTP.
 type testEnv struct {
-	t      testing.TB
-	url    string
-	store  *store
-	hasher *hasher
-	logs   *syncBuffer
-	client *http.Client // nil for noRedirects, from 127.0.0.1
-	// What envOptions set before newTestEnv starts the server.
-	apiToken  string
+	t         testing.TB
+	url       string
+	store     *store
+	hasher    *hasher
+	logs      *syncBuffer
+	client    *http.Client       // nil for noRedirects, from 127.0.0.1
+	apiToken  string             // this and the next two, as envOptions set them
 	configure func(*http.Server) // such as its timeouts
 	options   serverOptions
 }
@@ -211,7 +201,6 @@ func (e *testEnv) do(method, path, body string, header ...string) response {
 		return r
 	}
 	r.status, r.header = resp.StatusCode, resp.Header
-	// Every answer, whatever it is, carries these.
 	if r.header.Get("Cache-Control") != "no-store" || r.header.Get("X-Content-Type-Options") != "nosniff" {
 		e.t.Errorf("%s: Cache-Control %q, X-Content-Type-Options %q; want no-store, nosniff", r.what, r.header.Get("Cache-Control"), r.header.Get("X-Content-Type-Options"))
 	}
@@ -221,8 +210,7 @@ func (e *testEnv) do(method, path, body string, header ...string) response {
 
 // from returns e as seen from ip, such as 127.0.0.2 (Linux routes 127/8 to the host).
 func (e *testEnv) from(ip string) *testEnv {
-	dialer := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(ip)}}
-	transport := &http.Transport{DialContext: dialer.DialContext}
+	transport := &http.Transport{DialContext: (&net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(ip)}}).DialContext}
 	e.t.Cleanup(transport.CloseIdleConnections)
 	c := *e
 	c.client = &http.Client{Transport: transport, CheckRedirect: noRedirects.CheckRedirect, Timeout: noRedirects.Timeout}
@@ -284,12 +272,11 @@ func everyUsersRoute(id int64) []struct{ method, path, body string } {
 
 // closedAddr returns a loopback address where nothing listens.
 func closedAddr(t *testing.T) string {
-	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
+	ln.Close()
 	return ln.Addr().String()
 }
 
@@ -342,8 +329,7 @@ func (s *runningService) stop(t *testing.T) {
 	}
 }
 
-// TestRun starts the service as main does and stops it with creates in flight:
-// they finish, run returns nil and closes its connections, and its log is checked.
+// TestRun stops the service with creates in flight: they finish, and run returns nil.
 func TestRun(t *testing.T) {
 	t.Parallel()
 	databaseURL, schema := newSchema(t)
@@ -353,9 +339,7 @@ func TestRun(t *testing.T) {
 	body := func(i int) string {
 		return fmt.Sprintf(`{"first_name":"A","last_name":"L","email":"u%d@example.com","password":"passw0rd-1"}`, i)
 	}
-	// Creates the server has, each waiting for its body.
-	const inFlight = 3
-	conns := dialMany(t, s.addr, inFlight, createExpectingBody(body(0)), http.StatusContinue)
+	conns := dialMany(t, s.addr, 3, createExpectingBody(body(0)), http.StatusContinue)
 	s.cancel()
 	waitUntil(t, "run to shut down", func() bool { return strings.Contains(s.logs.String(), `msg="shutting down"`) })
 	for i, c := range conns { // one by one: a client hashes one password at a time
@@ -365,13 +349,11 @@ func TestRun(t *testing.T) {
 	}
 	s.stop(t)
 	waitNoConnections(t, schema)
-	// Each user was stored, hashed at the cost BCRYPT_COST set.
-	var n int
-	if err := adminDB.QueryRow(`SELECT count(*) FROM ` + schema + `.users WHERE password LIKE '$2a$10$%'`).Scan(&n); err != nil || n != inFlight {
-		t.Errorf("%d users stored at cost 10 (%v), want the %d created during the shutdown", n, err, inFlight)
+	var n int // stored, hashed at the cost BCRYPT_COST set
+	if err := adminDB.QueryRow(`SELECT count(*) FROM ` + schema + `.users WHERE password LIKE '$2a$10$%'`).Scan(&n); err != nil || n != len(conns) {
+		t.Errorf("%d users stored at cost 10 (%v), want the %d created during the shutdown", n, err, len(conns))
 	}
-	// The log names the database, and no line holds its password.
-	want := regexp.MustCompile(`(?s)database\.host=\S+ database\.port=\d+ database\.name=\S+ .*msg=stopped`)
+	want := regexp.MustCompile(`(?s)database\.host=\S+ database\.port=\d+ database\.name=\S+ .*msg=stopped`) // and no password
 	if logs := s.logs.String(); !want.MatchString(logs) || strings.Contains(logs, "hunter2") {
 		t.Errorf("log does not match %s, or holds the password:\n%s", want, logs)
 	}
@@ -379,8 +361,7 @@ func TestRun(t *testing.T) {
 
 func TestServerTimeouts(t *testing.T) {
 	t.Parallel()
-	// The values the service runs with, which the README documents.
-	srv := newHTTPServer(http.NotFoundHandler(), newTestLogger(io.Discard))
+	srv := newHTTPServer(http.NotFoundHandler(), newTestLogger(io.Discard)) // the values the README documents
 	got := [...]any{srv.ReadHeaderTimeout, srv.ReadTimeout, srv.WriteTimeout, srv.IdleTimeout, srv.MaxHeaderBytes, srv.DisableGeneralOptionsHandler}
 	want := [...]any{5 * time.Second, 16 * time.Second, 30 * time.Second, 60 * time.Second, 64 << 10, true}
 	if got != want {
@@ -388,8 +369,7 @@ func TestServerTimeouts(t *testing.T) {
 	}
 }
 
-// TestRunGuardsByAddressAndToken: without a token, run refuses other Hosts on
-// loopback (DNS rebinding) and warns on any other address. Half log as JSON.
+// TestRunGuardsByAddressAndToken: without a token, run refuses other Hosts on loopback (DNS rebinding), warns elsewhere.
 func TestRunGuardsByAddressAndToken(t *testing.T) {
 	t.Parallel()
 	databaseURL, _ := newSchema(t)
@@ -407,12 +387,11 @@ func TestRunGuardsByAddressAndToken(t *testing.T) {
 			t.Errorf("ADDR=%s API_TOKEN=%q: %s with Host evil.example; want 421: %v", tt.addr, tt.token, r, tt.hostChecked)
 		}
 		s.stop(t)
-		logs := s.logs.String()
-		if warned := strings.Contains(logs, "API_TOKEN is not set"); warned != tt.warned {
-			t.Errorf("ADDR=%s API_TOKEN=%q: warning logged = %v, want %v\n%s", tt.addr, tt.token, warned, tt.warned, logs)
+		if warned := strings.Contains(s.logs.String(), "API_TOKEN is not set"); warned != tt.warned {
+			t.Errorf("ADDR=%s API_TOKEN=%q: warning logged = %v, want %v\n%s", tt.addr, tt.token, warned, tt.warned, s.logs)
 		}
-		if lines := strings.ReplaceAll(strings.TrimSpace(logs), "\n", ","); json.Valid([]byte("["+lines+"]")) != (tt.logFormat == "json") {
-			t.Errorf("LOG_FORMAT=%s: the log is JSON lines: %v\n%s", tt.logFormat, tt.logFormat == "json", logs)
+		if lines := strings.ReplaceAll(strings.TrimSpace(s.logs.String()), "\n", ","); json.Valid([]byte("["+lines+"]")) != (tt.logFormat == "json") {
+			t.Errorf("LOG_FORMAT=%s: the log is JSON lines: %v\n%s", tt.logFormat, tt.logFormat == "json", s.logs)
 		}
 	}
 }
