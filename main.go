@@ -21,7 +21,7 @@ import (
 	"time"
 )
 
-// The service's bounds, as the README's table of timeouts lists them.
+// The service's bounds, as the README's Timeouts list them.
 const (
 	connectTimeout    = 5 * time.Second  // connecting and applying the schema at start
 	queryTimeout      = 5 * time.Second  // the database time of each store call
