@@ -5,8 +5,6 @@ import (
 	"context"
 	"database/sql"
 	"encoding/json"
-	"io"
-	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -19,26 +17,23 @@ import (
 	"golang.org/x/crypto/bcrypt"
 )
 
-// benchHash is the bcrypt hash (cost 12) of "correct horse battery staple".
-// Seeded users all carry it, so that seeding costs no bcrypt at all.
+// benchHash, a hash of "correct horse battery staple", is every seeded user's: seeding hashes nothing.
 const benchHash = "$2a$12$39HUuk9X/zmfXFzzeU/24.vqftitBT9zuqoeLXvMN9ROGH/zTr/qK"
 
 // newBenchCeiling returns the thinnest handlers the stack allows for the two
-// reads, the baseline BenchmarkHandler compares the service with: one
-// prepared statement per look-up, one query for the whole list scanned into
-// one reused struct, rows encoded one by one, no middleware, no access log,
-// no validation.
-func newBenchCeiling(db *sql.DB) (http.Handler, error) {
-	byID, err := db.Prepare(`SELECT ` + userColumns + ` FROM users WHERE id = $1`)
+// reads: a prepared look-up, one query for the list scanned into one reused
+// struct and encoded row by row, no middleware, no log, no validation.
+func newBenchCeiling(b *testing.B, db *sql.DB) http.Handler {
+	const columns = `id, first_name, last_name, email, created_at, updated_at`
+	byID, err := db.Prepare(`SELECT ` + columns + ` FROM users WHERE id = $1`)
 	if err != nil {
-		return nil, err
+		b.Fatal(err)
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /users/{id}", func(w http.ResponseWriter, r *http.Request) {
 		id, _ := strconv.ParseInt(r.PathValue("id"), 10, 64)
 		var u user
-		err := byID.QueryRowContext(r.Context(), id).Scan(&u.ID, &u.FirstName, &u.LastName, &u.Email, &u.CreatedAt, &u.UpdatedAt)
-		if err != nil {
+		if err := byID.QueryRowContext(r.Context(), id).Scan(&u.ID, &u.FirstName, &u.LastName, &u.Email, &u.CreatedAt, &u.UpdatedAt); err != nil {
 			http.Error(w, err.Error(), http.StatusNotFound)
 			return
 		}
@@ -46,7 +41,7 @@ func newBenchCeiling(db *sql.DB) (http.Handler, error) {
 		json.NewEncoder(w).Encode(u)
 	})
 	mux.HandleFunc("GET /users/{$}", func(w http.ResponseWriter, r *http.Request) {
-		rows, err := db.QueryContext(r.Context(), `SELECT `+userColumns+` FROM users ORDER BY id`)
+		rows, err := db.QueryContext(r.Context(), `SELECT `+columns+` FROM users ORDER BY id`)
 		if err != nil {
 			http.Error(w, err.Error(), http.StatusInternalServerError)
 			return
@@ -72,123 +67,74 @@ func newBenchCeiling(db *sql.DB) (http.Handler, error) {
 		bw.WriteString("]\n")
 		bw.Flush()
 	})
-	return mux, nil
+	return mux
 }
 
-// benchPool is the service's default pool (DB_MAX_CONNS=16), not the
-// tests' small testPool: the benchmark measures the service as it runs.
-var benchPool = poolConfig{maxOpen: 16, maxIdle: 16, maxIdleTime: 5 * time.Minute}
-
-// BenchmarkHandler serves the read paths in process, without a network or an
-// HTTP client, so that a CPU or allocation profile shows the handler's own
-// work:
-//
-//	go test -run '^$' -bench 'Handler/get/service$' -cpuprofile cpu.prof
-//	go tool pprof -top users.test cpu.prof
-//
-// Beside the service it runs the ceiling handler, and the service without
-// its access log ("nolog": a logger whose level hides Info), which isolates
-// the log's cost.
+// BenchmarkHandler serves the two reads in process, without a network, so
+// that a profile shows the handler's own work, through the service and
+// through the ceiling, with the service's default pool (README: Benchmarks).
 func BenchmarkHandler(b *testing.B) {
-	ctx := context.Background()
+	pool := poolConfig{maxOpen: 16, maxIdle: 16, maxIdleTime: 5 * time.Minute}
 	databaseURL, _ := newSchema(b)
-	st, err := openStore(ctx, databaseURL, benchPool, queryTimeout)
-	if err != nil {
-		b.Fatalf("openStore: %v", err)
-	}
-	b.Cleanup(func() { st.Close() })
+	st := newStoreWith(b, databaseURL, pool, queryTimeout)
 	// 1,000 users, with the ids that follow the table's.
-	if _, err := st.db.ExecContext(ctx, `
-		INSERT INTO users (first_name, last_name, email, password, salt)
-		SELECT 'First' || i, 'Last' || i, 'user' || i || '@example.com', $2, $3
-		FROM generate_series(1, $1::bigint) AS i`, 1000, benchHash, benchHash[:bcryptSaltLen]); err != nil {
+	if _, err := st.db.Exec(`INSERT INTO users (first_name, last_name, email, password, salt) SELECT 'First' || i, 'Last' || i,
+		'user' || i || '@example.com', $1, $2 FROM generate_series(1, 1000) AS i`, benchHash, benchHash[:bcryptSaltLen]); err != nil {
 		b.Fatalf("seed users: %v", err)
 	}
-	if _, err := st.db.ExecContext(ctx, `ANALYZE users`); err != nil {
-		b.Fatalf("analyze users: %v", err)
+	if _, err := st.db.Exec(`ANALYZE users`); err != nil {
+		b.Fatal(err)
 	}
-
-	// The access log goes to a file, as the service's standard output
-	// usually does: one write(2) per line.
+	// The access log goes to a file, as standard output usually does: one write(2) a line.
 	logFile, err := os.CreateTemp(b.TempDir(), "access-*.log")
 	if err != nil {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { logFile.Close() })
-	logger := slog.New(slog.NewTextHandler(logFile, nil))
-	quiet := slog.New(slog.NewTextHandler(io.Discard, &slog.HandlerOptions{Level: slog.LevelError}))
-	// The reads never hash: the cheapest cost keeps the dummy hash the
-	// hasher makes at start out of the profile.
-	h := newHasher(bcrypt.MinCost, runtime.GOMAXPROCS(0), hashWait)
-
-	ceilingDB, err := sql.Open("postgres", databaseURL)
-	if err != nil {
-		b.Fatal(err)
-	}
-	ceilingDB.SetMaxOpenConns(benchPool.maxOpen)
-	ceilingDB.SetMaxIdleConns(benchPool.maxIdle)
+	// The reads never hash: the cheapest cost keeps the hasher's start out of the profile.
+	service := newServer(newTestLogger(logFile), st, newHasher(bcrypt.MinCost, runtime.GOMAXPROCS(0), hashWait), "",
+		serverOptions{maxStreams: defaultMaxStreams, streamStall: streamStall})
+	ceilingDB, _ := sql.Open("postgres", databaseURL) // fails only for an unknown driver
+	ceilingDB.SetMaxOpenConns(pool.maxOpen)
+	ceilingDB.SetMaxIdleConns(pool.maxIdle)
 	b.Cleanup(func() { ceilingDB.Close() })
-	ceiling, err := newBenchCeiling(ceilingDB)
-	if err != nil {
-		b.Fatal(err)
-	}
-
-	handlers := []struct {
-		name string
-		h    http.Handler
-	}{
-		{"service", newServer(logger, st, h, "", serverOptions{maxStreams: defaultMaxStreams, streamStall: streamStall})},
-		{"service-nolog", newServer(quiet, st, h, "", serverOptions{maxStreams: defaultMaxStreams, streamStall: streamStall})},
-		{"ceiling", ceiling},
-	}
-	paths := []struct {
+	ceiling := newBenchCeiling(b, ceilingDB)
+	for _, p := range []struct {
 		name  string
 		path  func(n uint64) string
 		conns int
 	}{
 		{"get", func(n uint64) string { return "/users/" + strconv.FormatUint(n%1000+1, 10) }, 32},
 		{"list", func(uint64) string { return "/users/" }, 8},
-	}
-	for _, p := range paths {
-		for _, hd := range handlers {
-			b.Run(p.name+"/"+hd.name, func(b *testing.B) {
-				rec := httptest.NewRecorder()
-				hd.h.ServeHTTP(rec, httptest.NewRequest("GET", p.path(0), nil))
-				if rec.Code != http.StatusOK {
-					b.Fatalf("GET %s: status = %d, want 200; body: %.200s", p.path(0), rec.Code, rec.Body)
-				}
-				size := rec.Body.Len()
+	} {
+		for i, h := range []http.Handler{service, ceiling} {
+			b.Run(p.name+"/"+[]string{"service", "ceiling"}[i], func(b *testing.B) {
 				var next atomic.Uint64
 				b.SetParallelism((p.conns + runtime.GOMAXPROCS(0) - 1) / runtime.GOMAXPROCS(0))
 				b.ReportAllocs()
-				b.ResetTimer()
 				start := time.Now()
 				b.RunParallel(func(pb *testing.PB) {
-					// net/http gives every request a context that ends
-					// when its connection does; database/sql watches such
-					// a context with a goroutine per query, so the
-					// handlers pay for it here as they do when served.
+					// A request's context ends with its connection: database/sql
+					// watches it with a goroutine per query, as when served.
 					ctx, cancel := context.WithCancel(context.Background())
 					defer cancel()
 					for pb.Next() {
-						rec := httptest.NewRecorder()
-						hd.h.ServeHTTP(rec, httptest.NewRequestWithContext(ctx, "GET", p.path(next.Add(1)), nil))
+						rec, path := httptest.NewRecorder(), p.path(next.Add(1))
+						h.ServeHTTP(rec, httptest.NewRequestWithContext(ctx, "GET", path, nil))
 						if rec.Code != http.StatusOK {
-							b.Errorf("GET: status = %d, want 200", rec.Code)
+							b.Errorf("GET %s: status = %d, want 200; body: %.200s", path, rec.Code, rec.Body)
 							return
 						}
 					}
 				})
 				b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "req/s")
-				b.ReportMetric(float64(size), "B/resp")
 			})
 		}
 	}
 }
 
-// BenchmarkAuthenticate times a wrong-password check, an unknown-email check
-// and a check of a password over 72 bytes at the default bcrypt cost, b.N
-// rounds of each, and reports their medians and ratios:
+// BenchmarkAuthenticate reports the medians and ratios of b.N wrong-password,
+// unknown-email and over-72-byte checks at the default bcrypt cost:
 //
 //	go test -run '^$' -bench Authenticate -benchtime 15x .
 func BenchmarkAuthenticate(b *testing.B) {

@@ -1,8 +1,6 @@
 // Command users serves a user-management REST API backed by PostgreSQL.
-//
-// It reads its configuration from the environment and flags (see README.md),
-// applies the embedded schema.sql on boot, and stops gracefully on SIGINT or
-// SIGTERM.
+// Settings come from the environment and flags (see README.md); it applies
+// the embedded schema.sql at start and stops gracefully on SIGINT or SIGTERM.
 package main
 
 import (
@@ -23,56 +21,35 @@ import (
 	"time"
 )
 
+// The service's bounds, as the README's Timeouts list them.
 const (
-	// connectTimeout bounds connecting to the database and applying the
-	// schema at start.
-	connectTimeout = 5 * time.Second
-	// queryTimeout bounds the database time of each store call.
-	queryTimeout = 5 * time.Second
-	// hashWait is how long a request waits for a free hashing slot before
-	// it is answered 503.
-	hashWait = 10 * time.Second
-	// shutdownTimeout bounds how long in-flight requests may take to finish
-	// after a shutdown signal.
-	shutdownTimeout = 20 * time.Second
-
-	// HTTP server timeouts. ReadHeaderTimeout cuts clients that trickle
-	// headers; ReadTimeout bounds reading a whole request body (1 MiB at
-	// 64 KiB/s); WriteTimeout bounds the response and so must cover the
-	// hash wait, a hash and a query (a list stream moves it on as it
-	// sends); IdleTimeout frees idle keep-alive connections.
+	connectTimeout    = 5 * time.Second  // connecting and applying the schema at start
+	queryTimeout      = 5 * time.Second  // the database time of each store call
+	hashWait          = 10 * time.Second // waiting for a hashing slot, then 503
+	shutdownTimeout   = 20 * time.Second // in-flight requests after a signal
 	readHeaderTimeout = 5 * time.Second
-	readTimeout       = 16 * time.Second
-	writeTimeout      = 30 * time.Second
+	readTimeout       = 16 * time.Second // a whole request: 1 MiB at 64 KiB/s
+	writeTimeout      = 30 * time.Second // a hash wait, a hash and a query; a list moves it on as it sends
 	idleTimeout       = 60 * time.Second
 	maxHeaderBytes    = 64 << 10
-	// streamStall: a whole-table list whose client takes nothing for this
-	// long is cut, and its stream slot freed.
-	streamStall = 10 * time.Second
+	streamStall       = 10 * time.Second // a list whose client takes nothing this long is cut
 )
 
 func main() {
-	// One P more than the runtime takes (the CPUs, or a container's CPU
-	// limit): run lets bcrypt use every P but one, so every CPU can hash
-	// and a flood of creates still leaves a P to serve reads. Measured on
-	// 2 CPUs at cost 10, 32 clients creating while 4 read: 31 hashes a
-	// second and reads at p99 21 ms with it; 18 hashes a second and p99
-	// 7 ms without it (one hashing P); with every P hashing, reads waited
-	// for the scheduler's 10 ms preemption at each step, p99 42 ms. Setting
-	// GOMAXPROCS stops the runtime from following a changed CPU limit.
+	// One P more than the CPUs (or a container's limit), and hashes on all
+	// but one P: every CPU can hash while reads keep a P (see README).
 	if os.Getenv("GOMAXPROCS") == "" {
 		runtime.GOMAXPROCS(runtime.GOMAXPROCS(0) + 1)
 	}
-	if err := run(context.Background(), os.Args[1:], os.Getenv, os.Stdout, os.Stderr); err != nil {
+	if err := run(context.Background(), os.Args[1:], os.Getenv, os.Stdout); err != nil {
 		fmt.Fprintln(os.Stderr, "users:", err)
 		os.Exit(1)
 	}
 }
 
-// run starts the service and blocks until ctx is cancelled or the process
-// gets SIGINT or SIGTERM, then shuts it down gracefully. It returns an error
-// if the service cannot start.
-func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+// run serves until ctx is cancelled or the process gets SIGINT or SIGTERM,
+// then shuts down gracefully. It returns an error if the service cannot start.
+func run(ctx context.Context, args []string, getenv func(string) string, stdout io.Writer) error {
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	cfg, err := loadConfig(args, getenv, stdout)
@@ -105,21 +82,12 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if cfg.apiToken == "" && !isLoopback(ln.Addr()) {
 		logger.Warn("API_TOKEN is not set: anyone who can reach this address can read and change users", "addr", ln.Addr().String())
 	}
-
-	// Hashes may run on every P but one (see main). A hash holds its P for
-	// a long time, and the Go scheduler takes it back only every 10 ms:
-	// were every P hashing, each step of a read would wait that long.
-	hashSlots := max(1, runtime.GOMAXPROCS(0)-1)
-	h := newHasher(cfg.bcryptCost, hashSlots, hashWait)
-	opts := serverOptions{
-		maxStreams:  cfg.maxStreams,
-		streamStall: streamStall,
-		// Without a token, a loopback address is the only guard: keep web
-		// pages out that reach it through a name of their own (DNS
-		// rebinding).
-		loopbackHostsOnly: cfg.apiToken == "" && isLoopback(ln.Addr()),
-		trustedProxies:    cfg.proxies,
-	}
+	// A hash holds its P until the scheduler preempts it (10 ms): one P is
+	// left free so that reads do not wait for that.
+	h := newHasher(cfg.bcryptCost, max(1, runtime.GOMAXPROCS(0)-1), hashWait)
+	opts := serverOptions{maxStreams: cfg.maxStreams, streamStall: streamStall, trustedProxies: cfg.proxies}
+	// Without a token, loopback is the only guard: refuse other Hosts (DNS rebinding).
+	opts.loopbackHostsOnly = cfg.apiToken == "" && isLoopback(ln.Addr())
 	srv := newHTTPServer(newServer(logger, st, h, cfg.apiToken, opts), logger)
 	clients := limitClients(srv, ln, cfg.maxClients, logger)
 	serveErr := make(chan error, 1)
@@ -132,9 +100,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return err
 	case <-ctx.Done():
 	}
-	// From here a second signal stops the process at once, as it would
-	// any program.
-	stop()
+	stop() // a second signal stops the process at once
 	logger.Info("shutting down", "timeout", shutdownTimeout)
 	// ctx is already cancelled, so the wait needs a context of its own.
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
@@ -156,18 +122,16 @@ func newHTTPServer(handler http.Handler, logger *slog.Logger) *http.Server {
 		WriteTimeout:      writeTimeout,
 		IdleTimeout:       idleTimeout,
 		MaxHeaderBytes:    maxHeaderBytes,
-		// "OPTIONS *" comes to the handler, which answers it as JSON like
-		// any other path it does not serve.
+		// "OPTIONS *" goes to the handler, which answers it in JSON.
 		DisableGeneralOptionsHandler: true,
 		ErrorLog:                     slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
 		ConnContext:                  func(ctx context.Context, c net.Conn) context.Context { limitUnsent(c); return ctx },
 	}
 }
 
-// limitUnsent caps what c's socket holds unsent, on Linux. A writer blocked
-// on a full send buffer wakes only once a third of it is free, megabytes on
-// a fast link: a client reading slowly would look stalled for that long.
-// With the cap, the writer wakes as the client reads.
+// limitUnsent caps what c's socket holds unsent, on Linux, so that a writer
+// blocked on a full send buffer wakes as a slow client reads, not once
+// megabytes have drained: a slow reader must not look stalled.
 func limitUnsent(c net.Conn) {
 	const tcpNotSentLowat, maxUnsent = 0x19, 128 << 10
 	if sc, ok := c.(syscall.Conn); ok && runtime.GOOS == "linux" {
@@ -182,11 +146,9 @@ func isLoopback(addr net.Addr) bool {
 	return ok && tcp.IP.IsLoopback()
 }
 
-// clientLimiter is a listener that holds at most max client connections at
-// once. When a new one would be one too many, the connection idle longest is
-// closed to make room: a keep-alive connection waiting for its next request,
-// or one that has not sent a whole request yet. If every connection is busy
-// with a request, the new one is answered 503 and closed.
+// clientLimiter is a listener that holds at most max client connections. One
+// more closes the connection idle longest (between requests, or before its
+// first whole request); if every one is busy, the new one gets 503.
 type clientLimiter struct {
 	net.Listener
 	max    int
@@ -227,22 +189,18 @@ func (l *clientLimiter) Accept() (net.Conn, error) {
 // and reports whether it could.
 func (l *clientLimiter) admit(c net.Conn) bool {
 	l.mu.Lock()
-	var evicted net.Conn
+	defer l.mu.Unlock()
 	if len(l.conns) >= l.max {
 		oldest := l.idle.Front()
 		if oldest == nil {
-			l.mu.Unlock()
 			return false
 		}
-		evicted = l.idle.Remove(oldest).(net.Conn)
+		evicted := l.idle.Remove(oldest).(net.Conn)
 		delete(l.conns, evicted)
+		evicted.Close()
 	}
 	// Until it has sent a whole request, a connection counts as idle.
 	l.conns[c] = l.idle.PushBack(c)
-	l.mu.Unlock()
-	if evicted != nil {
-		evicted.Close()
-	}
 	return true
 }
 
@@ -268,20 +226,13 @@ func (l *clientLimiter) track(c net.Conn, state http.ConnState) {
 }
 
 // busyAnswer is what a connection gets when there is no room for it.
-const busyAnswer = "HTTP/1.1 503 Service Unavailable\r\n" +
-	"Content-Type: application/json\r\n" +
-	"Retry-After: 1\r\n" +
-	"Connection: close\r\n" +
-	"Cache-Control: no-store\r\n" +
-	"X-Content-Type-Options: nosniff\r\n" +
-	"Content-Length: 33\r\n" +
-	"\r\n" +
-	`{"detail":"Service unavailable"}` + "\n"
+const busyAnswer = "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n" +
+	"Connection: close\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n" +
+	"Content-Length: 33\r\n\r\n" + `{"detail":"Service unavailable"}` + "\n"
 
-// refuse answers c 503 and closes it. Closing a connection with unread data
-// resets it, and the client may lose the answer: so after the answer, what
-// the client sends is read and dropped, for up to a second while few
-// refusals are under way, and otherwise only what has already come.
+// refuse answers c 503 and closes it. Closing with unread data resets the
+// connection, which may lose the answer: so what the client sends is read
+// and dropped first, for up to a second while few refusals are under way.
 func (l *clientLimiter) refuse(c net.Conn) {
 	l.mu.Lock()
 	if time.Since(l.lastWarned) >= time.Second {

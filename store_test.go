@@ -668,7 +668,7 @@ func TestDatabaseGoneAtStart(t *testing.T) {
 	env := map[string]string{"DATABASE_URL": databaseURL, "ADDR": "127.0.0.1:0"}
 	done := make(chan error, 1)
 	start := time.Now()
-	go func() { done <- run(t.Context(), nil, func(k string) string { return env[k] }, io.Discard, io.Discard) }()
+	go func() { done <- run(t.Context(), nil, func(k string) string { return env[k] }, io.Discard) }()
 	select {
 	case err := <-done:
 		if err == nil || !strings.Contains(err.Error(), "DATABASE_URL") || !strings.Contains(err.Error(), proxy.addr) {
