@@ -30,11 +30,10 @@ var (
 
 // poolConfig sizes the connection pool.
 type poolConfig struct {
-	maxOpen     int           // connections open at once
-	maxIdle     int           // connections kept open while idle
-	maxIdleTime time.Duration // how long an idle connection is kept
-	// transactionPooler: PgBouncer or the like, pool_mode = transaction.
-	transactionPooler bool
+	maxOpen           int           // connections open at once
+	maxIdle           int           // connections kept open while idle
+	maxIdleTime       time.Duration // how long an idle connection is kept
+	transactionPooler bool          // PgBouncer or the like, pool_mode = transaction
 }
 
 // store is the service's data layer: every SQL statement lives here.
@@ -45,8 +44,7 @@ type store struct {
 	setBounds string        // begins a write's transaction (see write)
 	// The user reads, prepared (one round trip, not two), or nil.
 	userByID, userByEmail, usersAfter *sql.Stmt
-	// now, if set, replaces the database's clock for the sign-in throttle.
-	now func() time.Time
+	now                               func() time.Time // if set, the sign-in throttle's clock (tests)
 }
 
 // openStore connects to the database at databaseURL, checks that it answers
@@ -129,8 +127,7 @@ func (s *store) Ping(ctx context.Context) error {
 	return dbError(cn.(driver.Pinger).Ping(ctx))
 }
 
-// user is a stored user as the API shows it: the password hash and salt are
-// never read back, so they cannot leak into a response.
+// user is a stored user as the API shows it: hash and salt are never read.
 type user struct {
 	ID        int64     `json:"id"`
 	FirstName string    `json:"first_name"`
@@ -169,10 +166,8 @@ type newUser struct {
 type userUpdate struct {
 	FirstName, LastName, Email *string
 	Password                   *passwordHash
-	// Versions, if not nil, are the versions the user may have (If-Match).
-	Versions []int64
-	// Check, if not nil, vets the user as changed; its error undoes the change.
-	Check func(user) error
+	Versions                   []int64          // if not nil, the versions it may have (If-Match)
+	Check                      func(user) error // if not nil, vets the changed user; an error undoes it
 }
 
 // CreateUser inserts a user. It returns errEmailTaken if another user has
@@ -216,17 +211,15 @@ func (s *store) NFC(ctx context.Context, text string) (string, error) {
 	return nfc, dbError(err)
 }
 
-// Users returns up to limit users whose id is greater than afterID, ordered
-// by id.
+// Users returns up to limit users whose id is greater than afterID, by id.
 func (s *store) Users(ctx context.Context, afterID int64, limit int) ([]user, error) {
 	users := make([]user, 0, limit)
 	err := s.EachUser(ctx, afterID, limit, func(u *user) { users = append(users, *u) })
 	return users, err
 }
 
-// EachUser calls fn for each of up to limit users whose id is greater than
-// afterID, in id order. fn gets the same *user each time, filled anew: it
-// must not keep it. fn should be quick: it holds the connection.
+// EachUser calls fn for up to limit users after afterID, in id order, with
+// one *user filled anew each time: fn must not keep it, and should be quick.
 func (s *store) EachUser(ctx context.Context, afterID int64, limit int, fn func(*user)) error {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
@@ -425,7 +418,6 @@ var unavailableCodes = []pq.ErrorCode{"57P01", "57P02", "57P03", "53300", "57014
 // original in the chain. Any error met while connecting means unavailable.
 func dbError(err error) error {
 	var pqErr *pq.Error
-	var netErr net.Error
 	isPQ := errors.As(err, &pqErr)
 	switch {
 	case err == nil:
@@ -436,7 +428,7 @@ func dbError(err error) error {
 		return errEmailTaken
 	case errors.As(err, new(connectError)),
 		isPQ && (pqErr.Code.Class() == "08" || slices.Contains(unavailableCodes, pqErr.Code)),
-		!isPQ && (deadConn(err) || errors.As(err, &netErr) || errors.Is(err, context.DeadlineExceeded)):
+		!isPQ && (deadConn(err) || errors.As(err, new(net.Error)) || errors.Is(err, context.DeadlineExceeded)):
 		return fmt.Errorf("%w: %w", errUnavailable, err)
 	}
 	return err
@@ -472,10 +464,9 @@ type connectError struct{ error }
 
 func (e connectError) Unwrap() error { return e.error }
 
-// silenceDialer dials connections whose reads give up after timeout
-// without data (lib/pq has none): lib/pq reads only while it awaits an
-// answer. While connecting, lib/pq's connect deadline holds instead, cut to
-// the dial's context and to timeout.
+// silenceDialer dials connections whose reads, which lib/pq makes only
+// while it awaits an answer, give up after timeout without data. While
+// connecting, lib/pq's deadline holds instead, cut to ctx's and timeout.
 type silenceDialer struct {
 	net.Dialer
 	timeout time.Duration
@@ -515,12 +506,10 @@ type silenceConn struct {
 	connectBy time.Time // the deadline while connecting; zero once connected
 }
 
-// silenceSlack is how much of the bound a read may find used up: moving a
-// deadline on each of thousands of reads a second costs.
-const silenceSlack = 50 * time.Millisecond
-
 func (c *silenceConn) Read(b []byte) (int, error) {
-	if now := time.Now(); c.connectBy.IsZero() && c.deadline.Sub(now) < c.timeout-silenceSlack {
+	// The deadline moves once 50 ms of it are used, not on each of
+	// thousands of reads a second.
+	if now := time.Now(); c.connectBy.IsZero() && c.deadline.Sub(now) < c.timeout-50*time.Millisecond {
 		c.deadline = now.Add(c.timeout)
 		if err := c.Conn.SetReadDeadline(c.deadline); err != nil {
 			return 0, err
