@@ -412,7 +412,7 @@ func rollback(ctx context.Context, conn *sql.Conn) {
 // unavailableCodes mean "not now", beside class 08: shutdown or startup,
 // too many connections, a bound ran out (57014, 55P03), try again (40001,
 // 40P01), no connections taken (55000), read-only (25006).
-var unavailableCodes = []pq.ErrorCode{"57P01", "57P02", "57P03", "53300", "57014", "55P03", "40001", "40P01", "55000", "25006"}
+var unavailableCodes = []string{"57P01", "57P02", "57P03", "53300", "57014", "55P03", "40001", "40P01", "55000", "25006"}
 
 // dbError translates a driver error into the store's sentinels, keeping the
 // original in the chain. Any error met while connecting means unavailable.
@@ -427,7 +427,7 @@ func dbError(err error) error {
 	case isPQ && pqErr.Code == "23505" && pqErr.Constraint == "users_email_key": // unique_violation
 		return errEmailTaken
 	case errors.As(err, new(connectError)),
-		isPQ && (pqErr.Code.Class() == "08" || slices.Contains(unavailableCodes, pqErr.Code)),
+		isPQ && (pqErr.Code.Class() == "08" || slices.Contains(unavailableCodes, string(pqErr.Code))),
 		!isPQ && (deadConn(err) || errors.As(err, new(net.Error)) || errors.Is(err, context.DeadlineExceeded)):
 		return fmt.Errorf("%w: %w", errUnavailable, err)
 	}
