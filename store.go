@@ -44,7 +44,7 @@ type store struct {
 	setBounds string        // begins a write's transaction (see write)
 	// The user reads, prepared (one round trip, not two), or nil.
 	userByID, userByEmail, usersAfter *sql.Stmt
-	now                               func() time.Time // if set, the sign-in throttle's clock (tests)
+	now                               driver.Valuer // if set, the sign-in throttle's clock (tests)
 }
 
 // openStore connects to the database at databaseURL, checks that it answers
@@ -307,13 +307,16 @@ func missingOrStale(ctx context.Context, conn *sql.Conn, id int64) error {
 func (s *store) DeleteUser(ctx context.Context, id int64, versions []int64) error {
 	return s.write(ctx, func(ctx context.Context, conn *sql.Conn) error {
 		// A stale version rolls back the failures' delete too.
-		n, err := rowsAffected(conn.ExecContext(ctx, `
+		res, err := conn.ExecContext(ctx, `
 			WITH failures AS (DELETE FROM sign_in_failures WHERE email = (SELECT email FROM users WHERE id = $1))
-			DELETE FROM users WHERE id = $1 AND ($2::bigint[] IS NULL OR version = ANY ($2))`, id, pq.Array(versions)))
-		if err == nil && n == 0 {
-			return missingOrStale(ctx, conn, id)
+			DELETE FROM users WHERE id = $1 AND ($2::bigint[] IS NULL OR version = ANY ($2))`, id, pq.Array(versions))
+		if err != nil {
+			return err
 		}
-		return err
+		if n, err := res.RowsAffected(); err != nil || n > 0 {
+			return err
+		}
+		return missingOrStale(ctx, conn, id)
 	})
 }
 
@@ -325,26 +328,6 @@ func (s *store) Credentials(ctx context.Context, email string) (user, string, er
 	var hash string
 	u, err := scanUser(s.db.QueryRowContext(ctx, `SELECT `+userColumns+`, password FROM users WHERE email = $1`, email), &hash)
 	return u, hash, dbError(err)
-}
-
-// RehashPassword replaces the hash and salt of the user with the given id
-// if the stored hash is still old (a password change meanwhile wins), and
-// reports whether it did. updated_at stays: nothing the API shows changed.
-func (s *store) RehashPassword(ctx context.Context, id int64, old string, hash passwordHash) (bool, error) {
-	var n int64
-	err := s.write(ctx, func(ctx context.Context, conn *sql.Conn) (err error) {
-		n, err = rowsAffected(conn.ExecContext(ctx, `UPDATE users SET password = $3, salt = $4 WHERE id = $1 AND password = $2`, id, old, hash.hash, hash.salt))
-		return err
-	})
-	return n == 1, err
-}
-
-// rowsAffected returns the rows that an Exec changed.
-func rowsAffected(res sql.Result, err error) (int64, error) {
-	if err != nil {
-		return 0, err
-	}
-	return res.RowsAffected()
 }
 
 // write runs f in a READ COMMITTED transaction that PostgreSQL itself rolls

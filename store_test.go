@@ -120,9 +120,9 @@ func TestStorePassesTheContext(t *testing.T) {
 	}
 }
 
-// concurrently runs f(i) for i in [0, n) at once and returns the responses.
-func concurrently(n int, f func(i int) response) []response {
-	out := make([]response, n)
+// concurrently runs f(i) for i in [0, n) at once and returns the results.
+func concurrently[T any](n int, f func(i int) T) []T {
+	out := make([]T, n)
 	var wg sync.WaitGroup
 	for i := range n {
 		wg.Go(func() { out[i] = f(i) })
