@@ -231,11 +231,6 @@ func TestTransactionPooler(t *testing.T) {
 	pool := poolConfig{maxOpen: 16, maxIdle: 16, maxIdleTime: time.Minute, transactionPooler: true}
 	st := newStoreWith(t, startPgBouncer(t), pool, 30*time.Second)
 	e := newTestEnv(t, withStore(st))
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("service's log:\n%s", e.logs)
-		}
-	})
 	for _, c := range concurrentWrites {
 		t.Run(c.name, func(t *testing.T) { c.run(t, e) })
 	}
