@@ -707,11 +707,10 @@ func TestTimedOutWritesAreNotAppliedLater(t *testing.T) {
 // missing the test fails in CI, where it must run, and is skipped elsewhere.
 func serverProgram(t *testing.T, name, pkg, dir string) string {
 	t.Helper()
-	if path, err := exec.LookPath(filepath.Join(dir, name)); err == nil {
-		return path
-	}
-	if path, err := exec.LookPath(name); err == nil {
-		return path
+	for _, p := range []string{filepath.Join(dir, name), name} {
+		if path, err := exec.LookPath(p); err == nil {
+			return path
+		}
 	}
 	msg := fmt.Sprintf("this test needs %s: install %s (on Debian, apt-get install it)", name, pkg)
 	if os.Getenv("CI") != "" {
