@@ -13,12 +13,8 @@ import (
 	"time"
 )
 
-// This file is sign-in and its throttle: who the client is, the handler,
-// and the SQL that counts failures per address and client (see README).
-
 // clientAddr returns the address of the client that sent r: the TCP peer,
-// or, if the peer is one of the trusted proxies, the right-most address of
-// X-Forwarded-For that is not.
+// or behind trusted proxies the right-most X-Forwarded-For address not one.
 func clientAddr(r *http.Request, trusted []netip.Prefix) netip.Addr {
 	peer, _ := netip.ParseAddrPort(r.RemoteAddr)
 	addr := peer.Addr().Unmap()
@@ -38,7 +34,7 @@ func clientAddr(r *http.Request, trusted []netip.Prefix) netip.Addr {
 }
 
 // clientKey is what the throttles count a client by: its address, or for
-// IPv6 its /64, which a single host is commonly given whole.
+// IPv6 its /64, which one host is commonly given whole.
 func clientKey(addr netip.Addr) string {
 	if addr.Is6() {
 		p, _ := addr.Prefix(64)
@@ -48,9 +44,7 @@ func clientKey(addr netip.Addr) string {
 }
 
 // client returns the key of the client that sent r.
-func (s *server) client(r *http.Request) string {
-	return clientKey(clientAddr(r, s.trustedProxies))
-}
+func (s *server) client(r *http.Request) string { return clientKey(clientAddr(r, s.trustedProxies)) }
 
 // parseCIDRs reads TRUSTED_PROXIES: comma-separated CIDRs or addresses.
 func parseCIDRs(v string) ([]netip.Prefix, error) {
@@ -69,10 +63,8 @@ func parseCIDRs(v string) ([]netip.Prefix, error) {
 	return prefixes, nil
 }
 
-// authenticate checks an email and password. Wrong passwords and unknown
-// addresses get one answer after the same work, and both are throttled (see
-// CountAuthFailure). A success with a hash at another cost than the
-// configured one stores a new hash.
+// authenticate checks an email and password: wrong passwords and unknown
+// addresses get one answer after the same work. A success rehashes if need be.
 func (s *server) authenticate(w http.ResponseWriter, r *http.Request) {
 	in, ok := readCredentials(w, r)
 	if !ok || !s.nfc(w, r, &in.email) {
@@ -94,8 +86,8 @@ func (s *server) authenticate(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, err)
 		return
 	}
-	// Counted with the slot held, so that a 503 for a busy hasher counts
-	// nothing, and checked again, since the wait may have begun meanwhile.
+	// Counted with the slot held, so a busy hasher's 503 counts nothing, and
+	// checked again, since the wait may have begun meanwhile.
 	if wait, err := s.store.CountAuthFailure(r.Context(), in.email, client); err != nil || wait > 0 {
 		release()
 		s.throttled(w, r, wait, err)
@@ -103,56 +95,41 @@ func (s *server) authenticate(w http.ResponseWriter, r *http.Request) {
 	}
 	match := s.hasher.matches(stored, in.password)
 	var newHash passwordHash
-	var rehashErr error
 	if match && s.hasher.outdated(stored) {
-		newHash, rehashErr = s.hasher.hashHeld(in.password)
+		newHash, err = s.hasher.hashHeld(in.password)
 	}
 	release()
 	if !match {
 		writeError(w, http.StatusBadRequest, "Invalid email or password")
 		return
 	}
-	// The check is done and the password is right: that is the answer,
-	// whether or not the client still waits for it. Resetting the count and
-	// rehashing are bookkeeping done on its behalf, so a client that leaves
-	// cannot leave a right password counted as a failure. If they fail
-	// (the database is going away, say), the next success tries again.
-	ctx := context.WithoutCancel(r.Context())
-	if err := s.store.ResetAuthFailures(ctx, in.email, client, u.ID); err != nil {
-		s.log(w, r).Warn("reset failed sign-ins", "user_id", u.ID, "err", err)
-	}
-	if newHash.hash != "" {
-		_, rehashErr = s.store.RehashPassword(ctx, u.ID, stored, newHash)
-	}
-	if rehashErr != nil {
-		s.log(w, r).Warn("rehash password", "user_id", u.ID, "err", rehashErr)
+	// Recorded even if the client leaves, so a right password is never left
+	// counted as a failure; if that fails, the next success tries again.
+	if err = errors.Join(err, s.store.SignedIn(context.WithoutCancel(r.Context()), in.email, client, u.ID, stored, newHash)); err != nil {
+		s.log(w, r).Warn("record a sign-in", "user_id", u.ID, "err", err)
 	}
 	encode(w, http.StatusOK, u)
 }
 
-// throttled answers an attempt to sign in that must wait, or whose
-// throttle could not be read.
+// throttled answers a sign-in that must wait, or whose throttle failed.
 func (s *server) throttled(w http.ResponseWriter, r *http.Request, wait time.Duration, err error) {
 	if err != nil {
 		s.fail(w, r, err)
 		return
 	}
-	seconds := (wait + time.Second - 1) / time.Second
-	w.Header().Set("Retry-After", strconv.FormatInt(int64(seconds), 10))
+	w.Header().Set("Retry-After", strconv.Itoa(int((wait+time.Second-1)/time.Second)))
 	writeError(w, http.StatusTooManyRequests, "Too many failed attempts")
 }
 
 // The throttle's queries take the normalized email as $1, the client as $2
-// and the time as $3: nil for the database's clock, which every replica
-// shares, or store.now's. A failure is counted for a day.
+// and store.now as $3: nil for the database's clock, shared by replicas.
 const authClock = `COALESCE($3::timestamptz, now())`
 
-// authWaitQuery returns how long, in microseconds, an attempt must still
-// wait (NULL or not positive: none). It is the latest end of three waits:
-// this client's for this address (5 failures free, then 1 s doubling up to
-// 15 minutes after the last); the address's, past 100 failures in a day,
-// for a client that has not signed in to it in 30 days; and this client's,
-// past 100 failures in an hour for any addresses.
+// authWaitQuery returns the microseconds an attempt must still wait (NULL
+// or not positive: none), the latest end of: this client's wait for this
+// address (5 failures free, then 1 s doubling up to 15 minutes); the
+// address's, past 100 failures in a day, for a client that has not signed in
+// to it in 30 days; and this client's, past 100 failures in an hour.
 const authWaitQuery = `
 	SELECT (extract(epoch FROM GREATEST(
 		(SELECT max(failed_at) + CASE WHEN count(*) < 5 THEN interval '0'
@@ -169,12 +146,11 @@ const authWaitQuery = `
 		ORDER BY failed_at DESC OFFSET 99 LIMIT 1)
 	) - ` + authClock + `) * 1000000)::bigint`
 
-// AuthWait returns how long an attempt by client to sign in as the
-// normalized email must still wait, or 0 if it may go ahead now.
+// AuthWait returns how long client must wait to sign in as email, or 0.
 func (s *store) AuthWait(ctx context.Context, email, client string) (time.Duration, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
-	return authWait(s.db.QueryRowContext(ctx, authWaitQuery, email, client, s.clock()))
+	return authWait(s.db.QueryRowContext(ctx, authWaitQuery, email, client, s.now))
 }
 
 func authWait(row *sql.Row) (time.Duration, error) {
@@ -183,39 +159,35 @@ func authWait(row *sql.Row) (time.Duration, error) {
 	return time.Duration(max(micros.Int64, 0)) * time.Microsecond, dbError(err)
 }
 
-// CountAuthFailure counts an attempt by client to sign in as the normalized
-// email as a failure, before its password is checked, so that attempts made
-// at once cannot all pass while the counts are low; ResetAuthFailures undoes
-// it on a success. If the attempt must wait it counts nothing and returns
-// the wait. Concurrent calls are all counted: locks on the address and the
-// client, always in that order, hold every count still while it is read.
+// CountAuthFailure counts client's attempt as email as a failure before its
+// password is checked (SignedIn undoes it), or returns its wait. Locks on
+// the address, then the client, keep concurrent counts exact.
 func (s *store) CountAuthFailure(ctx context.Context, email, client string) (wait time.Duration, err error) {
 	err = s.write(ctx, func(ctx context.Context, conn *sql.Conn) error {
 		_, err := conn.ExecContext(ctx, `SELECT pg_advisory_xact_lock(1, hashtext($1)), pg_advisory_xact_lock(2, hashtext($2))`, email, client)
 		if err != nil {
 			return err
 		}
-		if wait, err = authWait(conn.QueryRowContext(ctx, authWaitQuery, email, client, s.clock())); err != nil || wait > 0 {
+		if wait, err = authWait(conn.QueryRowContext(ctx, authWaitQuery, email, client, s.now)); err != nil || wait > 0 {
 			return err
 		}
-		// Up to ten failures a day old go too, skipping any that another
-		// replica is deleting, so the table holds about a day's failures.
+		// Up to ten failures a day old go too, so the table holds a day's.
 		_, err = conn.ExecContext(ctx, `
 			WITH forgotten AS (
 				DELETE FROM sign_in_failures WHERE id IN (
 					SELECT id FROM sign_in_failures WHERE failed_at <= `+authClock+` - interval '24 hours'
 					ORDER BY failed_at LIMIT 10 FOR UPDATE SKIP LOCKED))
 			INSERT INTO sign_in_failures (email, client, failed_at) VALUES ($1, $2, `+authClock+`)`,
-			email, client, s.clock())
+			email, client, s.now)
 		return err
 	})
 	return wait, err
 }
 
-// ResetAuthFailures forgets the failures of client for the normalized email
-// after a success, and remembers client as familiar to the user with the
-// given id; up to ten clients unseen for 30 days are forgotten.
-func (s *store) ResetAuthFailures(ctx context.Context, email, client string, userID int64) error {
+// SignedIn forgets client's failures for email, makes client familiar to the
+// user (forgetting up to ten unseen for 30 days), and stores rehash, if set,
+// unless the old hash changed meanwhile; updated_at stays.
+func (s *store) SignedIn(ctx context.Context, email, client string, userID int64, old string, rehash passwordHash) error {
 	return s.write(ctx, func(ctx context.Context, conn *sql.Conn) error {
 		_, err := conn.ExecContext(ctx, `
 			WITH reset AS (DELETE FROM sign_in_failures WHERE email = $1 AND client = $2),
@@ -226,16 +198,10 @@ func (s *store) ResetAuthFailures(ctx context.Context, email, client string, use
 					ORDER BY signed_in_at LIMIT 10 FOR UPDATE SKIP LOCKED))
 			INSERT INTO sign_in_clients (user_id, client, signed_in_at) VALUES ($4, $2, `+authClock+`)
 			ON CONFLICT (user_id, client) DO UPDATE SET signed_in_at = excluded.signed_in_at`,
-			email, client, s.clock(), userID)
+			email, client, s.now, userID)
+		if err == nil && rehash.hash != "" {
+			_, err = conn.ExecContext(ctx, `UPDATE users SET password = $3, salt = $4 WHERE id = $1 AND password = $2`, userID, old, rehash.hash, rehash.salt)
+		}
 		return err
 	})
-}
-
-// clock is the time the throttle's queries take as $3: nil for the
-// database's own.
-func (s *store) clock() any {
-	if s.now == nil {
-		return nil
-	}
-	return s.now()
 }

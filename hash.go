@@ -10,48 +10,31 @@ import (
 	"golang.org/x/crypto/bcrypt"
 )
 
-// errBusy means every hashing slot stayed taken for the whole wait, and
-// errShare that the client already holds or waits for its share of them.
 var (
-	errBusy  = errors.New("password hashing is busy")
-	errShare = errors.New("client holds its share of password hashing")
+	errBusy  = errors.New("password hashing is busy")                   // every slot stayed taken for the wait
+	errShare = errors.New("client holds its share of password hashing") // held or waited for already
 )
 
-// bcryptSaltLen is the length of a bcrypt hash's "$2a$12$" + salt prefix.
-const bcryptSaltLen = 29
+const (
+	bcryptSaltLen    = 29 // the length of a bcrypt hash's "$2a$12$" + salt prefix
+	maxPasswordBytes = 72 // as much of a password as bcrypt reads
+)
 
-// maxPasswordBytes is as much of a password as bcrypt reads.
-const maxPasswordBytes = 72
-
-// hasher hashes passwords with bcrypt. A hash takes a core for a long time
-// on purpose, so at most cap(slots) run at once and a request waits at most
-// maxWait for a slot: a flood of creates cannot take every core and starve
-// the other requests. One client may hold or wait for at most half the
-// slots (rounded up), so that it cannot keep the others from hashing.
+// hasher hashes passwords with bcrypt, at most cap(slots) at once, each
+// waiting at most maxWait for a slot, so that a flood cannot take every
+// core. One client may hold or wait for half the slots (rounded up).
 type hasher struct {
-	cost    int
-	slots   chan struct{}
-	maxWait time.Duration
-	mu      sync.Mutex
-	clients map[string]int // slots each client holds or waits for
-	// generate and compare are bcrypt.GenerateFromPassword and
-	// bcrypt.CompareHashAndPassword; tests wrap them to watch what is done.
-	generate func(password []byte, cost int) ([]byte, error)
-	compare  func(hash, password []byte) error
-	// dummy is a hash at cost of a random password, made at start. A check
-	// for an address no user has compares with it, so that it takes as long
-	// as a check of a wrong password.
-	dummy []byte
-	// padding[c] is a hash at cost c of a random password, made when first
-	// needed, to pad checks of hashes made at a lower cost (see matches).
-	padding [bcrypt.MaxCost + 1]struct {
-		once sync.Once
-		hash []byte
-	}
+	cost     int
+	slots    chan struct{}
+	maxWait  time.Duration
+	mu       sync.Mutex
+	clients  map[string]int                                  // slots each client holds or waits for
+	generate func(password []byte, cost int) ([]byte, error) // bcrypt's; tests wrap it
+	compare  func(hash, password []byte) error               // bcrypt's; tests wrap it
+	dummy    []byte                                          // a hash at cost of a random password: the unknown address's
 }
 
-// newHasher returns a hasher that hashes at cost, running at most
-// concurrency hashes at once.
+// newHasher returns a hasher at cost, running concurrency hashes at most.
 func newHasher(cost, concurrency int, maxWait time.Duration) *hasher {
 	dummy, err := bcrypt.GenerateFromPassword([]byte(rand.Text()), cost)
 	if err != nil {
@@ -68,12 +51,10 @@ func newHasher(cost, concurrency int, maxWait time.Duration) *hasher {
 	}
 }
 
-// passwordHash is a bcrypt hash and the salt bcrypt generated for it: the
-// hash's "$2a$cc$" prefix and the 22 characters that follow.
+// passwordHash is a bcrypt hash and its salt, the "$2a$cc$" + salt prefix.
 type passwordHash struct{ hash, salt string }
 
-// hash returns the bcrypt hash of password, for client. It returns the
-// errors of acquire.
+// hash returns the bcrypt hash of password, for client, or acquire's error.
 func (h *hasher) hash(ctx context.Context, client, password string) (passwordHash, error) {
 	release, err := h.acquire(ctx, client)
 	if err != nil {
@@ -83,10 +64,42 @@ func (h *hasher) hash(ctx context.Context, client, password string) (passwordHas
 	return h.hashHeld(password)
 }
 
-// acquire takes a hashing slot for client, which the caller must give back
-// by calling release. It returns errShare at once if client holds or waits
-// for its share already, errBusy if no slot frees up within maxWait, and
-// ctx's error if ctx ends first.
+// hashHeld is hash for a caller that holds a slot.
+func (h *hasher) hashHeld(password string) (passwordHash, error) {
+	b, err := h.generate([]byte(password), h.cost)
+	if err != nil {
+		return passwordHash{}, err
+	}
+	return passwordHash{string(b), string(b[:bcryptSaltLen])}, nil
+}
+
+// matches reports whether the stored hash is of password, for a caller that
+// holds a slot. Each call does a check's work at the hasher's cost: stored
+// empty (no such user) is checked against the dummy, a password over 72
+// bytes cut short and refused, and a lower cost padded up to the hasher's.
+func (h *hasher) matches(stored, password string) bool {
+	hash, pw := []byte(stored), []byte(password)[:min(len(password), maxPasswordBytes)]
+	if stored == "" {
+		hash = h.dummy
+	}
+	err := h.compare(hash, pw)
+	if cost, costErr := bcrypt.Cost(hash); costErr == nil {
+		for ; cost < h.cost; cost++ {
+			h.generate(pw, cost)
+		}
+	}
+	return err == nil && stored != "" && len(password) <= maxPasswordBytes
+}
+
+// outdated reports whether a stored hash is at another cost than the hasher's.
+func (h *hasher) outdated(stored string) bool {
+	cost, err := bcrypt.Cost([]byte(stored))
+	return err == nil && cost != h.cost
+}
+
+// acquire takes a hashing slot for client, given back by release. It returns
+// errShare at once if client holds or waits for its share, errBusy if no
+// slot frees up within maxWait, and ctx's error if ctx ends first.
 func (h *hasher) acquire(ctx context.Context, client string) (release func(), err error) {
 	if !h.share(client, 1) {
 		return nil, errShare
@@ -111,64 +124,12 @@ func (h *hasher) share(client string, d int) bool {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	n := h.clients[client] + d
-	switch {
-	case n > (cap(h.slots)+1)/2:
+	if n > (cap(h.slots)+1)/2 {
 		return false
-	case n == 0:
+	}
+	h.clients[client] = n
+	if n == 0 {
 		delete(h.clients, client)
-	default:
-		h.clients[client] = n
 	}
 	return true
-}
-
-// hashHeld is hash for a caller that holds a slot.
-func (h *hasher) hashHeld(password string) (passwordHash, error) {
-	b, err := h.generate([]byte(password), h.cost)
-	if err != nil {
-		return passwordHash{}, err
-	}
-	return passwordHash{string(b), string(b[:bcryptSaltLen])}, nil
-}
-
-// matches reports whether password is the one that the stored hash was made
-// from, for a caller that holds a slot. Every call does one bcrypt
-// comparison, even when it cannot match: with stored empty (no such user)
-// it compares with the dummy hash, and a password longer than bcrypt reads
-// is compared cut short and then refused.
-func (h *hasher) matches(stored, password string) bool {
-	hash, pw := []byte(stored), []byte(password)
-	if stored == "" {
-		hash = h.dummy
-	}
-	if len(pw) > maxPasswordBytes {
-		pw = pw[:maxPasswordBytes]
-	}
-	err := h.compare(hash, pw)
-	// A hash made before BCRYPT_COST was raised compares faster than the
-	// dummy does, which would tell who has an account. bcrypt's time
-	// doubles with each step of cost, so one comparison at each cost from
-	// the stored one up to the hasher's makes up the difference exactly.
-	if cost, costErr := bcrypt.Cost(hash); costErr == nil {
-		for ; cost < h.cost; cost++ {
-			h.compare(h.paddingAt(cost), pw)
-		}
-	}
-	return err == nil && stored != "" && len(password) <= maxPasswordBytes
-}
-
-// paddingAt returns padding[cost], making it if it is not made yet.
-func (h *hasher) paddingAt(cost int) []byte {
-	p := &h.padding[cost]
-	p.once.Do(func() {
-		p.hash, _ = bcrypt.GenerateFromPassword([]byte(rand.Text()), cost)
-	})
-	return p.hash
-}
-
-// outdated reports whether a stored hash was made at a cost other than the
-// hasher's.
-func (h *hasher) outdated(stored string) bool {
-	cost, err := bcrypt.Cost([]byte(stored))
-	return err == nil && cost != h.cost
 }

@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"slices"
 	"sync"
 	"time"
 
@@ -18,10 +19,6 @@ import (
 
 //go:embed schema.sql
 var schemaSQL string
-
-// schemaLockKey is the advisory lock that serializes schema.sql across
-// replicas booting at the same time.
-const schemaLockKey = 7_216_449_301
 
 // The store turns driver errors into these, and handlers look only at them.
 var (
@@ -33,41 +30,37 @@ var (
 
 // poolConfig sizes the connection pool.
 type poolConfig struct {
-	maxOpen     int           // connections open at once
-	maxIdle     int           // connections kept open while idle
-	maxIdleTime time.Duration // how long an idle connection is kept
-	// transactionPooler says that a transaction-pooling proxy, such as
-	// PgBouncer with pool_mode = transaction, stands between the service
-	// and PostgreSQL (DB_POOLER=transaction).
-	transactionPooler bool
+	maxOpen           int           // connections open at once
+	maxIdle           int           // connections kept open while idle
+	maxIdleTime       time.Duration // how long an idle connection is kept
+	transactionPooler bool          // PgBouncer or the like, pool_mode = transaction
 }
 
 // store is the service's data layer: every SQL statement lives here.
 type store struct {
 	db        *sql.DB
 	connector connector
-	// timeout bounds the database time of each call, so that a database
-	// that stops answering turns into errUnavailable instead of a hang.
-	timeout time.Duration
-	// setBounds begins a write's transaction with its server-side bounds
-	// (see write).
-	setBounds string
-	// The user look-ups are prepared statements: a query with arguments costs lib/pq
-	// two round trips (parse, then execute), a prepared one costs one.
-	// database/sql prepares them on each connection the first time it
-	// runs them there. Behind a transaction pooler they are nil: see
-	// newConnector.
+	timeout   time.Duration // each call's bound: then errUnavailable, not a hang
+	setBounds string        // begins a write's transaction (see write)
+	// The user reads, prepared (one round trip, not two), or nil.
 	userByID, userByEmail, usersAfter *sql.Stmt
-	// now, if set, replaces the database's clock for the sign-in throttle:
-	// tests set it to walk through the schedule. In production every
-	// replica reads the one clock of the database.
-	now func() time.Time
+	now                               driver.Valuer // if set, the sign-in throttle's clock (tests)
 }
 
 // openStore connects to the database at databaseURL, checks that it answers
 // and applies the embedded schema. The caller must Close the store.
 func openStore(ctx context.Context, databaseURL string, pool poolConfig, timeout time.Duration) (*store, error) {
-	pqConnector, err := newConnector(databaseURL, pool.transactionPooler)
+	cfg, err := pq.NewConfig(databaseURL)
+	if err != nil {
+		return nil, err
+	}
+	// Behind a transaction pooler each query goes in one round trip (the
+	// store passes no []byte). Each host gets its own bound to connect.
+	cfg.BinaryParameters = cfg.BinaryParameters || pool.transactionPooler
+	if cfg.ConnectTimeout <= 0 {
+		cfg.ConnectTimeout = 2 * time.Second
+	}
+	pqConnector, err := pq.NewConnectorConfig(cfg)
 	if err != nil {
 		return nil, err
 	}
@@ -80,89 +73,37 @@ func openStore(ctx context.Context, databaseURL string, pool poolConfig, timeout
 	db.SetConnMaxIdleTime(pool.maxIdleTime)
 	s := &store{db: db, connector: c, timeout: timeout, setBounds: fmt.Sprintf(
 		`BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL statement_timeout = %d; SET LOCAL lock_timeout = %d`, b.statement.Milliseconds(), b.lock.Milliseconds())}
-	if err := s.migrate(ctx); err != nil {
+	if err := s.prepare(ctx, pool.transactionPooler); err != nil {
 		db.Close()
 		return nil, err
-	}
-	if pool.transactionPooler {
-		return s, nil
-	}
-	for _, p := range []struct {
-		stmt  **sql.Stmt
-		query string
-	}{
-		{&s.userByID, userByIDQuery},
-		{&s.userByEmail, userByEmailQuery},
-		{&s.usersAfter, usersAfterQuery},
-	} {
-		if *p.stmt, err = db.PrepareContext(ctx, p.query); err != nil {
-			db.Close()
-			return nil, fmt.Errorf("prepare %q: %w", p.query, err)
-		}
 	}
 	return s, nil
 }
 
-// defaultConnectTimeout is each host's bound to connect, if DATABASE_URL
-// gives no connect_timeout.
-const defaultConnectTimeout = 2 * time.Second
-
-// newConnector returns the connector for databaseURL. Behind a transaction
-// pooler the next transaction of a connection may run on another server
-// connection, so nothing may outlive one: the store prepares no statement,
-// and each query with arguments must go in one round trip. lib/pq otherwise
-// sends it as Parse and Sync, then Bind and Execute, and the pooler may hand
-// the server connection to another client in between. binary_parameters
-// makes lib/pq send Parse, Bind, Execute and Sync together; it also sends
-// []byte arguments in binary, and the store passes none.
-func newConnector(databaseURL string, transactionPooler bool) (*pq.Connector, error) {
-	cfg, err := pq.NewConfig(databaseURL)
-	if err != nil {
-		return nil, err
+// prepare applies schema.sql, one simple query and so one transaction, then
+// prepares the user reads, unless behind a transaction pooler.
+func (s *store) prepare(ctx context.Context, transactionPooler bool) error {
+	if _, err := s.db.ExecContext(ctx, schemaSQL); err != nil {
+		return fmt.Errorf("apply schema.sql: %w", err)
 	}
 	if transactionPooler {
-		cfg.BinaryParameters = true
+		return nil
 	}
-	// Each host gets its own bound to connect, so that one which takes
-	// connections and never answers leaves time for the next.
-	if cfg.ConnectTimeout <= 0 {
-		cfg.ConnectTimeout = defaultConnectTimeout
+	var err error
+	for stmt, query := range map[**sql.Stmt]string{&s.userByID: userByIDQuery, &s.userByEmail: userByEmailQuery, &s.usersAfter: usersAfterQuery} {
+		if *stmt, err = s.db.PrepareContext(ctx, query); err != nil {
+			break
+		}
 	}
-	return pq.NewConnectorConfig(cfg)
+	return err
 }
 
-// queryRow runs a read on its prepared statement, or, behind a transaction
-// pooler where stmt is nil, as query in one round trip.
+// queryRow runs a read on stmt, or, where stmt is nil, as query.
 func (s *store) queryRow(ctx context.Context, stmt *sql.Stmt, query string, args ...any) *sql.Row {
 	if stmt == nil {
 		return s.db.QueryRowContext(ctx, query, args...)
 	}
 	return stmt.QueryRowContext(ctx, args...)
-}
-
-// query is queryRow for a read of many rows.
-func (s *store) query(ctx context.Context, stmt *sql.Stmt, query string, args ...any) (*sql.Rows, error) {
-	if stmt == nil {
-		return s.db.QueryContext(ctx, query, args...)
-	}
-	return stmt.QueryContext(ctx, args...)
-}
-
-// migrate applies schema.sql in one transaction, holding an advisory lock so
-// that replicas booting together apply it one after another.
-func (s *store) migrate(ctx context.Context) error {
-	tx, err := s.db.BeginTx(ctx, nil)
-	if err != nil {
-		return err
-	}
-	defer tx.Rollback()
-	if _, err := tx.ExecContext(ctx, `SELECT pg_advisory_xact_lock($1)`, schemaLockKey); err != nil {
-		return err
-	}
-	if _, err := tx.ExecContext(ctx, schemaSQL); err != nil {
-		return fmt.Errorf("apply schema.sql: %w", err)
-	}
-	return tx.Commit()
 }
 
 // Close closes the connection pool.
@@ -176,9 +117,8 @@ func (s *store) Ping(ctx context.Context) error {
 	if !errors.Is(err, driver.ErrBadConn) {
 		return dbError(err)
 	}
-	// database/sql pings the pooled connection it takes and does not try
-	// another: after a database restart, or pg_terminate_backend, that one
-	// is dead while the database may be fine. A new connection tells.
+	// database/sql pings one pooled connection, which may be dead after a
+	// restart while the database is fine: a new connection tells.
 	cn, err := s.connector.Connect(ctx)
 	if err != nil {
 		return dbError(err)
@@ -187,8 +127,7 @@ func (s *store) Ping(ctx context.Context) error {
 	return dbError(cn.(driver.Pinger).Ping(ctx))
 }
 
-// user is a stored user as the API shows it: the password hash and salt are
-// never read back, so they cannot leak into a response.
+// user is a stored user as the API shows it: hash and salt are never read.
 type user struct {
 	ID        int64     `json:"id"`
 	FirstName string    `json:"first_name"`
@@ -203,119 +142,17 @@ type user struct {
 const userColumns = `id, first_name, last_name, email, created_at, updated_at, version`
 
 const (
-	userByIDQuery = `SELECT ` + userColumns + ` FROM users WHERE id = $1`
-	// userByEmailQuery finds a user by normalized email through the unique
-	// index.
+	userByIDQuery    = `SELECT ` + userColumns + ` FROM users WHERE id = $1`
 	userByEmailQuery = `SELECT ` + userColumns + ` FROM users WHERE email = $1`
 	usersAfterQuery  = `SELECT ` + userColumns + ` FROM users WHERE id > $1 ORDER BY id LIMIT $2`
 )
 
-type scanner interface{ Scan(dest ...any) error }
-
-func scanUser(row scanner) (user, error) {
+// scanUser reads a user from row's userColumns, and the rest into more.
+func scanUser(row *sql.Row, more ...any) (user, error) {
 	var u user
-	err := u.scan(row, nil)
+	err := row.Scan(append([]any{&u.ID, &u.FirstName, &u.LastName, &u.Email, &u.CreatedAt, &u.UpdatedAt, &u.Version}, more...)...)
+	u.CreatedAt, u.UpdatedAt = u.CreatedAt.UTC(), u.UpdatedAt.UTC()
 	return u, err
-}
-
-// scan reads u from row, whose columns are userColumns and then, if
-// password is not nil, the password hash.
-func (u *user) scan(row scanner, password *string) error {
-	var err error
-	if password == nil {
-		err = row.Scan(&u.ID, &u.FirstName, &u.LastName, &u.Email, &u.CreatedAt, &u.UpdatedAt, &u.Version)
-	} else {
-		err = row.Scan(&u.ID, &u.FirstName, &u.LastName, &u.Email, &u.CreatedAt, &u.UpdatedAt, &u.Version, password)
-	}
-	u.CreatedAt = u.CreatedAt.UTC()
-	u.UpdatedAt = u.UpdatedAt.UTC()
-	return err
-}
-
-// write runs f in a transaction whose statements PostgreSQL itself aborts,
-// and rolls back, once they wait for a lock longer than lock_timeout or run
-// longer than statement_timeout. Both are shorter than the call's bound, so
-// the server gives up before the service does, and the silence bound on
-// the connection is longer still (see bounds). So a write the service
-// reports as failed has been rolled back, and even a statement still queued
-// on a connection the service closed cannot commit: only COMMIT would. What
-// no one can settle is a COMMIT whose answer is lost: it may have committed.
-// And statement_timeout does not cover a COMMIT's wait for a synchronous
-// standby: the call's bound ends it, with a cancel request, and PostgreSQL
-// then keeps the commit locally and reports success.
-//
-// The transaction begins with one simple query, BEGIN and the bounds as SET
-// LOCAL. It is READ COMMITTED whatever the database's default: the
-// statements are written for it, and a stricter level would fail some of
-// them under concurrency (40001), for no gain. Not per connection: a
-// transaction-pooling proxy such as PgBouncer refuses them as startup
-// parameters and may hand a session's SET to another client. And not database/sql's BeginTx: lib/pq sends BEGIN READ
-// WRITE, which would override a database's default_transaction_read_only.
-func (s *store) write(ctx context.Context, f func(ctx context.Context, conn *sql.Conn) error) error {
-	ctx, cancel := context.WithTimeout(ctx, s.timeout)
-	defer cancel()
-	conn, err := s.begin(ctx)
-	if err != nil {
-		return dbError(err)
-	}
-	defer conn.Close()
-	committed := false
-	defer func() {
-		if !committed {
-			rollback(ctx, conn)
-		}
-	}()
-	if err := f(ctx, conn); err != nil {
-		return dbError(err)
-	}
-	_, err = conn.ExecContext(ctx, `COMMIT`)
-	committed = err == nil
-	return dbError(err)
-}
-
-// begin takes a pooled connection and begins a write's transaction on it.
-// Pooled connections may be dead (after a database restart, say), and
-// database/sql retries only its own calls, and only on some errors, so
-// begin tries another connection, up to a pool's worth: nothing was done on
-// a connection that failed at BEGIN.
-func (s *store) begin(ctx context.Context) (*sql.Conn, error) {
-	for attempt := 1; ; attempt++ {
-		conn, err := s.db.Conn(ctx)
-		if err != nil {
-			return nil, err
-		}
-		_, err = conn.ExecContext(ctx, s.setBounds)
-		if err == nil {
-			return conn, nil
-		}
-		rollback(ctx, conn) // it may have begun
-		conn.Close()
-		if !deadConn(err) || attempt > max(s.db.Stats().MaxOpenConnections, 2) {
-			return nil, err
-		}
-	}
-}
-
-// deadConn reports whether err is the failure of a connection that the
-// server has closed, rather than an answer or a timeout.
-func deadConn(err error) bool {
-	var netErr net.Error
-	return errors.Is(err, driver.ErrBadConn) ||
-		errors.Is(err, io.EOF) ||
-		errors.Is(err, io.ErrUnexpectedEOF) ||
-		errors.As(err, &netErr) && !netErr.Timeout()
-}
-
-// rollback ends the transaction on conn, if there is one, before conn goes
-// back to the pool: with ROLLBACK, or if that cannot be done, by having the
-// pool discard conn, and the server rolls back when it reads the end of it.
-func rollback(ctx context.Context, conn *sql.Conn) {
-	if ctx.Err() == nil {
-		if _, err := conn.ExecContext(ctx, `ROLLBACK`); err == nil {
-			return
-		}
-	}
-	conn.Raw(func(any) error { return driver.ErrBadConn })
 }
 
 // newUser is a user to create. Email must already be normalized.
@@ -329,18 +166,15 @@ type newUser struct {
 type userUpdate struct {
 	FirstName, LastName, Email *string
 	Password                   *passwordHash
-	// Versions, if not nil, are the versions the user may have (If-Match).
-	Versions []int64
-	// Check, if not nil, vets the user as changed; its error undoes the change.
-	Check func(user) error
+	Versions                   []int64          // if not nil, the versions it may have (If-Match)
+	Check                      func(user) error // if not nil, vets the changed user; an error undoes it
 }
 
 // CreateUser inserts a user. It returns errEmailTaken if another user has
 // the same email.
 func (s *store) CreateUser(ctx context.Context, c newUser) (user, error) {
 	var u user
-	err := s.write(ctx, func(ctx context.Context, conn *sql.Conn) error {
-		var err error
+	err := s.write(ctx, func(ctx context.Context, conn *sql.Conn) (err error) {
 		u, err = scanUser(conn.QueryRowContext(ctx, `
 			INSERT INTO users (first_name, last_name, email, password, salt)
 			VALUES ($1, $2, $3, $4, $5)
@@ -377,29 +211,32 @@ func (s *store) NFC(ctx context.Context, text string) (string, error) {
 	return nfc, dbError(err)
 }
 
-// Users returns up to limit users whose id is greater than afterID, ordered
-// by id.
+// Users returns up to limit users whose id is greater than afterID, by id.
 func (s *store) Users(ctx context.Context, afterID int64, limit int) ([]user, error) {
 	users := make([]user, 0, limit)
 	err := s.EachUser(ctx, afterID, limit, func(u *user) { users = append(users, *u) })
 	return users, err
 }
 
-// EachUser calls fn for each of up to limit users whose id is greater than
-// afterID, in id order. fn gets the same *user every time, filled anew: it
-// must not keep it. The connection is held until the last call returns, so
-// fn should be quick.
+// EachUser calls fn for up to limit users after afterID, in id order, with
+// one *user filled anew each time: fn must not keep it, and should be quick.
 func (s *store) EachUser(ctx context.Context, afterID int64, limit int, fn func(*user)) error {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
-	rows, err := s.query(ctx, s.usersAfter, usersAfterQuery, afterID, limit)
+	var rows *sql.Rows
+	var err error
+	if s.usersAfter == nil {
+		rows, err = s.db.QueryContext(ctx, usersAfterQuery, afterID, limit)
+	} else {
+		rows, err = s.usersAfter.QueryContext(ctx, afterID, limit)
+	}
 	if err != nil {
 		return dbError(err)
 	}
 	defer rows.Close()
 	var u user
 	for rows.Next() {
-		// Scanning *sql.Rows, not a scanner, keeps the arguments off the heap.
+		// Scanning *sql.Rows, not an interface, keeps the arguments off the heap.
 		if err := rows.Scan(&u.ID, &u.FirstName, &u.LastName, &u.Email, &u.CreatedAt, &u.UpdatedAt, &u.Version); err != nil {
 			return dbError(err)
 		}
@@ -410,25 +247,21 @@ func (s *store) EachUser(ctx context.Context, afterID int64, limit int, fn func(
 }
 
 // UpdateUser applies c to the user with the given id in one statement, so
-// concurrent changes to different fields cannot undo each other, and two
-// writers with the same c.Versions cannot both pass. updated_at and version
-// move forward only if a value actually changed. A new password forgets the
-// failed sign-ins of the user's address. It returns errNotFound if no user
-// has that id, errStale if its version is not among c.Versions,
-// errEmailTaken if another user has c.Email, and c.Check's error.
+// concurrent changes cannot undo each other. updated_at and version move
+// only if a value changed. A new password forgets the address's failed
+// sign-ins. It returns errNotFound, errStale if the version is not among
+// c.Versions, errEmailTaken, or c.Check's error.
 func (s *store) UpdateUser(ctx context.Context, id int64, c userUpdate) (user, error) {
 	var hash, salt *string
 	if c.Password != nil {
 		hash, salt = &c.Password.hash, &c.Password.salt
 	}
 	var u user
-	err := s.write(ctx, func(ctx context.Context, conn *sql.Conn) error {
-		// In SET, column names on the right refer to the row before the
-		// update. GREATEST keeps updated_at strictly increasing even if the
-		// clock steps back.
+	err := s.write(ctx, func(ctx context.Context, conn *sql.Conn) (err error) {
+		// In SET, columns on the right are the row before the update.
+		// GREATEST keeps updated_at increasing if the clock steps back.
 		const changed = `(COALESCE($2, first_name), COALESCE($3, last_name), COALESCE($4, email), COALESCE($5, password))
 			IS DISTINCT FROM (first_name, last_name, email, password)`
-		var err error
 		u, err = scanUser(conn.QueryRowContext(ctx, `
 			UPDATE users SET
 				first_name = COALESCE($2, first_name),
@@ -468,10 +301,9 @@ func missingOrStale(ctx context.Context, conn *sql.Conn, id int64) error {
 	return errNotFound
 }
 
-// DeleteUser deletes the user with the given id, with the failed sign-ins
-// of its address and its familiar clients, if its version is among versions
-// (any version if versions is nil). It returns errNotFound if no user has
-// that id, and errStale if its version is not among versions.
+// DeleteUser deletes the user with the given id, with its address's failed
+// sign-ins and its familiar clients, if its version is among versions (nil:
+// any). It returns errNotFound, or errStale if the version is not among them.
 func (s *store) DeleteUser(ctx context.Context, id int64, versions []int64) error {
 	return s.write(ctx, func(ctx context.Context, conn *sql.Conn) error {
 		// A stale version rolls back the failures' delete too.
@@ -481,14 +313,10 @@ func (s *store) DeleteUser(ctx context.Context, id int64, versions []int64) erro
 		if err != nil {
 			return err
 		}
-		n, err := res.RowsAffected()
-		if err != nil {
+		if n, err := res.RowsAffected(); err != nil || n > 0 {
 			return err
 		}
-		if n == 0 {
-			return missingOrStale(ctx, conn, id)
-		}
-		return nil
+		return missingOrStale(ctx, conn, id)
 	})
 }
 
@@ -498,87 +326,101 @@ func (s *store) Credentials(ctx context.Context, email string) (user, string, er
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
 	var hash string
-	row := s.db.QueryRowContext(ctx, `SELECT `+userColumns+`, password FROM users WHERE email = $1`, email)
-	var u user
-	err := u.scan(row, &hash)
+	u, err := scanUser(s.db.QueryRowContext(ctx, `SELECT `+userColumns+`, password FROM users WHERE email = $1`, email), &hash)
 	return u, hash, dbError(err)
 }
 
-// RehashPassword replaces the password hash (and so the salt) of the user
-// with the given id, but only if the stored hash is still old: a password
-// change that landed meanwhile wins. It reports whether the hash was
-// replaced. The user's updated_at stays as it is, since nothing the API
-// shows changed.
-func (s *store) RehashPassword(ctx context.Context, id int64, old string, hash passwordHash) (bool, error) {
-	var n int64
-	err := s.write(ctx, func(ctx context.Context, conn *sql.Conn) error {
-		res, err := conn.ExecContext(ctx, `UPDATE users SET password = $3, salt = $4 WHERE id = $1 AND password = $2`, id, old, hash.hash, hash.salt)
-		if err != nil {
-			return err
-		}
-		n, err = res.RowsAffected()
-		return err
-	})
-	return n == 1, err
+// write runs f in a READ COMMITTED transaction that PostgreSQL itself rolls
+// back once a statement outlasts lock_timeout or statement_timeout, both
+// within the call's bound: a write reported failed is rolled back, bar a
+// COMMIT whose answer is lost. It begins with one simple query (a pooler
+// passes it; lib/pq's BeginTx would override default_transaction_read_only).
+func (s *store) write(ctx context.Context, f func(ctx context.Context, conn *sql.Conn) error) error {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	conn, err := s.begin(ctx)
+	if err != nil {
+		return dbError(err)
+	}
+	defer conn.Close()
+	if err = f(ctx, conn); err == nil {
+		_, err = conn.ExecContext(ctx, `COMMIT`)
+	}
+	if err != nil {
+		rollback(ctx, conn)
+	}
+	return dbError(err)
 }
 
+// begin begins a write's transaction on a pooled connection. One may be
+// dead (after a restart, say), so it tries up to a pool's worth.
+func (s *store) begin(ctx context.Context) (*sql.Conn, error) {
+	for attempt := 1; ; attempt++ {
+		conn, err := s.db.Conn(ctx)
+		if err != nil {
+			return nil, err
+		}
+		_, err = conn.ExecContext(ctx, s.setBounds)
+		if err == nil {
+			return conn, nil
+		}
+		rollback(ctx, conn) // it may have begun
+		conn.Close()
+		if !deadConn(err) || attempt > max(s.db.Stats().MaxOpenConnections, 2) {
+			return nil, err
+		}
+	}
+}
+
+// deadConn reports whether err is a connection the server closed.
+func deadConn(err error) bool {
+	var netErr net.Error
+	return errors.Is(err, driver.ErrBadConn) ||
+		errors.Is(err, io.EOF) ||
+		errors.Is(err, io.ErrUnexpectedEOF) ||
+		errors.As(err, &netErr) && !netErr.Timeout()
+}
+
+// rollback ends conn's transaction, if any, before conn goes back to the
+// pool: with ROLLBACK, or else by having the pool discard conn.
+func rollback(ctx context.Context, conn *sql.Conn) {
+	if ctx.Err() == nil {
+		if _, err := conn.ExecContext(ctx, `ROLLBACK`); err == nil {
+			return
+		}
+	}
+	conn.Raw(func(any) error { return driver.ErrBadConn })
+}
+
+// unavailableCodes mean "not now", beside class 08: shutdown or startup,
+// too many connections, a bound ran out (57014, 55P03), try again (40001,
+// 40P01), no connections taken (55000), read-only (25006).
+var unavailableCodes = []string{"57P01", "57P02", "57P03", "53300", "57014", "55P03", "40001", "40P01", "55000", "25006"}
+
 // dbError translates a driver error into the store's sentinels, keeping the
-// original in the chain for the log.
+// original in the chain. Any error met while connecting means unavailable.
 func dbError(err error) error {
 	var pqErr *pq.Error
+	isPQ := errors.As(err, &pqErr)
 	switch {
 	case err == nil:
 		return nil
 	case errors.Is(err, sql.ErrNoRows):
 		return errNotFound
-	case errors.As(err, &pqErr) && pqErr.Code == "23505" && pqErr.Constraint == "users_email_key": // unique_violation
+	case isPQ && pqErr.Code == "23505" && pqErr.Constraint == "users_email_key": // unique_violation
 		return errEmailTaken
-	case isUnavailable(err):
+	case errors.As(err, new(connectError)),
+		isPQ && (pqErr.Code.Class() == "08" || slices.Contains(unavailableCodes, string(pqErr.Code))),
+		!isPQ && (deadConn(err) || errors.As(err, new(net.Error)) || errors.Is(err, context.DeadlineExceeded)):
 		return fmt.Errorf("%w: %w", errUnavailable, err)
 	}
 	return err
 }
 
-// isUnavailable reports whether err means the database could not be reached,
-// did not answer in time or cannot take the work now, as opposed to a fault
-// in a query.
-func isUnavailable(err error) bool {
-	var connErr *connectError
-	if errors.As(err, &connErr) {
-		return true // whatever stops a connection, a wrong password included
-	}
-	var pqErr *pq.Error
-	if errors.As(err, &pqErr) {
-		switch pqErr.Code {
-		case "57P01", "57P02", "57P03", // admin_shutdown, crash_shutdown, cannot_connect_now
-			"53300", // too_many_connections
-			"57014", // query_canceled: a bound ran out
-			"55P03", // lock_not_available: lock_timeout ran out
-			"40001", // serialization_failure: try again
-			"40P01", // deadlock_detected: try again
-			"55000", // object_not_in_prerequisite_state: the database takes no connections
-			"25006": // read_only_sql_transaction: a standby, or a demoted primary
-			return true
-		}
-		return pqErr.Code.Class() == "08" // connection_exception
-	}
-	var netErr net.Error
-	return deadConn(err) || errors.As(err, &netErr) || errors.Is(err, context.DeadlineExceeded)
-}
-
-// bounds are the limits on a store call, from the shortest to the longest.
-type bounds struct {
-	// lock and statement are the server's: PostgreSQL aborts a write that
-	// waits for a lock, or runs, longer.
-	lock, statement time.Duration
-	// call is the service's own: a call's context ends then, and lib/pq
-	// asks the server to cancel what runs.
-	call time.Duration
-	// silence is the network's: a connection that stays silent that long
-	// while an answer is awaited is closed, without asking the server
-	// anything. It comes last, so the server has given up first and said so.
-	silence time.Duration
-}
+// bounds are a store call's limits, shortest first: the server's lock and
+// statement timeouts; call, when lib/pq asks the server to cancel; and
+// silence, after which a connection awaiting an answer is closed.
+type bounds struct{ lock, statement, call, silence time.Duration }
 
 func newBounds(call time.Duration) bounds {
 	return bounds{
@@ -589,50 +431,41 @@ func newBounds(call time.Duration) bounds {
 	}
 }
 
-// connector opens the pool's connections with lib/pq, and marks every error
-// met while connecting as a connectError.
+// connector marks every error met while connecting as a connectError.
 type connector struct{ *pq.Connector }
 
 func (c connector) Connect(ctx context.Context) (driver.Conn, error) {
 	cn, err := c.Connector.Connect(ctx)
 	if err != nil {
-		return nil, &connectError{err}
+		return nil, connectError{err}
 	}
 	return cn, nil
 }
 
-// connectError is an error met while opening a database connection. While
-// the service runs, any such error means the database cannot be used now:
-// unreachable, starting up, full, renamed, or refusing the credentials.
-type connectError struct{ err error }
+// connectError is an error met while opening a database connection.
+type connectError struct{ error }
 
-func (e *connectError) Error() string { return e.err.Error() }
-func (e *connectError) Unwrap() error { return e.err }
+func (e connectError) Unwrap() error { return e.error }
 
-// silenceDialer dials database connections on which every read gives up
-// after timeout without data: lib/pq has no read deadline of its own, and
-// a silent network (a partition, a stuck proxy) would hold a request and
-// its connection forever. lib/pq reads only while it expects an answer, so
-// an idle connection is never cut. Until connected, lib/pq's connect
-// deadline holds instead, cut to the dial's context (the call's bound) and
-// to timeout.
+// silenceDialer dials connections whose reads, which lib/pq makes only
+// while it awaits an answer, give up after timeout without data. While
+// connecting, lib/pq's deadline holds instead, cut to ctx's and timeout.
 type silenceDialer struct {
 	net.Dialer
 	timeout time.Duration
-	// silentSince holds, by address, when a connection there last fell
-	// silent: older ones fail at their next write, which lib/pq and
-	// database/sql retry on another, rather than each wait in turn.
+	// silentSince holds when a connection to each address fell silent: older
+	// ones fail at their next write, and are retried on another.
 	silentSince *sync.Map
 }
 
+// lib/pq dials with DialContext; Dial and DialTimeout complete its Dialer.
 func (d silenceDialer) Dial(network, address string) (net.Conn, error) {
 	return d.DialContext(context.Background(), network, address)
 }
 
 func (d silenceDialer) DialTimeout(network, address string, timeout time.Duration) (net.Conn, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
-	defer cancel()
-	return d.DialContext(ctx, network, address)
+	d.Dialer.Timeout = timeout
+	return d.Dial(network, address)
 }
 
 func (d silenceDialer) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
@@ -656,14 +489,10 @@ type silenceConn struct {
 	connectBy time.Time // the deadline while connecting; zero once connected
 }
 
-// silenceSlack is how much of the silence bound a read may find used up:
-// moving a deadline costs a timer update, and a busy connection reads
-// thousands of times a second, so the deadline moves only once it is this
-// much nearer than the whole bound.
-const silenceSlack = 50 * time.Millisecond
-
 func (c *silenceConn) Read(b []byte) (int, error) {
-	if now := time.Now(); c.connectBy.IsZero() && c.deadline.Sub(now) < c.timeout-silenceSlack {
+	// The deadline moves once 50 ms of it are used, not on each of
+	// thousands of reads a second.
+	if now := time.Now(); c.connectBy.IsZero() && c.deadline.Sub(now) < c.timeout-50*time.Millisecond {
 		c.deadline = now.Add(c.timeout)
 		if err := c.Conn.SetReadDeadline(c.deadline); err != nil {
 			return 0, err

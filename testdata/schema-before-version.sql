@@ -27,35 +27,15 @@ BEGIN
     END IF;
 END $$;
 
--- The service stores addresses in Unicode NFC. A row stored before in another
--- form is brought to NFC, unless another account already has that spelling:
--- then both stay as they are.
-UPDATE users u SET email = n.email
-FROM (SELECT min(id) AS id, normalize(email, NFC) AS email
-      FROM users WHERE email IS NOT NFC NORMALIZED GROUP BY 2) n
-WHERE u.id = n.id AND NOT EXISTS (SELECT FROM users o WHERE o.email = n.email);
-
--- Failed sign-ins, one row per failure, per normalized email address (with
--- or without a user) and client (see auth.go). A success deletes that
--- client's rows for the address; rows older than a day are deleted by later
--- failures. auth_failures, keyed by address alone, is replaced.
-DROP TABLE IF EXISTS auth_failures;
-CREATE TABLE IF NOT EXISTS sign_in_failures (
-    id        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    email     text        NOT NULL,
-    client    text        NOT NULL,
+-- Consecutive failed checks of POST /users/authenticate, per normalized email
+-- address, whether or not a user has it. Every replica reads and counts the
+-- same rows. A success deletes its row; a row whose last failure is 24 hours
+-- old is forgotten, and deleted by a later failure (up to ten old rows each,
+-- oldest first through this index), so a flood of random addresses cannot
+-- grow the table beyond the last day's failures.
+CREATE TABLE IF NOT EXISTS auth_failures (
+    email     text        PRIMARY KEY,
+    failures  integer     NOT NULL,
     failed_at timestamptz NOT NULL
 );
-CREATE INDEX IF NOT EXISTS sign_in_failures_email ON sign_in_failures (email, failed_at);
-CREATE INDEX IF NOT EXISTS sign_in_failures_client ON sign_in_failures (client, failed_at);
-CREATE INDEX IF NOT EXISTS sign_in_failures_failed_at ON sign_in_failures (failed_at);
-
--- The clients each user signed in from, with the last success: familiar for
--- 30 days, then deleted by later successes.
-CREATE TABLE IF NOT EXISTS sign_in_clients (
-    user_id      bigint      NOT NULL REFERENCES users ON DELETE CASCADE,
-    client       text        NOT NULL,
-    signed_in_at timestamptz NOT NULL,
-    PRIMARY KEY (user_id, client)
-);
-CREATE INDEX IF NOT EXISTS sign_in_clients_signed_in_at ON sign_in_clients (signed_in_at);
+CREATE INDEX IF NOT EXISTS auth_failures_failed_at ON auth_failures (failed_at);
