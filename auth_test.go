@@ -372,7 +372,7 @@ func TestThrottleIsPerClient(t *testing.T) {
 	mustThrottled(t, owner.authenticate("ann@example.com", "passw0rd-1"), 86400)
 }
 
-func TestPasswordChangeAndDeleteForgetFailures(t *testing.T) {
+func TestAccountChangesForgetFailures(t *testing.T) {
 	t.Parallel()
 	e, _, u := newThrottleEnv(t)
 	stranger, path := e.from("127.0.0.2"), fmt.Sprintf("/users/%d", u.ID)
@@ -396,4 +396,15 @@ func TestPasswordChangeAndDeleteForgetFailures(t *testing.T) {
 	if f, c := countRows(t, e.store, "sign_in_failures"), countRows(t, e.store, "sign_in_clients"); f != 0 || c != 0 {
 		t.Errorf("after DELETE: %d failures, %d familiar clients stored; want none", f, c)
 	}
+	// Failures counted against an address before it had its user are
+	// forgotten when a user is created with it, or moved to it.
+	lockOut()
+	ann := e.createUser(t, "Ann", "Lee", "ann@example.com", "passw0rd-3")
+	mustWrongCredentials(t, stranger.authenticate("ann@example.com", "wrong-password"))
+	for range 6 {
+		stranger.authenticate("cy@example.com", "wrong-password")
+	}
+	mustThrottled(t, stranger.authenticate("cy@example.com", "wrong-password"), 1)
+	mustUser(t, e.do("PUT", fmt.Sprintf("/users/%d", ann.ID), `{"email":"cy@example.com"}`), http.StatusOK)
+	mustWrongCredentials(t, stranger.authenticate("cy@example.com", "wrong-password"))
 }

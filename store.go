@@ -175,7 +175,9 @@ type userUpdate struct {
 func (s *store) CreateUser(ctx context.Context, c newUser) (user, error) {
 	var u user
 	err := s.write(ctx, func(ctx context.Context, conn *sql.Conn) (err error) {
+		// Failures counted before the address had this user are not its.
 		u, err = scanUser(conn.QueryRowContext(ctx, `
+			WITH forgotten AS (DELETE FROM sign_in_failures WHERE email = $3)
 			INSERT INTO users (first_name, last_name, email, password, salt)
 			VALUES ($1, $2, $3, $4, $5)
 			RETURNING `+userColumns,
@@ -280,7 +282,7 @@ func (s *store) UpdateUser(ctx context.Context, id int64, c userUpdate) (user, e
 		if err == nil && c.Check != nil {
 			err = c.Check(u)
 		}
-		if err == nil && c.Password != nil {
+		if err == nil && (c.Password != nil || c.Email != nil) { // as on create
 			_, err = conn.ExecContext(ctx, `DELETE FROM sign_in_failures WHERE email = $1`, u.Email)
 		}
 		return err
