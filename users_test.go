@@ -106,14 +106,6 @@ func mustError(t *testing.T, r response, status int, detail string) errorJSON {
 	return e
 }
 
-// mustInvalid checks that r is 400 Invalid data naming field among errors.
-func mustInvalid(t *testing.T, r response, field string) {
-	t.Helper()
-	if e := mustError(t, r, http.StatusBadRequest, "Invalid data"); e.Errors[field] == "" {
-		t.Fatalf("%s: errors = %v, want an entry for %q", r.what, e.Errors, field)
-	}
-}
-
 func (e *testEnv) createUser(t *testing.T, first, last, email, password string) userJSON {
 	t.Helper()
 	return mustUser(t, e.do("POST", "/users/", userBody(first, last, email, password)), http.StatusCreated)
@@ -210,6 +202,7 @@ var goodEmails, badEmails = func() (good, bad []string) {
 		"a\u200b@example.com", "a\u202e@example.com", "a\x00@example.com", "a@exam\u00adple.com", // invisible or control
 		"a\ufeff@example.com", "a\u200d@example.com", "a\u2060@example.com", "a\U000e0041@example.com",
 		"a\u034f@example.com", "a\ufe0f@example.com", "a\U000e0100@example.com", "a\u3164@example.com", "a@ex\u115fample.com",
+		"a\u200c@example.com", "a\u200e@example.com", "a\u00a0@example.com", "a@ex\u180eample.com", "a@\u2800example.com",
 		"\u0308a@example.com", "a@\u0308example.com", // a mark with nothing to mark
 		"😀@example.com", "a\xff@example.com", "",
 	}
@@ -362,23 +355,6 @@ func TestParseListQuery(t *testing.T) {
 	}
 }
 
-func TestCapProblems(t *testing.T) {
-	t.Parallel()
-	problems := map[string]string{"email": "required", strings.Repeat("\u0001<", 100): "unknown field"}
-	for i := range 2000 {
-		problems[fmt.Sprintf("unknown-%04d", i)] = "unknown field"
-	}
-	got := capProblems(problems)
-	if len(got) != maxErrorEntries || got["email"] == "" || got["unknown-0000"] == "" {
-		t.Errorf("capProblems(%d problems) = %d: %v; want %d, email and unknown-0000 among them", len(problems), len(got), got, maxErrorEntries)
-	}
-	for name := range got {
-		if len(name) > maxErrorName+len("…") {
-			t.Errorf("capProblems kept a name of %d bytes: %.80q", len(name), name)
-		}
-	}
-}
-
 // TestReadBody checks the decoding of both kinds of body: each is taken, or
 // refused with a 400 that names the field at fault.
 func TestReadBody(t *testing.T) {
@@ -461,10 +437,14 @@ func TestReadBody(t *testing.T) {
 	if errs := read(create, `{"email":"a@example.com","email":"bob@example.com"}`); errs["email"] != "given more than once" {
 		t.Errorf("a name given twice: errors %v, want email: given more than once", errs)
 	}
-	// encoding/json keeps the last of a repeated name, another parser the
-	// first: such a body is refused.
-	if errs := read(create, `{"email":"a@example.com","email":"bob@example.com"}`); errs["email"] != "given more than once" {
-		t.Errorf("a name given twice: errors %v, want email: given more than once", errs)
+	// At most maxErrorEntries problems, known fields' first, names cut.
+	many := `{"email":"bad","` + strings.Repeat(`\u0001<`, 100) + `":1`
+	for i := range 100 {
+		many += fmt.Sprintf(`,"unknown-%04d":1`, i)
+	}
+	if errs := read(create, many+"}"); len(errs) != maxErrorEntries || errs["email"] == "" || errs["unknown-0000"] == "" ||
+		errs[strings.Repeat("\x01<", maxErrorName/2)+"…"] == "" {
+		t.Errorf("100 unknown fields: errors %q, want %d: email, unknown-0000 and the long name cut to %d bytes among them", errs, maxErrorEntries, maxErrorName)
 	}
 	rec := httptest.NewRecorder()
 	readUserInput(rec, httptest.NewRequest("POST", "/users/", strings.NewReader(ok+strings.Repeat(" ", maxBodyBytes-len(ok)+1))), true)
@@ -484,12 +464,6 @@ func TestErrorAnswers(t *testing.T) {
 	bob := e.createUser(t, "Bob", "Ray", "bob@example.com", "passw0rd-2")
 	big := `{"first_name":"` + strings.Repeat("a", maxBodyBytes) + `"}`
 	newUser := userBody("Cy", "Day", "cy@example.com", "passw0rd-3")
-	var unknown strings.Builder
-	unknown.WriteString(`{"email":"not an address"`)
-	for i := 0; i < 2000; i++ {
-		fmt.Fprintf(&unknown, `,"unknown-%04d":1`, i)
-	}
-	unknown.WriteString("}")
 	type row struct {
 		name, method, path, body, header string
 		status                           int
@@ -498,19 +472,14 @@ func TestErrorAnswers(t *testing.T) {
 	}
 	rows := []row{
 		{"no route", "GET", "/nope", "", "", 404, "Not Found", ""},
-		{"the root", "GET", "/", "", "", 404, "Not Found", ""},
 		{"below a user", "GET", "/users/1/extra", "", "", 404, "Not Found", ""},
 		// The mux would redirect these to their clean form, which a client
 		// follows for a POST as a GET without its body, and in HTML.
-		{"double slash", "GET", "//users", "", "", 404, "Not Found", ""},
 		{"double slash, POST", "POST", "//users", newUser, "", 404, "Not Found", ""},
 		{"escaped slash", "GET", "/users/%2F?limit=1", "", "", 404, "Not Found", ""},
 		{"dot-dot segment, PUT", "PUT", "/users/../users/1", `{"first_name":"X"}`, "", 404, "Not Found", ""},
-		{"empty segment, DELETE", "DELETE", "/users//1", "", "", 404, "Not Found", ""},
 		{"PATCH a user", "PATCH", "/users/1", "", "", 405, "Method Not Allowed", "DELETE, GET, HEAD, PUT"},
-		{"POST a user", "POST", "/users/1", authBody("ann@example.com", "passw0rd-1"), "", 405, "Method Not Allowed", "DELETE, GET, HEAD, PUT"},
 		{"DELETE the collection", "DELETE", "/users/", "", "", 405, "Method Not Allowed", "GET, HEAD, POST"},
-		{"PUT the collection", "PUT", "/users", "", "", 405, "Method Not Allowed", "GET, HEAD, POST"},
 		{"POST healthz", "POST", "/healthz", "", "", 405, "Method Not Allowed", "GET, HEAD"},
 		{"id not a number", "GET", "/users/abc", "", "", 404, "User not found", ""},
 		{"id zero", "DELETE", "/users/0", "", "", 404, "User not found", ""},
@@ -522,14 +491,10 @@ func TestErrorAnswers(t *testing.T) {
 		{"DELETE nobody", "DELETE", "/users/3", "", "", 404, "User not found", ""},
 		// Not /users/{id}'s methods: /users/authenticate is POST only.
 		{"GET authenticate", "GET", "/users/authenticate", "", "", 405, "Method Not Allowed", "POST"},
-		{"PUT authenticate", "PUT", "/users/authenticate", `{"first_name":"X"}`, "", 405, "Method Not Allowed", "POST"},
 		{"DELETE authenticate", "DELETE", "/users/authenticate", "", "", 405, "Method Not Allowed", "POST"},
-		{"PATCH authenticate", "PATCH", "/users/authenticate", "", "", 405, "Method Not Allowed", "POST"},
 		{"authenticate with a slash", "POST", "/users/authenticate/", authBody("ann@example.com", "passw0rd-1"), "", 404, "Not Found", ""},
 		{"update, bad body", "PUT", "/users/1", "{", "", 400, "Invalid data", "body"},
-		{"update, bad email", "PUT", "/users/1", `{"email":""}`, "", 400, "Invalid data", "email"},
 		{"update to a taken email", "PUT", "/users/1", `{"email":"BOB@example.com"}`, "", 400, "Email already registered", ""},
-		{"update to a common password", "PUT", "/users/1", `{"password":"PassWord1"}`, "", 400, "Invalid data", "password"},
 		{"update to the stored email as password", "PUT", "/users/1", `{"password":"ANN@example.com"}`, "", 400, "Invalid data", "password"},
 		{"update, stale If-Match", "PUT", "/users/1", `{"first_name":"X"}`, `If-Match: "2", "x"`, 412, "Precondition failed: the user has changed", ""},
 		{"update, weak If-Match", "PUT", "/users/1", `{"first_name":"X"}`, `If-Match: W/"1"`, 412, "Precondition failed: the user has changed", ""},
@@ -546,15 +511,10 @@ func TestErrorAnswers(t *testing.T) {
 	for _, path := range []string{"/users", "/users/"} {
 		rows = append(rows,
 			row{"create without a field on " + path, "POST", path, `{"first_name":"Bob"}`, "", 400, "Invalid data", "last_name"},
-			row{"create with a common password on " + path, "POST", path, userBody("Cy", "Day", "cy@example.com", "Iloveyou"), "", 400, "Invalid data", "password"},
-			row{"create with a name too long on " + path, "POST", path, userBody(strings.Repeat("x", 129), "Day", "cy@example.com", "passw0rd-3"), "", 400, "Invalid data", "first_name"},
-			row{"create with 2,000 unknown fields on " + path, "POST", path, unknown.String(), "", 400, "Invalid data", "email"},
 			row{"create with a taken email in another case on " + path, "POST", path, userBody("Ann", "Lee", "ANN@example.com", "passw0rd-1"), "", 400, "Email already registered", ""},
 			row{"create, body over 1 MiB, on " + path, "POST", path, big, "", 413, "Request body too large", ""},
 			row{"create, not JSON, on " + path, "POST", path, newUser, "Content-Type: text/plain", 415, "Unsupported media type", ""},
 			row{"list, bad limit, on " + path, "GET", path + "?limit=0", "", "", 400, "Invalid data", "limit"},
-			row{"list, bad query string, on " + path, "GET", path + "?limit=%zz", "", "", 400, "Invalid data", "query"},
-			row{"look-up, bad email, on " + path, "GET", path + "?email=not-an-email", "", "", 400, "Invalid data", "email"},
 			row{"look-up of nobody on " + path, "GET", path + "?email=nobody@example.com", "", "", 404, "No users found", ""},
 		)
 	}
@@ -576,9 +536,6 @@ func TestErrorAnswers(t *testing.T) {
 			}
 			if loc := r.header.Get("Location"); loc != "" {
 				t.Errorf("%s: Location = %q, want none", r.what, loc)
-			}
-			if len(r.body) > 8<<10 {
-				t.Errorf("%s: an error of %d bytes, want at most 8 KiB", r.what, len(r.body))
 			}
 		})
 	}
@@ -618,38 +575,32 @@ func TestCreateUser(t *testing.T) {
 	}
 
 	// Values at the limits, and hostile ones, are stored as sent, trimmed
-	// (the email lower-cased); on both collection paths. The password is
-	// stored as a bcrypt hash at the configured cost, with a salt of its own
-	// even when another user has the same password.
-	salts := make(map[string]bool)
+	// (the email lower-cased), on both paths. The password is stored as a
+	// bcrypt hash at the configured cost, with a salt of its own even when
+	// another user has the same password.
 	email254 := strings.Repeat("a", 64) + "@" + strings.Repeat("b", 63) + "." + strings.Repeat("c", 63) + "." + strings.Repeat("d", 57) + ".com"
-	for _, tt := range []struct{ name, path, first, last, email, password string }{
-		{"on /users", "/users", "Bob", "Ray", "bob@example.com", "passw0rd-1"},
-		{"names of 128 characters", "/users/", strings.Repeat("é", 128), "  " + strings.Repeat("a", 128) + " ", "c@example.com", "passw0rd-1"},
-		{"an email of 254 bytes", "/users/", "Cy", "Day", email254, "passw0rd-1"},
-		{"a password of 72 bytes", "/users", "Di", "Eve", "d@example.com", strings.Repeat("€", 24)},
-		{"SQL and quotes", "/users/", `Robert'); DROP TABLE users;--`, `"Ann" \ 'Lee' \n`, `o'brien--@example.com`, `pass'word"--`},
-		{"other scripts", "/users/", "\u202eeciffo 👩‍💻", "Łukasz ابن O'Neil-Ñúñez", "Zoë@Bücher.example", "pässwörd 李"},
+	salts := make(map[string]bool)
+	for _, tt := range []struct{ path, first, last, email string }{
+		{"/users", strings.Repeat("é", 128), "  " + strings.Repeat("a", 128) + " ", email254},
+		{"/users/", `Robert'); DROP TABLE users;--`, `"Ann" \ 'Lee' \n` + "\u202eeciffo 👩‍💻 Łukasz ابن", "O'Brien--@Bücher.example"},
 	} {
-		t.Run(tt.name, func(t *testing.T) {
-			u := mustUser(t, e.do("POST", tt.path, userBody(tt.first, tt.last, tt.email, tt.password)), http.StatusCreated)
-			got := mustUser(t, e.do("GET", fmt.Sprintf("/users/%d", u.ID), ""), http.StatusOK)
-			if got.FirstName != strings.TrimSpace(tt.first) || got.LastName != strings.TrimSpace(tt.last) || got.Email != strings.ToLower(tt.email) {
-				t.Errorf("stored %+v, want the names and email sent", got)
-			}
-			hash, salt := e.storedSecret(t, u.ID)
-			if bcrypt.CompareHashAndPassword([]byte(hash), []byte(tt.password)) != nil ||
-				bcrypt.CompareHashAndPassword([]byte(hash), []byte("x"+tt.password)) == nil {
-				t.Errorf("the stored hash does not verify the password alone")
-			}
-			if cost, err := bcrypt.Cost([]byte(hash)); err != nil || cost != e.hasher.cost {
-				t.Errorf("stored hash cost = %d (%v), want %d", cost, err, e.hasher.cost)
-			}
-			if len(salt) != 29 || !strings.HasPrefix(hash, salt) || !strings.HasPrefix(salt, "$2a$") || salts[salt] {
-				t.Errorf("salt %q is not the 29-character prefix of hash %q, or another user's", salt, hash)
-			}
-			salts[salt] = true
-		})
+		password := strings.Repeat("€", 24) // 72 bytes
+		u := mustUser(t, e.do("POST", tt.path, userBody(tt.first, tt.last, tt.email, password)), http.StatusCreated)
+		got := mustUser(t, e.do("GET", fmt.Sprintf("/users/%d", u.ID), ""), http.StatusOK)
+		if got.FirstName != strings.TrimSpace(tt.first) || got.LastName != strings.TrimSpace(tt.last) || got.Email != strings.ToLower(tt.email) {
+			t.Errorf("POST %s: stored %+v, want the names and email sent", tt.path, got)
+		}
+		hash, salt := e.storedSecret(t, u.ID)
+		if bcrypt.CompareHashAndPassword([]byte(hash), []byte(password)) != nil || bcrypt.CompareHashAndPassword([]byte(hash), []byte("x"+password)) == nil {
+			t.Errorf("POST %s: the stored hash does not verify the password alone", tt.path)
+		}
+		if cost, err := bcrypt.Cost([]byte(hash)); err != nil || cost != e.hasher.cost {
+			t.Errorf("POST %s: stored hash cost = %d (%v), want %d", tt.path, cost, err, e.hasher.cost)
+		}
+		if len(salt) != 29 || !strings.HasPrefix(hash, salt) || !strings.HasPrefix(salt, "$2a$") || salts[salt] {
+			t.Errorf("POST %s: salt %q is not the 29-character prefix of hash %q, or another user's", tt.path, salt, hash)
+		}
+		salts[salt] = true
 	}
 }
 
@@ -667,13 +618,7 @@ func TestLookAlikeAddresses(t *testing.T) {
 		{"a@bücher.example", "a@bu\u0308cher.example", one}, {"한@c.example", "\u1112\u1161\u11ab@c.example", one},
 		{"ậ@d.example", "a\u0302\u0323@d.example", one}, {"kelvin@e.example", "\u212aelvin@e.example", one},
 		{"å@f.example", "\u212b@f.example", one}, {"zoë@g.example", " ZOË@G.example ", one},
-		{"ann@h.example", "ann\u200b@h.example", refused}, {"ann@h.example", "an\ufeffn@h.example", refused},
-		{"ann@h.example", "an\u00adn@h.example", refused}, {"ann@h.example", "an\u200dn@h.example", refused},
-		{"ann@h.example", "an\u200cn@h.example", refused}, {"ann@h.example", "an\u2060n@h.example", refused},
-		{"ann@h.example", "ann\u200e@h.example", refused}, {"ann@h.example", "an\u034fn@h.example", refused},
-		{"ann@h.example", "an\ufe0fn@h.example", refused}, {"ann@h.example", "ann\u3164@h.example", refused},
-		{"ann@h.example", "ann\U000e0041@h.example", refused}, {"ann@h.example", "an\u00a0n@h.example", refused},
-		{"ann@h.example", "ann@h\u180e.example", refused}, {"ann@h.example", "ann@\u2800h.example", refused},
+		{"ann@h.example", "ann\u200b@h.example", refused}, // as TestRules refuses every invisible character
 		{"ann@i.example", "ａｎｎ@i.example", two}, {"ann@j.example", "ann@ｊ.example", two},
 		{"ann@k.example", "аnn@k.example", two}, {"fi@l.example", "ﬁ@l.example", two}, {"a@m.example", "𝐚@m.example", two},
 		// Parts of 63 bytes that NFC makes 126: too long once normalized.
@@ -692,7 +637,9 @@ func TestLookAlikeAddresses(t *testing.T) {
 				t.Errorf("%+q after %+q: %s, want %s", tt.second, tt.first, got, tt.want)
 			}
 		case tt.want == refused:
-			mustInvalid(t, got, "email")
+			if e := mustError(t, got, http.StatusBadRequest, "Invalid data"); e.Errors["email"] == "" {
+				t.Errorf("%s: errors %v, want one for email", got.what, e.Errors)
+			}
 		case tt.want == two:
 			t.Errorf("%+q after %+q: %s, want %s", tt.second, tt.first, got, tt.want)
 		default:
@@ -708,104 +655,82 @@ func TestLookAlikeAddresses(t *testing.T) {
 	}
 }
 
+// TestUpdateUser follows a user from create to delete, with conditional
+// requests: each field changes alone, normalized; updated_at and the ETag
+// move only when something changed, created_at never.
 func TestUpdateUser(t *testing.T) {
 	t.Parallel()
 	e := newTestEnv(t)
-	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "passw0rd-1")
+	r := e.do("POST", "/users", userBody("Ann", "Lee", "ann@example.com", "passw0rd-1"))
+	u, path, tag := mustUser(t, r, http.StatusCreated), r.header.Get("Location"), r.header.Get("ETag")
 	other := e.createUser(t, "Bob", "Ray", "bob@example.com", "passw0rd-2")
-	path := fmt.Sprintf("/users/%d", u.ID)
 	hash0, salt0 := e.storedSecret(t, u.ID)
-
-	// Each field alone, leaving the others as they are; updated_at moves
-	// only when something changed, created_at never.
+	if tag != `"1"` {
+		t.Fatalf("%s: ETag %q, want \"1\"", r, tag)
+	}
 	prev := u
 	for _, step := range []struct {
-		body, first, last, email string
-		changes                  bool
+		method, body, header string
+		status               int
+		want                 string // the user's names and email after a 200
+		changes              bool
 	}{
-		{`{}`, "Ann", "Lee", "ann@example.com", false},
-		{`{"first_name":"Ann","email":"ANN@example.com","last_name":" Lee "}`, "Ann", "Lee", "ann@example.com", false},
-		{`{"first_name":"  Anna "}`, "Anna", "Lee", "ann@example.com", true},
-		{`{"last_name":"Smith"}`, "Anna", "Smith", "ann@example.com", true},
-		{`{"email":" Anna@Example.com"}`, "Anna", "Smith", "anna@example.com", true},
-		{`{"first_name":null,"last_name":null,"email":"ANNA@EXAMPLE.COM"}`, "Anna", "Smith", "anna@example.com", false},
-		{`{"password":"new password"}`, "Anna", "Smith", "anna@example.com", true},
-		{`{"last_name":"Smyth"}`, "Anna", "Smyth", "anna@example.com", true},
+		{"GET", "", "", 200, "Ann Lee ann@example.com", false},
+		{"GET", "", "If-None-Match: {tag}", 304, "", false},
+		{"GET", "", `If-None-Match: "9", W/{tag}`, 304, "", false},
+		{"GET", "", "If-None-Match: *", 304, "", false},
+		{"GET", "", `If-None-Match: "9"`, 200, "Ann Lee ann@example.com", false},
+		{"PUT", `{}`, "", 200, "Ann Lee ann@example.com", false},
+		{"PUT", `{"first_name":"Ann","email":"ANN@example.com","last_name":" Lee "}`, "", 200, "Ann Lee ann@example.com", false},
+		{"PUT", `{"first_name":"  Anna "}`, `If-Match: "9", {tag}`, 200, "Anna Lee ann@example.com", true},
+		{"PUT", `{"last_name":"Smith"}`, "If-Match: *", 200, "Anna Smith ann@example.com", true},
+		{"PUT", `{"email":" Anna@Example.com"}`, "", 200, "Anna Smith anna@example.com", true},
+		{"PUT", `{"first_name":null,"last_name":null,"email":"ANNA@EXAMPLE.COM"}`, "", 200, "Anna Smith anna@example.com", false},
+		{"PUT", `{"password":"new password"}`, "If-Match: {tag}", 200, "Anna Smith anna@example.com", true},
+		{"GET", "", "If-None-Match: {tag}", 304, "", false},
 	} {
-		got := mustUser(t, e.do("PUT", path, step.body), http.StatusOK)
-		want := userJSON{u.ID, step.first, step.last, step.email, u.CreatedAt, prev.UpdatedAt}
+		r := e.do(step.method, path, step.body, strings.ReplaceAll(step.header, "{tag}", tag))
+		if got := r.header.Get("ETag"); r.status != step.status || (got != tag) != step.changes ||
+			r.status == 304 && (len(r.body) > 0 || r.header.Get("Content-Type") != "") {
+			t.Fatalf("%s %s, ETag %q (was %q); want %d, a new ETag %v", r, step.header, got, tag, step.status, step.changes)
+		}
+		if tag = r.header.Get("ETag"); r.status != 200 {
+			continue
+		}
+		got := mustUser(t, r, http.StatusOK)
+		want := userJSON{u.ID, "", "", "", u.CreatedAt, prev.UpdatedAt}
+		fmt.Sscan(step.want, &want.FirstName, &want.LastName, &want.Email)
 		if step.changes {
 			if !parseTimestamp(t, got.UpdatedAt).After(parseTimestamp(t, prev.UpdatedAt)) {
-				t.Errorf("PUT %s: updated_at %s did not move past %s", step.body, got.UpdatedAt, prev.UpdatedAt)
+				t.Errorf("%s: updated_at %s did not move past %s", r.what, got.UpdatedAt, prev.UpdatedAt)
 			}
 			want.UpdatedAt = got.UpdatedAt
 		}
 		if got != want {
-			t.Fatalf("PUT %s %s = %+v, want %+v", path, step.body, got, want)
+			t.Fatalf("%s %s = %+v, want %+v", r.what, step.body, got, want)
 		}
 		if again := mustUser(t, e.do("GET", path, ""), http.StatusOK); again != got {
-			t.Errorf("GET after PUT %s = %+v, want %+v", step.body, again, got)
+			t.Errorf("GET after %s %s = %+v, want %+v", r.what, step.body, again, got)
 		}
 		prev = got
 	}
-
 	// A new password gets a new salt and hash; the old password stops working.
 	hash1, salt1 := e.storedSecret(t, u.ID)
-	if hash1 == hash0 || salt1 == salt0 {
-		t.Errorf("new password kept the old hash or salt")
-	}
-	if bcrypt.CompareHashAndPassword([]byte(hash1), []byte("new password")) != nil ||
+	if hash1 == hash0 || salt1 == salt0 || bcrypt.CompareHashAndPassword([]byte(hash1), []byte("new password")) != nil ||
 		bcrypt.CompareHashAndPassword([]byte(hash1), []byte("passw0rd-1")) == nil {
-		t.Errorf("stored hash does not match the new password alone")
+		t.Errorf("after a new password: hash %q, salt %q; want new ones that match the new password alone", hash1, salt1)
 	}
-	if got := mustUser(t, e.do("GET", fmt.Sprintf("/users/%d", other.ID), ""), http.StatusOK); got != other {
-		t.Errorf("the other user changed: %+v, want %+v", got, other)
-	}
-}
-
-// TestConditionalRequests follows a user from create to delete with
-// conditional requests.
-func TestConditionalRequests(t *testing.T) {
-	t.Parallel()
-	e := newTestEnv(t)
-	r := e.do("POST", "/users", userBody("Ann", "Lee", "ann@example.com", "passw0rd-1"))
-	path, tag := r.header.Get("Location"), r.header.Get("ETag")
-	keep := e.createUser(t, "Bob", "Ray", "bob@example.com", "passw0rd-2")
-	if mustUser(t, r, http.StatusCreated); tag != `"1"` {
-		t.Fatalf("%s: ETag %q, want \"1\"", r, tag)
-	}
-	// Each step: a request, its status, and whether the ETag then changes.
-	for _, step := range []struct {
-		method, body, header string
-		status               int
-		changes              bool
-	}{
-		{"GET", "", "", 200, false},
-		{"GET", "", "If-None-Match: " + tag, 304, false},
-		{"GET", "", `If-None-Match: "9", W/` + tag, 304, false},
-		{"GET", "", "If-None-Match: *", 304, false},
-		{"GET", "", `If-None-Match: "9"`, 200, false},
-		{"PUT", `{"first_name":"Anna"}`, `If-Match: "9", ` + tag, 200, true},
-		{"PUT", `{"first_name":"Anna"}`, "", 200, false}, // no change, no new version
-		{"PUT", `{"last_name":"Ray"}`, "If-Match: *", 200, true},
-		{"PUT", `{"password":"new password"}`, "If-Match: {tag}", 200, true},
-		{"PUT", `{"last_name":"Day"}`, "", 200, true},
-		{"GET", "", "If-None-Match: {tag}", 304, false},
-		{"DELETE", "", "If-Match: {tag}", 204, false},
-	} {
-		r := e.do(step.method, path, step.body, strings.ReplaceAll(step.header, "{tag}", tag))
-		got := r.header.Get("ETag")
-		if r.status != step.status || (r.status == 204) != (got == "") || (got != tag) != step.changes && r.status != 204 ||
-			r.status >= 204 && (len(r.body) > 0 || r.header.Get("Content-Type") != "") {
-			t.Fatalf("%s %s, ETag %q (was %q); want %d, a new ETag %v", r, step.header, got, tag, step.status, step.changes)
-		}
-		tag = got
+	r = e.do("DELETE", path, "", "If-Match: "+tag)
+	if r.status != http.StatusNoContent || len(r.body) > 0 || r.header.Get("Content-Type") != "" || r.header.Get("ETag") != "" {
+		t.Fatalf("%s, ETag %q; want 204 and nothing else", r, r.header.Get("ETag"))
 	}
 	// The user is gone, the other kept, and the address free again.
 	mustError(t, e.do("GET", path, ""), http.StatusNotFound, "User not found")
 	mustError(t, e.do("DELETE", path, ""), http.StatusNotFound, "User not found")
 	mustError(t, e.do("PUT", path, `{"first_name":"X"}`), http.StatusNotFound, "User not found")
-	mustUser(t, e.do("GET", fmt.Sprintf("/users/%d", keep.ID), ""), http.StatusOK)
+	if got := mustUser(t, e.do("GET", fmt.Sprintf("/users/%d", other.ID), ""), http.StatusOK); got != other {
+		t.Errorf("the other user changed: %+v, want %+v", got, other)
+	}
 	e.createUser(t, "Ann", "Again", "ann@example.com", "passw0rd-1")
 }
 
