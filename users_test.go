@@ -42,21 +42,9 @@ type userJSON struct {
 	UpdatedAt string `json:"updated_at"`
 }
 
-// errorJSON is an error as the API sends it.
-type errorJSON struct {
-	Detail string            `json:"detail"`
-	Errors map[string]string `json:"errors"`
-}
-
-// userBody returns a create body; fields set to "" are left out.
+// userBody returns a create body.
 func userBody(first, last, email, password string) string {
-	m := map[string]string{}
-	for k, v := range map[string]string{"first_name": first, "last_name": last, "email": email, "password": password} {
-		if v != "" {
-			m[k] = v
-		}
-	}
-	b, _ := json.Marshal(m)
+	b, _ := json.Marshal(map[string]string{"first_name": first, "last_name": last, "email": email, "password": password})
 	return string(b)
 }
 
@@ -97,9 +85,9 @@ func mustList(t *testing.T, r response) []userJSON {
 
 // mustError checks that r is status with {"detail": detail}, and returns the
 // error body.
-func mustError(t *testing.T, r response, status int, detail string) errorJSON {
+func mustError(t *testing.T, r response, status int, detail string) errorBody {
 	t.Helper()
-	var e errorJSON
+	var e errorBody
 	mustJSON(t, r, status, &e)
 	if e.Detail != detail {
 		t.Fatalf("%s: detail = %q, want %q", r.what, e.Detail, detail)
@@ -115,8 +103,7 @@ func (e *testEnv) createUser(t *testing.T, first, last, email, password string) 
 // storedSecret reads the password hash and salt stored for a user.
 func (e *testEnv) storedSecret(t *testing.T, id int64) (hash, salt string) {
 	t.Helper()
-	err := e.store.db.QueryRow(`SELECT password, salt FROM users WHERE id = $1`, id).Scan(&hash, &salt)
-	if err != nil {
+	if err := e.store.db.QueryRow(`SELECT password, salt FROM users WHERE id = $1`, id).Scan(&hash, &salt); err != nil {
 		t.Fatalf("read stored password of user %d: %v", id, err)
 	}
 	return hash, salt
@@ -372,7 +359,7 @@ func TestReadBody(t *testing.T) {
 			}
 			return nil
 		}
-		var e errorJSON
+		var e errorBody
 		if err := json.Unmarshal(rec.Body.Bytes(), &e); err != nil || rec.Code != http.StatusBadRequest || e.Detail != "Invalid data" || len(e.Errors) == 0 {
 			t.Fatalf("read %.80q: %d %s, want 400 Invalid data with errors", body, rec.Code, rec.Body)
 		}
@@ -393,30 +380,25 @@ func TestReadBody(t *testing.T) {
 		{ok + "{}", "body", "body", "body"},
 		{ok + "x", "body", "body", "body"},
 		{"[" + ok + "]", "body", "body", "body"},
-		{`"hello"`, "body", "body", "body"},
 		{"null", "body", "body", "body"},
 		{with("Bob", "B\xffb"), "body", "body", "body"},
 		{with("Bob", "Bob\xc0\x80"), "body", "body", "body"}, // overlong UTF-8 NUL
-		{`{"admin":true}`, "admin", "admin", "admin"},
 		{`{"First_Name":"Bob"}`, "First_Name", "First_Name", "First_Name"},
 		{`{"id":7}`, "id", "id", "id"},
 		{`{"first_name":1}`, "first_name", "first_name", "first_name"},
-		{`{"email":{"a":1}}`, "email", "email", "email"},
 		{`{"first_name":` + strings.Repeat("[", 5000) + strings.Repeat("]", 5000) + "}", "first_name", "first_name", "first_name"},
 		{`{"last_name":""}`, "last_name", "last_name", "last_name"},
 		{`{"first_name":"Bob\ud800"}`, "first_name", "first_name", "first_name"}, // an unpaired surrogate
 		{`{"password":"pass\u0000word"}`, "password", "password", "email"},
 		{`{"email":"bob","password":"x"}`, "email", "email", "email"},
-		{`{"email":"Bob <bob@example.com>"}`, "email", "email", "email"},
 		{`{"email":"bob@example.com","password":null}`, "password", "", "password"},
 		{`{"email":"bob@example.com","password":12345678}`, "password", "password", "password"},
 		{`{"email":"bob@example.com"}`, "password", "", "password"},
 		{`{"password":"x"}`, "password", "password", "email"},
 		{`{"email":"bob@example.com","password":"x","remember":true}`, "remember", "remember", "remember"},
-		{`{"email":"a@example.com","email":"bob@example.com"}`, "email", "email", "email"}, // a name given twice
+		{`{"email":"a@example.com","email":"bob@example.com"}`, "email", "email", "email"}, // encoding/json keeps the last, others the first
 		{`{"email":"bob@example.com","password":"x","pass\u0077ord":"y"}`, "password", "password", "password"},
 		{`{"last_name":"Lee","last_name":null}`, "last_name", "last_name", "last_name"},
-		{`{"x":1,"x":2}`, "x", "x", "x"},
 	} {
 		for _, r := range []struct {
 			name   string
@@ -433,11 +415,6 @@ func TestReadBody(t *testing.T) {
 	if read(authenticate, `{"email":"  ANN@example.COM ","password":""}`) != nil || signIn != (credentials{"ann@example.com", ""}) {
 		t.Errorf("credentials read as %+v, want the email trimmed and lower-cased, the empty password taken", signIn)
 	}
-	// encoding/json keeps the last of a repeated name, another parser the
-	// first: such a body is refused.
-	if errs := read(create, `{"email":"a@example.com","email":"bob@example.com"}`); errs["email"] != "given more than once" {
-		t.Errorf("a name given twice: errors %v, want email: given more than once", errs)
-	}
 	// At most maxErrorEntries problems, known fields' first, names cut.
 	many := `{"email":"bad","` + strings.Repeat(`\u0001<`, 100) + `":1`
 	for i := range 100 {
@@ -446,11 +423,6 @@ func TestReadBody(t *testing.T) {
 	if errs := read(create, many+"}"); len(errs) != maxErrorEntries || errs["email"] == "" || errs["unknown-0000"] == "" ||
 		errs[strings.Repeat("\x01<", maxErrorName/2)+"…"] == "" {
 		t.Errorf("100 unknown fields: errors %q, want %d: email, unknown-0000 and the long name cut to %d bytes among them", errs, maxErrorEntries, maxErrorName)
-	}
-	rec := httptest.NewRecorder()
-	readUserInput(rec, httptest.NewRequest("POST", "/users/", strings.NewReader(ok+strings.Repeat(" ", maxBodyBytes-len(ok)+1))), true)
-	if rec.Code != http.StatusRequestEntityTooLarge || !strings.Contains(rec.Body.String(), `"Request body too large"`) {
-		t.Errorf("a body over 1 MiB: %d %s, want 413 Request body too large", rec.Code, rec.Body)
 	}
 }
 
@@ -463,7 +435,7 @@ func TestErrorAnswers(t *testing.T) {
 	e := newTestEnv(t)
 	ann := e.createUser(t, "Ann", "Lee", "ann@example.com", "passw0rd-1")
 	bob := e.createUser(t, "Bob", "Ray", "bob@example.com", "passw0rd-2")
-	big := `{"first_name":"` + strings.Repeat("a", maxBodyBytes) + `"}`
+	big := `{"first_name":"` + strings.Repeat("a", maxBodyBytes-16) + `"}` // a byte past 1 MiB
 	newUser := userBody("Cy", "Day", "cy@example.com", "passw0rd-3")
 	type row struct {
 		name, method, path, body, header string
@@ -487,7 +459,6 @@ func TestErrorAnswers(t *testing.T) {
 		{"id with a sign", "PUT", "/users/+1", `{"first_name":"X"}`, "", 404, "User not found", ""},
 		{"id past int64", "GET", "/users/9223372036854775808", "", "", 404, "User not found", ""},
 		{"the largest id, nobody's", "GET", "/users/9223372036854775807", "", "", 404, "User not found", ""},
-		{"GET nobody", "GET", "/users/3", "", "", 404, "User not found", ""},
 		{"PUT nobody", "PUT", "/users/3", `{"first_name":"X"}`, "", 404, "User not found", ""},
 		{"DELETE nobody", "DELETE", "/users/3", "", "", 404, "User not found", ""},
 		// Not /users/{id}'s methods: /users/authenticate is POST only.
@@ -503,7 +474,6 @@ func TestErrorAnswers(t *testing.T) {
 		{"delete, stale If-Match", "DELETE", "/users/2", "", `If-Match: "7"`, 412, "Precondition failed: the user has changed", ""},
 		{"update, body over 1 MiB", "PUT", "/users/1", big, "", 413, "Request body too large", ""},
 		{"update, not JSON", "PUT", "/users/1", `{"first_name":"X"}`, "Content-Type: text/plain", 415, "Unsupported media type", ""},
-		{"update, another charset", "PUT", "/users/1", `{"first_name":"X"}`, "Content-Type: application/json; charset=iso-8859-1", 415, "Unsupported media type", ""},
 		{"authenticate, bad email", "POST", "/users/authenticate", authBody("ann", "passw0rd-1"), "", 400, "Invalid data", "email"},
 		{"authenticate, body over 1 MiB", "POST", "/users/authenticate", big, "", 413, "Request body too large", ""},
 		{"authenticate, no Content-Type", "POST", "/users/authenticate", authBody("ann@example.com", "passw0rd-1"), "Content-Type:", 415, "Unsupported media type", ""},
@@ -521,11 +491,7 @@ func TestErrorAnswers(t *testing.T) {
 	}
 	for _, tt := range rows {
 		t.Run(tt.name, func(t *testing.T) {
-			var header []string
-			if tt.header != "" {
-				header = append(header, tt.header)
-			}
-			r := e.do(tt.method, tt.path, tt.body, header...)
+			r := e.do(tt.method, tt.path, tt.body, tt.header)
 			errs := mustError(t, r, tt.status, tt.detail).Errors
 			switch {
 			case tt.status == http.StatusMethodNotAllowed && r.header.Get("Allow") != tt.field:
@@ -607,9 +573,9 @@ func TestCreateUser(t *testing.T) {
 
 // TestLookAlikeAddresses registers a second spelling of each address. NFC
 // makes one account of canonically equal spellings, found by look-up and
-// sign-in either way; invisible characters are refused; what NFC leaves
-// apart (compatibility forms, other scripts) stays two accounts, as in
-// python-email-validator.
+// sign-in either way; what NFC leaves apart (compatibility forms, other
+// scripts) stays two accounts, as in python-email-validator. (TestRules
+// refuses invisible characters.)
 func TestLookAlikeAddresses(t *testing.T) {
 	t.Parallel()
 	e := newTestEnv(t)
@@ -619,30 +585,21 @@ func TestLookAlikeAddresses(t *testing.T) {
 		{"a@bücher.example", "a@bu\u0308cher.example", one}, {"한@c.example", "\u1112\u1161\u11ab@c.example", one},
 		{"ậ@d.example", "a\u0302\u0323@d.example", one}, {"kelvin@e.example", "\u212aelvin@e.example", one},
 		{"å@f.example", "\u212b@f.example", one}, {"zoë@g.example", " ZOË@G.example ", one},
-		{"ann@h.example", "ann\u200b@h.example", refused}, // as TestRules refuses every invisible character
 		{"ann@i.example", "ａｎｎ@i.example", two}, {"ann@j.example", "ann@ｊ.example", two},
 		{"ann@k.example", "аnn@k.example", two}, {"fi@l.example", "ﬁ@l.example", two}, {"a@m.example", "𝐚@m.example", two},
 		// Parts of 63 bytes that NFC makes 126: too long once normalized.
 		{"ann@n.example", strings.Repeat("\u0958", 21) + "@" + strings.Repeat("\u0958", 21) + ".example", refused},
 	}
 	for _, tt := range tests {
-		r := e.do("POST", "/users", userBody("Ann", "Lee", tt.first, "passw0rd-1"))
-		if r.status != http.StatusCreated && !strings.Contains(string(r.body), "already") {
-			t.Fatalf("%s, want 201", r)
-		}
+		e.createUser(t, "Ann", "Lee", tt.first, "passw0rd-1")
 		got := e.do("POST", "/users", userBody("Ann", "Lee", tt.second, "passw0rd-1"))
-		switch {
-		case got.status == http.StatusCreated:
-			t.Logf("%+q and %+q: two accounts", tt.first, tt.second)
-			if tt.want != two {
-				t.Errorf("%+q after %+q: %s, want %s", tt.second, tt.first, got, tt.want)
-			}
-		case tt.want == refused:
+		switch tt.want {
+		case two:
+			mustUser(t, got, http.StatusCreated)
+		case refused:
 			if e := mustError(t, got, http.StatusBadRequest, "Invalid data"); e.Errors["email"] == "" {
 				t.Errorf("%s: errors %v, want one for email", got.what, e.Errors)
 			}
-		case tt.want == two:
-			t.Errorf("%+q after %+q: %s, want %s", tt.second, tt.first, got, tt.want)
 		default:
 			mustError(t, got, http.StatusBadRequest, "Email already registered")
 			for _, email := range []string{tt.first, tt.second} {
@@ -735,8 +692,8 @@ func TestUpdateUser(t *testing.T) {
 	e.createUser(t, "Ann", "Again", "ann@example.com", "passw0rd-1")
 }
 
-// TestListUsers checks the whole list, streamed in batches, its pages and
-// the look-up by email.
+// TestListUsers checks the whole list, streamed in batches and cut on a
+// failure, its pages and the look-up by email.
 func TestListUsers(t *testing.T) {
 	t.Parallel()
 	e := newTestEnv(t)
@@ -819,37 +776,27 @@ func TestListUsers(t *testing.T) {
 	if page := mustList(t, e.do("GET", "/users/?limit=1&after_id=0", "")); len(page) != 1 || page[0] != all[0] {
 		t.Errorf("limit=1&after_id=0 gave %v, want the first user", page)
 	}
-}
 
-// TestListReadsWhatItNeeds puts a row that cannot be read in the table. A
-// whole list is read in batches: with the row in the second batch, the first
-// is sent with its 200, and the stream is then cut, never ended as a list
-// that looks whole. HEAD reads one row: with the row second, GET fails and
-// HEAD does not.
-func TestListReadsWhatItNeeds(t *testing.T) {
-	t.Parallel()
-	e := newTestEnv(t)
-	seedUsers(t, e.store, listBatchSize+2)
+	// A row that cannot be read, in the third batch: the first two are sent
+	// with the 200, and the stream is then cut, never ended as a list that
+	// looks whole. Second: GET fails, and HEAD, which reads one row, does not.
 	breakRow := func(id string) {
 		if _, err := e.store.db.Exec(`ALTER TABLE users ALTER COLUMN first_name DROP NOT NULL;
-			UPDATE users SET first_name = NULL WHERE id = ` + id); err != nil {
+			UPDATE users SET first_name = NULL WHERE id = (SELECT ` + id + ` FROM users)`); err != nil {
 			t.Fatal(err)
 		}
 	}
-	breakRow("(SELECT max(id) FROM users)")
+	breakRow("max(id)")
 	resp, err := noRedirects.Get(e.url + "/users/")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(resp.Body)
-	if resp.StatusCode != http.StatusOK || err == nil {
-		t.Fatalf("GET /users/ with a bad row in the second batch: %d, read error %v; want 200 and a cut stream", resp.StatusCode, err)
+	if n := bytes.Count(body, []byte(`"id":`)); resp.StatusCode != http.StatusOK || err == nil || n != 2*listBatchSize {
+		t.Fatalf("GET /users/ with a bad row in the third batch: %d, %d users, read error %v; want 200, the first two batches, a cut", resp.StatusCode, n, err)
 	}
-	if n := bytes.Count(body, []byte(`"id":`)); n != listBatchSize {
-		t.Errorf("GET /users/ sent %d users before the cut, want the first batch of %d", n, listBatchSize)
-	}
-	breakRow("(SELECT min(id) + 1 FROM users)")
+	breakRow("min(id) + 1")
 	mustError(t, e.do("GET", "/users/", ""), http.StatusInternalServerError, "Internal server error")
 	for _, path := range []string{"/users", "/users/", "/users/?after_id=0", "/users/?after_id=999999"} {
 		r := e.do("HEAD", path, "")
@@ -887,16 +834,13 @@ func TestWholeTableStreamsAreBounded(t *testing.T) {
 	waitUntil(t, "2 streams to hold a connection", func() bool { return st.db.Stats().InUse >= streams })
 
 	// One more is refused at once (a wait would last until the test's
-	// client gives up, a failure too).
-	for _, path := range []string{"/users/", "/users?after_id=1"} {
-		r := e.do("GET", path, "")
-		if mustError(t, r, http.StatusServiceUnavailable, "Service unavailable"); r.header.Get("Retry-After") == "" {
-			t.Errorf("%s: no Retry-After", r.what)
+	// client gives up, a failure too); HEAD answers what a GET would get.
+	for _, rq := range []string{"GET /users/", "GET /users?after_id=1", "HEAD /users/"} {
+		method, path, _ := strings.Cut(rq, " ")
+		if r := e.do(method, path, ""); r.status != http.StatusServiceUnavailable || r.header.Get("Retry-After") == "" ||
+			method == "GET" && !strings.Contains(string(r.body), `"Service unavailable"`) {
+			t.Errorf("%s with every stream slot taken, Retry-After %q; want 503 Service unavailable with Retry-After", r, r.header.Get("Retry-After"))
 		}
-	}
-	// HEAD answers what a GET would get now.
-	if r := e.do("HEAD", "/users/", ""); r.status != http.StatusServiceUnavailable || r.header.Get("Retry-After") == "" {
-		t.Errorf("%s with every stream slot taken, Retry-After %q; want 503 with Retry-After", r, r.header.Get("Retry-After"))
 	}
 	// Pages and single reads are not streams: they wait for the table too.
 	get("/users/?limit=10")
@@ -1152,19 +1096,12 @@ func TestPanicIsRecovered(t *testing.T) {
 		http.NewResponseController(w).Flush()
 		panic("failed mid-stream")
 	})
-	srv := newTestHTTPServer(t, s.wrap(mux))
-	e := &testEnv{t: t, url: srv}
-
+	e := &testEnv{t: t, url: newTestHTTPServer(t, s.wrap(mux))}
 	mustError(t, e.do("GET", "/panic", ""), http.StatusInternalServerError, "Internal server error")
 	// A panic after the answer started cannot change the status: the
-	// connection is cut so the client sees a broken response.
-	resp, err := noRedirects.Get(srv + "/half")
-	if err == nil {
-		_, err = io.ReadAll(resp.Body)
-		resp.Body.Close()
-	}
-	if err == nil {
-		t.Errorf("GET /half: the client got a complete response from a handler that panicked mid-stream")
+	// connection is cut, so the chunked body never ends.
+	if got := rawRequest(t, e, "GET /half HTTP/1.1\r\nHost: x\r\n\r\n", false); !bytes.HasSuffix(got, []byte(`[{"id":1},`+"\r\n")) {
+		t.Errorf("GET /half: %q, want a body cut after what the handler wrote before its panic", got)
 	}
 	for _, want := range []string{`msg=panic request_id=1 client=127.0.0.1 method=GET path=/panic pattern="GET /panic" panic="handler bug" stack=`, "users_test.go",
 		`pattern="GET /panic" status=500`, `panic="failed mid-stream"`, `pattern="GET /half" status=200 duration=`} {
