@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"flag"
@@ -41,21 +42,9 @@ type userJSON struct {
 	UpdatedAt string `json:"updated_at"`
 }
 
-// errorJSON is an error as the API sends it.
-type errorJSON struct {
-	Detail string            `json:"detail"`
-	Errors map[string]string `json:"errors"`
-}
-
-// userBody returns a create body; fields set to "" are left out.
+// userBody returns a create body.
 func userBody(first, last, email, password string) string {
-	m := map[string]string{}
-	for k, v := range map[string]string{"first_name": first, "last_name": last, "email": email, "password": password} {
-		if v != "" {
-			m[k] = v
-		}
-	}
-	b, _ := json.Marshal(m)
+	b, _ := json.Marshal(map[string]string{"first_name": first, "last_name": last, "email": email, "password": password})
 	return string(b)
 }
 
@@ -96,22 +85,14 @@ func mustList(t *testing.T, r response) []userJSON {
 
 // mustError checks that r is status with {"detail": detail}, and returns the
 // error body.
-func mustError(t *testing.T, r response, status int, detail string) errorJSON {
+func mustError(t *testing.T, r response, status int, detail string) errorBody {
 	t.Helper()
-	var e errorJSON
+	var e errorBody
 	mustJSON(t, r, status, &e)
 	if e.Detail != detail {
 		t.Fatalf("%s: detail = %q, want %q", r.what, e.Detail, detail)
 	}
 	return e
-}
-
-// mustInvalid checks that r is 400 Invalid data naming field among errors.
-func mustInvalid(t *testing.T, r response, field string) {
-	t.Helper()
-	if e := mustError(t, r, http.StatusBadRequest, "Invalid data"); e.Errors[field] == "" {
-		t.Fatalf("%s: errors = %v, want an entry for %q", r.what, e.Errors, field)
-	}
 }
 
 func (e *testEnv) createUser(t *testing.T, first, last, email, password string) userJSON {
@@ -122,8 +103,7 @@ func (e *testEnv) createUser(t *testing.T, first, last, email, password string) 
 // storedSecret reads the password hash and salt stored for a user.
 func (e *testEnv) storedSecret(t *testing.T, id int64) (hash, salt string) {
 	t.Helper()
-	err := e.store.db.QueryRow(`SELECT password, salt FROM users WHERE id = $1`, id).Scan(&hash, &salt)
-	if err != nil {
+	if err := e.store.db.QueryRow(`SELECT password, salt FROM users WHERE id = $1`, id).Scan(&hash, &salt); err != nil {
 		t.Fatalf("read stored password of user %d: %v", id, err)
 	}
 	return hash, salt
@@ -210,6 +190,7 @@ var goodEmails, badEmails = func() (good, bad []string) {
 		"a\u200b@example.com", "a\u202e@example.com", "a\x00@example.com", "a@exam\u00adple.com", // invisible or control
 		"a\ufeff@example.com", "a\u200d@example.com", "a\u2060@example.com", "a\U000e0041@example.com",
 		"a\u034f@example.com", "a\ufe0f@example.com", "a\U000e0100@example.com", "a\u3164@example.com", "a@ex\u115fample.com",
+		"a\u200c@example.com", "a\u200e@example.com", "a\u00a0@example.com", "a@ex\u180eample.com", "a@\u2800example.com",
 		"\u0308a@example.com", "a@\u0308example.com", // a mark with nothing to mark
 		"😀@example.com", "a\xff@example.com", "",
 	}
@@ -221,12 +202,7 @@ var goodEmails, badEmails = func() (good, bad []string) {
 func TestRules(t *testing.T) {
 	t.Parallel()
 	rule := func(ok func(string) bool) func(string) (string, string) {
-		return func(s string) (string, string) {
-			if ok(s) {
-				return s, ""
-			}
-			return s, "refused"
-		}
+		return func(s string) (string, string) { return s, map[bool]string{false: "refused"}[ok(s)] }
 	}
 	same := func(s string) string { return s }
 	for _, tt := range []struct {
@@ -362,23 +338,6 @@ func TestParseListQuery(t *testing.T) {
 	}
 }
 
-func TestCapProblems(t *testing.T) {
-	t.Parallel()
-	problems := map[string]string{"email": "required", strings.Repeat("\u0001<", 100): "unknown field"}
-	for i := range 2000 {
-		problems[fmt.Sprintf("unknown-%04d", i)] = "unknown field"
-	}
-	got := capProblems(problems)
-	if len(got) != maxErrorEntries || got["email"] == "" || got["unknown-0000"] == "" {
-		t.Errorf("capProblems(%d problems) = %d: %v; want %d, email and unknown-0000 among them", len(problems), len(got), got, maxErrorEntries)
-	}
-	for name := range got {
-		if len(name) > maxErrorName+len("…") {
-			t.Errorf("capProblems kept a name of %d bytes: %.80q", len(name), name)
-		}
-	}
-}
-
 // TestReadBody checks the decoding of both kinds of body: each is taken, or
 // refused with a 400 that names the field at fault.
 func TestReadBody(t *testing.T) {
@@ -395,7 +354,7 @@ func TestReadBody(t *testing.T) {
 			}
 			return nil
 		}
-		var e errorJSON
+		var e errorBody
 		if err := json.Unmarshal(rec.Body.Bytes(), &e); err != nil || rec.Code != http.StatusBadRequest || e.Detail != "Invalid data" || len(e.Errors) == 0 {
 			t.Fatalf("read %.80q: %d %s, want 400 Invalid data with errors", body, rec.Code, rec.Body)
 		}
@@ -405,6 +364,7 @@ func TestReadBody(t *testing.T) {
 	update := func(w http.ResponseWriter, r *http.Request) bool { _, ok := readUserInput(w, r, false); return ok }
 	var signIn credentials
 	authenticate := func(w http.ResponseWriter, r *http.Request) (ok bool) { signIn, ok = readCredentials(w, r); return ok }
+	readers := []func(http.ResponseWriter, *http.Request) bool{create, update, authenticate}
 	for _, tt := range []struct {
 		body, create, update, authenticate string // a field each refuses, "" if it takes the body
 	}{
@@ -416,38 +376,29 @@ func TestReadBody(t *testing.T) {
 		{ok + "{}", "body", "body", "body"},
 		{ok + "x", "body", "body", "body"},
 		{"[" + ok + "]", "body", "body", "body"},
-		{`"hello"`, "body", "body", "body"},
 		{"null", "body", "body", "body"},
 		{with("Bob", "B\xffb"), "body", "body", "body"},
 		{with("Bob", "Bob\xc0\x80"), "body", "body", "body"}, // overlong UTF-8 NUL
-		{`{"admin":true}`, "admin", "admin", "admin"},
 		{`{"First_Name":"Bob"}`, "First_Name", "First_Name", "First_Name"},
 		{`{"id":7}`, "id", "id", "id"},
 		{`{"first_name":1}`, "first_name", "first_name", "first_name"},
-		{`{"email":{"a":1}}`, "email", "email", "email"},
 		{`{"first_name":` + strings.Repeat("[", 5000) + strings.Repeat("]", 5000) + "}", "first_name", "first_name", "first_name"},
 		{`{"last_name":""}`, "last_name", "last_name", "last_name"},
 		{`{"first_name":"Bob\ud800"}`, "first_name", "first_name", "first_name"}, // an unpaired surrogate
 		{`{"password":"pass\u0000word"}`, "password", "password", "email"},
 		{`{"email":"bob","password":"x"}`, "email", "email", "email"},
-		{`{"email":"Bob <bob@example.com>"}`, "email", "email", "email"},
 		{`{"email":"bob@example.com","password":null}`, "password", "", "password"},
 		{`{"email":"bob@example.com","password":12345678}`, "password", "password", "password"},
 		{`{"email":"bob@example.com"}`, "password", "", "password"},
 		{`{"password":"x"}`, "password", "password", "email"},
 		{`{"email":"bob@example.com","password":"x","remember":true}`, "remember", "remember", "remember"},
-		{`{"email":"a@example.com","email":"bob@example.com"}`, "email", "email", "email"}, // a name given twice
+		{`{"email":"a@example.com","email":"bob@example.com"}`, "email", "email", "email"}, // encoding/json keeps the last, others the first
 		{`{"email":"bob@example.com","password":"x","pass\u0077ord":"y"}`, "password", "password", "password"},
 		{`{"last_name":"Lee","last_name":null}`, "last_name", "last_name", "last_name"},
-		{`{"x":1,"x":2}`, "x", "x", "x"},
 	} {
-		for _, r := range []struct {
-			name   string
-			reader func(http.ResponseWriter, *http.Request) bool
-			want   string
-		}{{"create", create, tt.create}, {"update", update, tt.update}, {"authenticate", authenticate, tt.authenticate}} {
-			if errs := read(r.reader, tt.body); (errs == nil) != (r.want == "") || r.want != "" && errs[r.want] == "" {
-				t.Errorf("%s: read %.80q: errors %v, want one for %q", r.name, tt.body, errs, r.want)
+		for i, want := range []string{tt.create, tt.update, tt.authenticate} {
+			if errs := read(readers[i], tt.body); (errs == nil) != (want == "") || want != "" && errs[want] == "" {
+				t.Errorf("reader %d of create, update, sign-in: read %.80q: errors %v, want one for %q", i, tt.body, errs, want)
 			}
 		}
 	}
@@ -456,20 +407,14 @@ func TestReadBody(t *testing.T) {
 	if read(authenticate, `{"email":"  ANN@example.COM ","password":""}`) != nil || signIn != (credentials{"ann@example.com", ""}) {
 		t.Errorf("credentials read as %+v, want the email trimmed and lower-cased, the empty password taken", signIn)
 	}
-	// encoding/json keeps the last of a repeated name, another parser the
-	// first: such a body is refused.
-	if errs := read(create, `{"email":"a@example.com","email":"bob@example.com"}`); errs["email"] != "given more than once" {
-		t.Errorf("a name given twice: errors %v, want email: given more than once", errs)
+	// At most maxErrorEntries problems, known fields' first, names cut.
+	many := `{"email":"bad","` + strings.Repeat(`\u0001<`, 100) + `":1`
+	for i := range 100 {
+		many += fmt.Sprintf(`,"unknown-%04d":1`, i)
 	}
-	// encoding/json keeps the last of a repeated name, another parser the
-	// first: such a body is refused.
-	if errs := read(create, `{"email":"a@example.com","email":"bob@example.com"}`); errs["email"] != "given more than once" {
-		t.Errorf("a name given twice: errors %v, want email: given more than once", errs)
-	}
-	rec := httptest.NewRecorder()
-	readUserInput(rec, httptest.NewRequest("POST", "/users/", strings.NewReader(ok+strings.Repeat(" ", maxBodyBytes-len(ok)+1))), true)
-	if rec.Code != http.StatusRequestEntityTooLarge || !strings.Contains(rec.Body.String(), `"Request body too large"`) {
-		t.Errorf("a body over 1 MiB: %d %s, want 413 Request body too large", rec.Code, rec.Body)
+	if errs := read(create, many+"}"); len(errs) != maxErrorEntries || errs["email"] == "" || errs["unknown-0000"] == "" ||
+		errs[strings.Repeat("\x01<", maxErrorName/2)+"…"] == "" {
+		t.Errorf("100 unknown fields: errors %q, want %d: email, unknown-0000 and the long name cut to %d bytes among them", errs, maxErrorEntries, maxErrorName)
 	}
 }
 
@@ -482,14 +427,8 @@ func TestErrorAnswers(t *testing.T) {
 	e := newTestEnv(t)
 	ann := e.createUser(t, "Ann", "Lee", "ann@example.com", "passw0rd-1")
 	bob := e.createUser(t, "Bob", "Ray", "bob@example.com", "passw0rd-2")
-	big := `{"first_name":"` + strings.Repeat("a", maxBodyBytes) + `"}`
+	big := `{"first_name":"` + strings.Repeat("a", maxBodyBytes-16) + `"}` // a byte past 1 MiB
 	newUser := userBody("Cy", "Day", "cy@example.com", "passw0rd-3")
-	var unknown strings.Builder
-	unknown.WriteString(`{"email":"not an address"`)
-	for i := 0; i < 2000; i++ {
-		fmt.Fprintf(&unknown, `,"unknown-%04d":1`, i)
-	}
-	unknown.WriteString("}")
 	type row struct {
 		name, method, path, body, header string
 		status                           int
@@ -498,38 +437,28 @@ func TestErrorAnswers(t *testing.T) {
 	}
 	rows := []row{
 		{"no route", "GET", "/nope", "", "", 404, "Not Found", ""},
-		{"the root", "GET", "/", "", "", 404, "Not Found", ""},
 		{"below a user", "GET", "/users/1/extra", "", "", 404, "Not Found", ""},
 		// The mux would redirect these to their clean form, which a client
 		// follows for a POST as a GET without its body, and in HTML.
-		{"double slash", "GET", "//users", "", "", 404, "Not Found", ""},
 		{"double slash, POST", "POST", "//users", newUser, "", 404, "Not Found", ""},
 		{"escaped slash", "GET", "/users/%2F?limit=1", "", "", 404, "Not Found", ""},
 		{"dot-dot segment, PUT", "PUT", "/users/../users/1", `{"first_name":"X"}`, "", 404, "Not Found", ""},
-		{"empty segment, DELETE", "DELETE", "/users//1", "", "", 404, "Not Found", ""},
 		{"PATCH a user", "PATCH", "/users/1", "", "", 405, "Method Not Allowed", "DELETE, GET, HEAD, PUT"},
-		{"POST a user", "POST", "/users/1", authBody("ann@example.com", "passw0rd-1"), "", 405, "Method Not Allowed", "DELETE, GET, HEAD, PUT"},
 		{"DELETE the collection", "DELETE", "/users/", "", "", 405, "Method Not Allowed", "GET, HEAD, POST"},
-		{"PUT the collection", "PUT", "/users", "", "", 405, "Method Not Allowed", "GET, HEAD, POST"},
 		{"POST healthz", "POST", "/healthz", "", "", 405, "Method Not Allowed", "GET, HEAD"},
 		{"id not a number", "GET", "/users/abc", "", "", 404, "User not found", ""},
 		{"id zero", "DELETE", "/users/0", "", "", 404, "User not found", ""},
 		{"id with a sign", "PUT", "/users/+1", `{"first_name":"X"}`, "", 404, "User not found", ""},
 		{"id past int64", "GET", "/users/9223372036854775808", "", "", 404, "User not found", ""},
 		{"the largest id, nobody's", "GET", "/users/9223372036854775807", "", "", 404, "User not found", ""},
-		{"GET nobody", "GET", "/users/3", "", "", 404, "User not found", ""},
 		{"PUT nobody", "PUT", "/users/3", `{"first_name":"X"}`, "", 404, "User not found", ""},
 		{"DELETE nobody", "DELETE", "/users/3", "", "", 404, "User not found", ""},
 		// Not /users/{id}'s methods: /users/authenticate is POST only.
 		{"GET authenticate", "GET", "/users/authenticate", "", "", 405, "Method Not Allowed", "POST"},
-		{"PUT authenticate", "PUT", "/users/authenticate", `{"first_name":"X"}`, "", 405, "Method Not Allowed", "POST"},
 		{"DELETE authenticate", "DELETE", "/users/authenticate", "", "", 405, "Method Not Allowed", "POST"},
-		{"PATCH authenticate", "PATCH", "/users/authenticate", "", "", 405, "Method Not Allowed", "POST"},
 		{"authenticate with a slash", "POST", "/users/authenticate/", authBody("ann@example.com", "passw0rd-1"), "", 404, "Not Found", ""},
 		{"update, bad body", "PUT", "/users/1", "{", "", 400, "Invalid data", "body"},
-		{"update, bad email", "PUT", "/users/1", `{"email":""}`, "", 400, "Invalid data", "email"},
 		{"update to a taken email", "PUT", "/users/1", `{"email":"BOB@example.com"}`, "", 400, "Email already registered", ""},
-		{"update to a common password", "PUT", "/users/1", `{"password":"PassWord1"}`, "", 400, "Invalid data", "password"},
 		{"update to the stored email as password", "PUT", "/users/1", `{"password":"ANN@example.com"}`, "", 400, "Invalid data", "password"},
 		{"update, stale If-Match", "PUT", "/users/1", `{"first_name":"X"}`, `If-Match: "2", "x"`, 412, "Precondition failed: the user has changed", ""},
 		{"update, weak If-Match", "PUT", "/users/1", `{"first_name":"X"}`, `If-Match: W/"1"`, 412, "Precondition failed: the user has changed", ""},
@@ -537,7 +466,6 @@ func TestErrorAnswers(t *testing.T) {
 		{"delete, stale If-Match", "DELETE", "/users/2", "", `If-Match: "7"`, 412, "Precondition failed: the user has changed", ""},
 		{"update, body over 1 MiB", "PUT", "/users/1", big, "", 413, "Request body too large", ""},
 		{"update, not JSON", "PUT", "/users/1", `{"first_name":"X"}`, "Content-Type: text/plain", 415, "Unsupported media type", ""},
-		{"update, another charset", "PUT", "/users/1", `{"first_name":"X"}`, "Content-Type: application/json; charset=iso-8859-1", 415, "Unsupported media type", ""},
 		{"authenticate, bad email", "POST", "/users/authenticate", authBody("ann", "passw0rd-1"), "", 400, "Invalid data", "email"},
 		{"authenticate, body over 1 MiB", "POST", "/users/authenticate", big, "", 413, "Request body too large", ""},
 		{"authenticate, no Content-Type", "POST", "/users/authenticate", authBody("ann@example.com", "passw0rd-1"), "Content-Type:", 415, "Unsupported media type", ""},
@@ -546,25 +474,16 @@ func TestErrorAnswers(t *testing.T) {
 	for _, path := range []string{"/users", "/users/"} {
 		rows = append(rows,
 			row{"create without a field on " + path, "POST", path, `{"first_name":"Bob"}`, "", 400, "Invalid data", "last_name"},
-			row{"create with a common password on " + path, "POST", path, userBody("Cy", "Day", "cy@example.com", "Iloveyou"), "", 400, "Invalid data", "password"},
-			row{"create with a name too long on " + path, "POST", path, userBody(strings.Repeat("x", 129), "Day", "cy@example.com", "passw0rd-3"), "", 400, "Invalid data", "first_name"},
-			row{"create with 2,000 unknown fields on " + path, "POST", path, unknown.String(), "", 400, "Invalid data", "email"},
 			row{"create with a taken email in another case on " + path, "POST", path, userBody("Ann", "Lee", "ANN@example.com", "passw0rd-1"), "", 400, "Email already registered", ""},
 			row{"create, body over 1 MiB, on " + path, "POST", path, big, "", 413, "Request body too large", ""},
 			row{"create, not JSON, on " + path, "POST", path, newUser, "Content-Type: text/plain", 415, "Unsupported media type", ""},
 			row{"list, bad limit, on " + path, "GET", path + "?limit=0", "", "", 400, "Invalid data", "limit"},
-			row{"list, bad query string, on " + path, "GET", path + "?limit=%zz", "", "", 400, "Invalid data", "query"},
-			row{"look-up, bad email, on " + path, "GET", path + "?email=not-an-email", "", "", 400, "Invalid data", "email"},
 			row{"look-up of nobody on " + path, "GET", path + "?email=nobody@example.com", "", "", 404, "No users found", ""},
 		)
 	}
 	for _, tt := range rows {
 		t.Run(tt.name, func(t *testing.T) {
-			var header []string
-			if tt.header != "" {
-				header = append(header, tt.header)
-			}
-			r := e.do(tt.method, tt.path, tt.body, header...)
+			r := e.do(tt.method, tt.path, tt.body, tt.header)
 			errs := mustError(t, r, tt.status, tt.detail).Errors
 			switch {
 			case tt.status == http.StatusMethodNotAllowed && r.header.Get("Allow") != tt.field:
@@ -573,12 +492,6 @@ func TestErrorAnswers(t *testing.T) {
 				t.Errorf("%s: errors = %v, want an entry for %q", r.what, errs, tt.field)
 			case tt.status != http.StatusBadRequest && errs != nil:
 				t.Errorf("%s: errors = %v on a %d", r.what, errs, tt.status)
-			}
-			if loc := r.header.Get("Location"); loc != "" {
-				t.Errorf("%s: Location = %q, want none", r.what, loc)
-			}
-			if len(r.body) > 8<<10 {
-				t.Errorf("%s: an error of %d bytes, want at most 8 KiB", r.what, len(r.body))
 			}
 		})
 	}
@@ -599,65 +512,51 @@ func TestErrorAnswers(t *testing.T) {
 func TestCreateUser(t *testing.T) {
 	t.Parallel()
 	e := newTestEnv(t)
-	before := time.Now()
-	r := e.do("POST", "/users/", `{"first_name":" Ann ","last_name":"Lee","email":" Ann.Lee@Example.COM ","password":"correct horse"}`)
-	u := mustUser(t, r, http.StatusCreated)
-	// Trimmed, lower-cased, the fields in this order, and nothing else.
-	if !regexp.MustCompile(`^\{"id":[1-9]\d*,"first_name":"Ann","last_name":"Lee","email":"ann.lee@example.com","created_at":"[^"]+","updated_at":"[^"]+"\}\n$`).Match(r.body) {
-		t.Errorf("%s: body %s, want the user trimmed, lower-cased, its fields in order", r.what, r.body)
-	}
-	if got, want := r.header.Get("Location"), fmt.Sprintf("/users/%d", u.ID); got != want {
-		t.Errorf("%s: Location = %q, want %q", r.what, got, want)
-	}
-	created, updated := parseTimestamp(t, u.CreatedAt), parseTimestamp(t, u.UpdatedAt)
-	if d := created.Sub(before); !created.Equal(updated) || d < -time.Minute || d > time.Minute {
-		t.Errorf("created_at %s, updated_at %s: want both now", u.CreatedAt, u.UpdatedAt)
-	}
-	if got := mustUser(t, e.do("GET", r.header.Get("Location"), ""), http.StatusOK); got != u {
-		t.Errorf("GET after create = %+v, want %+v", got, u)
-	}
-
 	// Values at the limits, and hostile ones, are stored as sent, trimmed
-	// (the email lower-cased); on both collection paths. The password is
-	// stored as a bcrypt hash at the configured cost, with a salt of its own
-	// even when another user has the same password.
-	salts := make(map[string]bool)
+	// (the email lower-cased), on both paths. The password is stored as a
+	// bcrypt hash at the configured cost, with a salt of its own even when
+	// another user has the same password.
 	email254 := strings.Repeat("a", 64) + "@" + strings.Repeat("b", 63) + "." + strings.Repeat("c", 63) + "." + strings.Repeat("d", 57) + ".com"
-	for _, tt := range []struct{ name, path, first, last, email, password string }{
-		{"on /users", "/users", "Bob", "Ray", "bob@example.com", "passw0rd-1"},
-		{"names of 128 characters", "/users/", strings.Repeat("é", 128), "  " + strings.Repeat("a", 128) + " ", "c@example.com", "passw0rd-1"},
-		{"an email of 254 bytes", "/users/", "Cy", "Day", email254, "passw0rd-1"},
-		{"a password of 72 bytes", "/users", "Di", "Eve", "d@example.com", strings.Repeat("€", 24)},
-		{"SQL and quotes", "/users/", `Robert'); DROP TABLE users;--`, `"Ann" \ 'Lee' \n`, `o'brien--@example.com`, `pass'word"--`},
-		{"other scripts", "/users/", "\u202eeciffo 👩‍💻", "Łukasz ابن O'Neil-Ñúñez", "Zoë@Bücher.example", "pässwörd 李"},
+	salts := make(map[string]bool)
+	before := time.Now()
+	for i, tt := range []struct{ path, first, last, email, password string }{
+		{"/users/", " Ann ", "Lee", " Ann.Lee@Example.COM ", "correct horse"},
+		{"/users", strings.Repeat("é", 128), "  " + strings.Repeat("a", 128) + " ", email254, strings.Repeat("€", 24)}, // 72 bytes
+		{"/users/", `Robert'); DROP TABLE users;--`, `"Ann" \ 'Lee' \n` + "\u202eeciffo 👩‍💻 Łukasz ابن", "O'Brien--@Bücher.example", strings.Repeat("€", 24)},
 	} {
-		t.Run(tt.name, func(t *testing.T) {
-			u := mustUser(t, e.do("POST", tt.path, userBody(tt.first, tt.last, tt.email, tt.password)), http.StatusCreated)
-			got := mustUser(t, e.do("GET", fmt.Sprintf("/users/%d", u.ID), ""), http.StatusOK)
-			if got.FirstName != strings.TrimSpace(tt.first) || got.LastName != strings.TrimSpace(tt.last) || got.Email != strings.ToLower(tt.email) {
-				t.Errorf("stored %+v, want the names and email sent", got)
-			}
-			hash, salt := e.storedSecret(t, u.ID)
-			if bcrypt.CompareHashAndPassword([]byte(hash), []byte(tt.password)) != nil ||
-				bcrypt.CompareHashAndPassword([]byte(hash), []byte("x"+tt.password)) == nil {
-				t.Errorf("the stored hash does not verify the password alone")
-			}
-			if cost, err := bcrypt.Cost([]byte(hash)); err != nil || cost != e.hasher.cost {
-				t.Errorf("stored hash cost = %d (%v), want %d", cost, err, e.hasher.cost)
-			}
-			if len(salt) != 29 || !strings.HasPrefix(hash, salt) || !strings.HasPrefix(salt, "$2a$") || salts[salt] {
-				t.Errorf("salt %q is not the 29-character prefix of hash %q, or another user's", salt, hash)
-			}
-			salts[salt] = true
-		})
+		r := e.do("POST", tt.path, userBody(tt.first, tt.last, tt.email, tt.password))
+		u := mustUser(t, r, http.StatusCreated)
+		// The fields in this order, and nothing else.
+		if i == 0 && !regexp.MustCompile(`^\{"id":[1-9]\d*,"first_name":"Ann","last_name":"Lee","email":"ann.lee@example.com","created_at":"[^"]+","updated_at":"[^"]+"\}\n$`).Match(r.body) {
+			t.Errorf("%s: body %s, want the user trimmed, lower-cased, its fields in order", r.what, r.body)
+		}
+		if got := mustUser(t, e.do("GET", r.header.Get("Location"), ""), http.StatusOK); got != u || r.header.Get("Location") != fmt.Sprintf("/users/%d", u.ID) ||
+			u.FirstName != strings.TrimSpace(tt.first) || u.LastName != strings.TrimSpace(tt.last) || u.Email != strings.ToLower(strings.TrimSpace(tt.email)) {
+			t.Errorf("%s: %+v at Location %q, then GET %+v; want the user sent, and the same", r.what, u, r.header.Get("Location"), got)
+		}
+		created, updated := parseTimestamp(t, u.CreatedAt), parseTimestamp(t, u.UpdatedAt)
+		if d := created.Sub(before); !created.Equal(updated) || d < -time.Minute || d > time.Minute {
+			t.Errorf("created_at %s, updated_at %s: want both now", u.CreatedAt, u.UpdatedAt)
+		}
+		hash, salt := e.storedSecret(t, u.ID)
+		if bcrypt.CompareHashAndPassword([]byte(hash), []byte(tt.password)) != nil || bcrypt.CompareHashAndPassword([]byte(hash), []byte("x"+tt.password)) == nil {
+			t.Errorf("POST %s: the stored hash does not verify the password alone", tt.path)
+		}
+		if cost, err := bcrypt.Cost([]byte(hash)); err != nil || cost != e.hasher.cost {
+			t.Errorf("POST %s: stored hash cost = %d (%v), want %d", tt.path, cost, err, e.hasher.cost)
+		}
+		if len(salt) != 29 || !strings.HasPrefix(hash, salt) || !strings.HasPrefix(salt, "$2a$") || salts[salt] {
+			t.Errorf("POST %s: salt %q is not the 29-character prefix of hash %q, or another user's", tt.path, salt, hash)
+		}
+		salts[salt] = true
 	}
 }
 
 // TestLookAlikeAddresses registers a second spelling of each address. NFC
 // makes one account of canonically equal spellings, found by look-up and
-// sign-in either way; invisible characters are refused; what NFC leaves
-// apart (compatibility forms, other scripts) stays two accounts, as in
-// python-email-validator.
+// sign-in either way; what NFC leaves apart (compatibility forms, other
+// scripts) stays two accounts, as in python-email-validator. (TestRules
+// refuses invisible characters.)
 func TestLookAlikeAddresses(t *testing.T) {
 	t.Parallel()
 	e := newTestEnv(t)
@@ -667,34 +566,21 @@ func TestLookAlikeAddresses(t *testing.T) {
 		{"a@bücher.example", "a@bu\u0308cher.example", one}, {"한@c.example", "\u1112\u1161\u11ab@c.example", one},
 		{"ậ@d.example", "a\u0302\u0323@d.example", one}, {"kelvin@e.example", "\u212aelvin@e.example", one},
 		{"å@f.example", "\u212b@f.example", one}, {"zoë@g.example", " ZOË@G.example ", one},
-		{"ann@h.example", "ann\u200b@h.example", refused}, {"ann@h.example", "an\ufeffn@h.example", refused},
-		{"ann@h.example", "an\u00adn@h.example", refused}, {"ann@h.example", "an\u200dn@h.example", refused},
-		{"ann@h.example", "an\u200cn@h.example", refused}, {"ann@h.example", "an\u2060n@h.example", refused},
-		{"ann@h.example", "ann\u200e@h.example", refused}, {"ann@h.example", "an\u034fn@h.example", refused},
-		{"ann@h.example", "an\ufe0fn@h.example", refused}, {"ann@h.example", "ann\u3164@h.example", refused},
-		{"ann@h.example", "ann\U000e0041@h.example", refused}, {"ann@h.example", "an\u00a0n@h.example", refused},
-		{"ann@h.example", "ann@h\u180e.example", refused}, {"ann@h.example", "ann@\u2800h.example", refused},
 		{"ann@i.example", "ａｎｎ@i.example", two}, {"ann@j.example", "ann@ｊ.example", two},
 		{"ann@k.example", "аnn@k.example", two}, {"fi@l.example", "ﬁ@l.example", two}, {"a@m.example", "𝐚@m.example", two},
 		// Parts of 63 bytes that NFC makes 126: too long once normalized.
 		{"ann@n.example", strings.Repeat("\u0958", 21) + "@" + strings.Repeat("\u0958", 21) + ".example", refused},
 	}
 	for _, tt := range tests {
-		r := e.do("POST", "/users", userBody("Ann", "Lee", tt.first, "passw0rd-1"))
-		if r.status != http.StatusCreated && !strings.Contains(string(r.body), "already") {
-			t.Fatalf("%s, want 201", r)
-		}
+		e.createUser(t, "Ann", "Lee", tt.first, "passw0rd-1")
 		got := e.do("POST", "/users", userBody("Ann", "Lee", tt.second, "passw0rd-1"))
-		switch {
-		case got.status == http.StatusCreated:
-			t.Logf("%+q and %+q: two accounts", tt.first, tt.second)
-			if tt.want != two {
-				t.Errorf("%+q after %+q: %s, want %s", tt.second, tt.first, got, tt.want)
+		switch tt.want {
+		case two:
+			mustUser(t, got, http.StatusCreated)
+		case refused:
+			if e := mustError(t, got, http.StatusBadRequest, "Invalid data"); e.Errors["email"] == "" {
+				t.Errorf("%s: errors %v, want one for email", got.what, e.Errors)
 			}
-		case tt.want == refused:
-			mustInvalid(t, got, "email")
-		case tt.want == two:
-			t.Errorf("%+q after %+q: %s, want %s", tt.second, tt.first, got, tt.want)
 		default:
 			mustError(t, got, http.StatusBadRequest, "Email already registered")
 			for _, email := range []string{tt.first, tt.second} {
@@ -708,158 +594,119 @@ func TestLookAlikeAddresses(t *testing.T) {
 	}
 }
 
+// TestUpdateUser follows a user from create to delete, with conditional
+// requests: each field changes alone, normalized; updated_at and the ETag
+// move only when something changed, created_at never.
 func TestUpdateUser(t *testing.T) {
 	t.Parallel()
 	e := newTestEnv(t)
-	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "passw0rd-1")
+	r := e.do("POST", "/users", userBody("Ann", "Lee", "ann@example.com", "passw0rd-1"))
+	u, path, tag := mustUser(t, r, http.StatusCreated), r.header.Get("Location"), r.header.Get("ETag")
 	other := e.createUser(t, "Bob", "Ray", "bob@example.com", "passw0rd-2")
-	path := fmt.Sprintf("/users/%d", u.ID)
 	hash0, salt0 := e.storedSecret(t, u.ID)
-
-	// Each field alone, leaving the others as they are; updated_at moves
-	// only when something changed, created_at never.
+	if tag != `"1"` {
+		t.Fatalf("%s: ETag %q, want \"1\"", r, tag)
+	}
 	prev := u
 	for _, step := range []struct {
-		body, first, last, email string
-		changes                  bool
+		method, body, header string
+		status               int
+		want                 string // the user's names and email after a 200
+		changes              bool
 	}{
-		{`{}`, "Ann", "Lee", "ann@example.com", false},
-		{`{"first_name":"Ann","email":"ANN@example.com","last_name":" Lee "}`, "Ann", "Lee", "ann@example.com", false},
-		{`{"first_name":"  Anna "}`, "Anna", "Lee", "ann@example.com", true},
-		{`{"last_name":"Smith"}`, "Anna", "Smith", "ann@example.com", true},
-		{`{"email":" Anna@Example.com"}`, "Anna", "Smith", "anna@example.com", true},
-		{`{"first_name":null,"last_name":null,"email":"ANNA@EXAMPLE.COM"}`, "Anna", "Smith", "anna@example.com", false},
-		{`{"password":"new password"}`, "Anna", "Smith", "anna@example.com", true},
-		{`{"last_name":"Smyth"}`, "Anna", "Smyth", "anna@example.com", true},
+		{"GET", "", "", 200, "Ann Lee ann@example.com", false},
+		{"GET", "", "If-None-Match: {tag}", 304, "", false},
+		{"GET", "", `If-None-Match: "9", W/{tag}`, 304, "", false},
+		{"GET", "", "If-None-Match: *", 304, "", false},
+		{"GET", "", `If-None-Match: "9"`, 200, "Ann Lee ann@example.com", false},
+		{"PUT", `{}`, "", 200, "Ann Lee ann@example.com", false},
+		{"PUT", `{"first_name":"Ann","email":"ANN@example.com","last_name":" Lee "}`, "", 200, "Ann Lee ann@example.com", false},
+		{"PUT", `{"first_name":"  Anna "}`, `If-Match: "9", {tag}`, 200, "Anna Lee ann@example.com", true},
+		{"PUT", `{"last_name":"Smith"}`, "If-Match: *", 200, "Anna Smith ann@example.com", true},
+		{"PUT", `{"email":" Anna@Example.com"}`, "", 200, "Anna Smith anna@example.com", true},
+		{"PUT", `{"first_name":null,"last_name":null,"email":"ANNA@EXAMPLE.COM"}`, "", 200, "Anna Smith anna@example.com", false},
+		{"PUT", `{"password":"new password"}`, "If-Match: {tag}", 200, "Anna Smith anna@example.com", true},
+		{"GET", "", "If-None-Match: {tag}", 304, "", false},
 	} {
-		got := mustUser(t, e.do("PUT", path, step.body), http.StatusOK)
-		want := userJSON{u.ID, step.first, step.last, step.email, u.CreatedAt, prev.UpdatedAt}
+		r := e.do(step.method, path, step.body, strings.ReplaceAll(step.header, "{tag}", tag))
+		if got := r.header.Get("ETag"); r.status != step.status || (got != tag) != step.changes ||
+			r.status == 304 && (len(r.body) > 0 || r.header.Get("Content-Type") != "") {
+			t.Fatalf("%s %s, ETag %q (was %q); want %d, a new ETag %v", r, step.header, got, tag, step.status, step.changes)
+		}
+		if tag = r.header.Get("ETag"); r.status != 200 {
+			continue
+		}
+		got := mustUser(t, r, http.StatusOK)
+		want := userJSON{u.ID, "", "", "", u.CreatedAt, prev.UpdatedAt}
+		fmt.Sscan(step.want, &want.FirstName, &want.LastName, &want.Email)
 		if step.changes {
 			if !parseTimestamp(t, got.UpdatedAt).After(parseTimestamp(t, prev.UpdatedAt)) {
-				t.Errorf("PUT %s: updated_at %s did not move past %s", step.body, got.UpdatedAt, prev.UpdatedAt)
+				t.Errorf("%s: updated_at %s did not move past %s", r.what, got.UpdatedAt, prev.UpdatedAt)
 			}
 			want.UpdatedAt = got.UpdatedAt
 		}
 		if got != want {
-			t.Fatalf("PUT %s %s = %+v, want %+v", path, step.body, got, want)
+			t.Fatalf("%s %s = %+v, want %+v", r.what, step.body, got, want)
 		}
 		if again := mustUser(t, e.do("GET", path, ""), http.StatusOK); again != got {
-			t.Errorf("GET after PUT %s = %+v, want %+v", step.body, again, got)
+			t.Errorf("GET after %s %s = %+v, want %+v", r.what, step.body, again, got)
 		}
 		prev = got
 	}
-
 	// A new password gets a new salt and hash; the old password stops working.
 	hash1, salt1 := e.storedSecret(t, u.ID)
-	if hash1 == hash0 || salt1 == salt0 {
-		t.Errorf("new password kept the old hash or salt")
-	}
-	if bcrypt.CompareHashAndPassword([]byte(hash1), []byte("new password")) != nil ||
+	if hash1 == hash0 || salt1 == salt0 || bcrypt.CompareHashAndPassword([]byte(hash1), []byte("new password")) != nil ||
 		bcrypt.CompareHashAndPassword([]byte(hash1), []byte("passw0rd-1")) == nil {
-		t.Errorf("stored hash does not match the new password alone")
+		t.Errorf("after a new password: hash %q, salt %q; want new ones that match the new password alone", hash1, salt1)
 	}
-	if got := mustUser(t, e.do("GET", fmt.Sprintf("/users/%d", other.ID), ""), http.StatusOK); got != other {
-		t.Errorf("the other user changed: %+v, want %+v", got, other)
-	}
-}
-
-// TestConditionalRequests follows a user from create to delete with
-// conditional requests.
-func TestConditionalRequests(t *testing.T) {
-	t.Parallel()
-	e := newTestEnv(t)
-	r := e.do("POST", "/users", userBody("Ann", "Lee", "ann@example.com", "passw0rd-1"))
-	path, tag := r.header.Get("Location"), r.header.Get("ETag")
-	keep := e.createUser(t, "Bob", "Ray", "bob@example.com", "passw0rd-2")
-	if mustUser(t, r, http.StatusCreated); tag != `"1"` {
-		t.Fatalf("%s: ETag %q, want \"1\"", r, tag)
-	}
-	// Each step: a request, its status, and whether the ETag then changes.
-	for _, step := range []struct {
-		method, body, header string
-		status               int
-		changes              bool
-	}{
-		{"GET", "", "", 200, false},
-		{"GET", "", "If-None-Match: " + tag, 304, false},
-		{"GET", "", `If-None-Match: "9", W/` + tag, 304, false},
-		{"GET", "", "If-None-Match: *", 304, false},
-		{"GET", "", `If-None-Match: "9"`, 200, false},
-		{"PUT", `{"first_name":"Anna"}`, `If-Match: "9", ` + tag, 200, true},
-		{"PUT", `{"first_name":"Anna"}`, "", 200, false}, // no change, no new version
-		{"PUT", `{"last_name":"Ray"}`, "If-Match: *", 200, true},
-		{"PUT", `{"password":"new password"}`, "If-Match: {tag}", 200, true},
-		{"PUT", `{"last_name":"Day"}`, "", 200, true},
-		{"GET", "", "If-None-Match: {tag}", 304, false},
-		{"DELETE", "", "If-Match: {tag}", 204, false},
-	} {
-		r := e.do(step.method, path, step.body, strings.ReplaceAll(step.header, "{tag}", tag))
-		got := r.header.Get("ETag")
-		if r.status != step.status || (r.status == 204) != (got == "") || (got != tag) != step.changes && r.status != 204 ||
-			r.status >= 204 && (len(r.body) > 0 || r.header.Get("Content-Type") != "") {
-			t.Fatalf("%s %s, ETag %q (was %q); want %d, a new ETag %v", r, step.header, got, tag, step.status, step.changes)
-		}
-		tag = got
+	r = e.do("DELETE", path, "", "If-Match: "+tag)
+	if r.status != http.StatusNoContent || len(r.body) > 0 || r.header.Get("Content-Type") != "" || r.header.Get("ETag") != "" {
+		t.Fatalf("%s, ETag %q; want 204 and nothing else", r, r.header.Get("ETag"))
 	}
 	// The user is gone, the other kept, and the address free again.
 	mustError(t, e.do("GET", path, ""), http.StatusNotFound, "User not found")
 	mustError(t, e.do("DELETE", path, ""), http.StatusNotFound, "User not found")
 	mustError(t, e.do("PUT", path, `{"first_name":"X"}`), http.StatusNotFound, "User not found")
-	mustUser(t, e.do("GET", fmt.Sprintf("/users/%d", keep.ID), ""), http.StatusOK)
+	if got := mustUser(t, e.do("GET", fmt.Sprintf("/users/%d", other.ID), ""), http.StatusOK); got != other {
+		t.Errorf("the other user changed: %+v, want %+v", got, other)
+	}
 	e.createUser(t, "Ann", "Again", "ann@example.com", "passw0rd-1")
 }
 
-func TestListStreamsEveryBatch(t *testing.T) {
-	t.Parallel()
-	for _, n := range []int{listBatchSize, 2*listBatchSize + 7} {
-		t.Run(fmt.Sprintf("%d users", n), func(t *testing.T) {
-			t.Parallel()
-			e := newTestEnv(t)
-			seedUsers(t, e.store, n)
-			r := e.do("GET", "/users/", "")
-			users := mustList(t, r)
-			if len(users) != n {
-				t.Fatalf("%s gave %d users, want %d", r.what, len(users), n)
-			}
-			if strings.Count(string(r.body), "\n") != 1 || !strings.HasSuffix(string(r.body), "}]\n") {
-				t.Errorf("%s: the streamed list is not one compact line like the pages", r.what)
-			}
-			for i := 1; i < len(users); i++ {
-				if users[i].ID <= users[i-1].ID {
-					t.Fatalf("users[%d].id = %d after %d: not ordered by id", i, users[i].ID, users[i-1].ID)
-				}
-			}
-			// From the middle of the first batch, across the others.
-			from := users[listBatchSize/2-1]
-			rest := mustList(t, e.do("GET", fmt.Sprintf("/users/?after_id=%d", from.ID), ""))
-			if !slices.Equal(rest, users[listBatchSize/2:]) {
-				t.Errorf("after_id=%d gave %d users, want the last %d", from.ID, len(rest), n-listBatchSize/2)
-			}
-		})
-	}
-}
-
+// TestListUsers checks the whole list, streamed in batches and cut on a
+// failure, its pages and the look-up by email.
 func TestListUsers(t *testing.T) {
 	t.Parallel()
 	e := newTestEnv(t)
-	for _, path := range []string{"/users", "/users/"} {
-		mustError(t, e.do("GET", path, ""), http.StatusNotFound, "No users found")
-		if r := e.do("HEAD", path, ""); r.status != http.StatusNotFound {
-			t.Errorf("%s on an empty table, want 404 as GET", r)
+	// On an empty table, the whole list is 404, a page [], HEAD as GET.
+	none, empty := "404 {\"detail\":\"No users found\"}\n", "200 []\n"
+	for path, want := range map[string]string{"/users": none, "/users/": none, "/users/?limit=10": empty, "/users/?after_id=0": empty} {
+		if r := e.do("GET", path, ""); fmt.Sprintf("%d %s", r.status, r.body) != want || e.do("HEAD", path, "").status != r.status {
+			t.Errorf("%s on an empty table, want %q, and HEAD the same status", r, want)
 		}
 	}
-	// With parameters, an empty table is an empty page, not an error.
-	for _, path := range []string{"/users/?limit=10", "/users/?after_id=0"} {
-		if page := mustList(t, e.do("GET", path, "")); len(page) != 0 {
-			t.Errorf("GET %s on an empty table = %v, want []", path, page)
-		}
-	}
-	seedUsers(t, e.store, 26)
+	const n = 2*listBatchSize + 7 // three batches, the last not full
+	seedUsers(t, e.store, n+1)
 	e.do("DELETE", "/users/3", "")
-	all := mustList(t, e.do("GET", "/users/", ""))
-	if r := e.do("GET", "/users", ""); len(all) != 25 || slices.ContainsFunc(all, func(u userJSON) bool { return u.ID == 3 }) ||
-		!slices.Equal(mustList(t, r), all) || r.header.Get("Link") != "" {
-		t.Errorf("%s, Link %q; want the 25 users left, as on /users/, and no Link", r, r.header.Get("Link"))
+	r := e.do("GET", "/users/", "")
+	all := mustList(t, r)
+	byID := func(a, b userJSON) int { return cmp.Compare(a.ID, b.ID) }
+	if len(all) != n || slices.ContainsFunc(all, func(u userJSON) bool { return u.ID == 3 }) || !slices.IsSortedFunc(all, byID) {
+		t.Fatalf("%s gave %d users, want the %d left, by id", r.what, len(all), n)
+	}
+	if strings.Count(string(r.body), "\n") != 1 || !strings.HasSuffix(string(r.body), "}]\n") || r.header.Get("Link") != "" {
+		t.Errorf("%s: the streamed list is not one compact line like the pages, without Link", r.what)
+	}
+	// The same on /users; from the middle of the first batch, across the
+	// others; and exactly one batch.
+	for path, want := range map[string][]userJSON{
+		"/users": all,
+		fmt.Sprintf("/users/?after_id=%d", all[listBatchSize/2-1].ID): all[listBatchSize/2:],
+		fmt.Sprintf("/users?after_id=%d", all[listBatchSize+6].ID):    all[listBatchSize+7:],
+	} {
+		if got := mustList(t, e.do("GET", path, "")); !slices.Equal(got, want) {
+			t.Errorf("GET %s gave %d users, want the last %d", path, len(got), len(want))
+		}
 	}
 	// A look-up by email finds its one user, whatever the case and spaces.
 	for _, q := range []string{"user5@example.com", "USER5@EXAMPLE.COM", "%20User5@Example.com%20", "user5%40example.com"} {
@@ -873,12 +720,12 @@ func TestListUsers(t *testing.T) {
 	// page only.
 	var got []userJSON
 	pages := 0
-	for path := "/users/?limit=10"; path != ""; pages++ {
+	for path := fmt.Sprintf("/users/?limit=%d", listBatchSize); path != ""; pages++ {
 		r := e.do("GET", path, "")
 		page := mustList(t, r)
 		got = append(got, page...)
 		m := regexp.MustCompile(`^<(/users/\?[^>]+)>; rel="next"$`).FindStringSubmatch(r.header.Get("Link"))
-		if (m != nil) != (len(page) == 10) {
+		if (m != nil) != (len(page) == listBatchSize) {
 			t.Fatalf("%s: Link = %q on a page of %d, want <...>; rel=\"next\" on a full one", r.what, r.header.Get("Link"), len(page))
 		}
 		if path = ""; m != nil {
@@ -890,13 +737,13 @@ func TestListUsers(t *testing.T) {
 	}
 	// A full last page still links to the empty page past the end, on the
 	// path asked.
-	r := e.do("GET", fmt.Sprintf("/users?limit=5&after_id=%d", all[19].ID), "")
+	r = e.do("GET", fmt.Sprintf("/users?limit=5&after_id=%d", all[n-6].ID), "")
 	if page := mustList(t, r); len(page) != 5 || !strings.HasPrefix(r.header.Get("Link"), "</users?") {
 		t.Errorf("%s: %d users, Link %q; want 5 and a Link on /users", r.what, len(page), r.header.Get("Link"))
 	}
 	for _, path := range []string{
-		fmt.Sprintf("/users/?limit=5&after_id=%d", all[24].ID),
-		fmt.Sprintf("/users/?after_id=%d", all[24].ID),
+		fmt.Sprintf("/users/?limit=5&after_id=%d", all[n-1].ID),
+		fmt.Sprintf("/users/?after_id=%d", all[n-1].ID),
 	} {
 		if r := e.do("GET", path, ""); string(r.body) != "[]\n" || r.status != http.StatusOK {
 			t.Errorf("%s past the end, want 200 []", r)
@@ -905,37 +752,27 @@ func TestListUsers(t *testing.T) {
 	if page := mustList(t, e.do("GET", "/users/?limit=1&after_id=0", "")); len(page) != 1 || page[0] != all[0] {
 		t.Errorf("limit=1&after_id=0 gave %v, want the first user", page)
 	}
-}
 
-// TestListReadsWhatItNeeds puts a row that cannot be read in the table. A
-// whole list is read in batches: with the row in the second batch, the first
-// is sent with its 200, and the stream is then cut, never ended as a list
-// that looks whole. HEAD reads one row: with the row second, GET fails and
-// HEAD does not.
-func TestListReadsWhatItNeeds(t *testing.T) {
-	t.Parallel()
-	e := newTestEnv(t)
-	seedUsers(t, e.store, listBatchSize+2)
+	// A row that cannot be read, in the third batch: the first two are sent
+	// with the 200, and the stream is then cut, never ended as a list that
+	// looks whole. Second: GET fails, and HEAD, which reads one row, does not.
 	breakRow := func(id string) {
 		if _, err := e.store.db.Exec(`ALTER TABLE users ALTER COLUMN first_name DROP NOT NULL;
-			UPDATE users SET first_name = NULL WHERE id = ` + id); err != nil {
+			UPDATE users SET first_name = NULL WHERE id = (SELECT ` + id + ` FROM users)`); err != nil {
 			t.Fatal(err)
 		}
 	}
-	breakRow("(SELECT max(id) FROM users)")
+	breakRow("max(id)")
 	resp, err := noRedirects.Get(e.url + "/users/")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(resp.Body)
-	if resp.StatusCode != http.StatusOK || err == nil {
-		t.Fatalf("GET /users/ with a bad row in the second batch: %d, read error %v; want 200 and a cut stream", resp.StatusCode, err)
+	if n := bytes.Count(body, []byte(`"id":`)); resp.StatusCode != http.StatusOK || err == nil || n != 2*listBatchSize {
+		t.Fatalf("GET /users/ with a bad row in the third batch: %d, %d users, read error %v; want 200, the first two batches, a cut", resp.StatusCode, n, err)
 	}
-	if n := bytes.Count(body, []byte(`"id":`)); n != listBatchSize {
-		t.Errorf("GET /users/ sent %d users before the cut, want the first batch of %d", n, listBatchSize)
-	}
-	breakRow("(SELECT min(id) + 1 FROM users)")
+	breakRow("min(id) + 1")
 	mustError(t, e.do("GET", "/users/", ""), http.StatusInternalServerError, "Internal server error")
 	for _, path := range []string{"/users", "/users/", "/users/?after_id=0", "/users/?after_id=999999"} {
 		r := e.do("HEAD", path, "")
@@ -949,11 +786,7 @@ func TestWholeTableStreamsAreBounded(t *testing.T) {
 	t.Parallel()
 	databaseURL, schema := newSchema(t)
 	// Queries wait for the lock below: a bound of a minute, not 5 s.
-	st, err := openStore(context.Background(), databaseURL, testPool, time.Minute)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
+	st := newStoreWith(t, databaseURL, testPool, time.Minute)
 	const streams = 2
 	e := newTestEnv(t, withStore(st), withOptions(serverOptions{maxStreams: streams, streamStall: streamStall}))
 	seedUsers(t, st, 3)
@@ -977,16 +810,13 @@ func TestWholeTableStreamsAreBounded(t *testing.T) {
 	waitUntil(t, "2 streams to hold a connection", func() bool { return st.db.Stats().InUse >= streams })
 
 	// One more is refused at once (a wait would last until the test's
-	// client gives up, a failure too).
-	for _, path := range []string{"/users/", "/users?after_id=1"} {
-		r := e.do("GET", path, "")
-		if mustError(t, r, http.StatusServiceUnavailable, "Service unavailable"); r.header.Get("Retry-After") == "" {
-			t.Errorf("%s: no Retry-After", r.what)
+	// client gives up, a failure too); HEAD answers what a GET would get.
+	for _, rq := range []string{"GET /users/", "GET /users?after_id=1", "HEAD /users/"} {
+		method, path, _ := strings.Cut(rq, " ")
+		if r := e.do(method, path, ""); r.status != http.StatusServiceUnavailable || r.header.Get("Retry-After") == "" ||
+			method == "GET" && !strings.Contains(string(r.body), `"Service unavailable"`) {
+			t.Errorf("%s with every stream slot taken, Retry-After %q; want 503 Service unavailable with Retry-After", r, r.header.Get("Retry-After"))
 		}
-	}
-	// HEAD answers what a GET would get now.
-	if r := e.do("HEAD", "/users/", ""); r.status != http.StatusServiceUnavailable || r.header.Get("Retry-After") == "" {
-		t.Errorf("%s with every stream slot taken, Retry-After %q; want 503 with Retry-After", r, r.header.Get("Retry-After"))
 	}
 	// Pages and single reads are not streams: they wait for the table too.
 	get("/users/?limit=10")
@@ -1127,9 +957,10 @@ func TestRequestID(t *testing.T) {
 }
 
 // TestLogLinesAreBounded sends what makes long log lines, on every path that
-// logs: the longest line must stay within 2 KiB. Among them, a create and an
-// update wait for a hashing slot until their client leaves (half-closes):
-// neither gets a success or does its work.
+// logs, each request half-closed: the longest line must stay within 2 KiB.
+// A create and an update wait for a hashing slot until their client leaves:
+// neither gets a success or does its work. A health check, half-closed as
+// some probes and proxies do, still gets the truth.
 func TestLogLinesAreBounded(t *testing.T) {
 	t.Parallel()
 	h := newHasher(bcrypt.MinCost, 1, time.Minute)
@@ -1138,7 +969,7 @@ func TestLogLinesAreBounded(t *testing.T) {
 	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "passw0rd-1")
 	h.slots <- struct{}{}
 	create, update := userBody("Bob", "Ray", "bob@example.com", "passw0rd-1"), `{"password":"passw0rd-2","first_name":"Changed"}`
-	for i, request := range []string{
+	requests := []string{
 		fmt.Sprintf("POST /users HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", len(create), create),
 		fmt.Sprintf("PUT %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", zeros, len(update), update),
 		"GET " + zeros + " HTTP/1.1\r\nHost: x\r\n\r\n",
@@ -1146,10 +977,14 @@ func TestLogLinesAreBounded(t *testing.T) {
 		"GET /users/?email=" + strings.Repeat("a", 60000) + " HTTP/1.1\r\nHost: x\r\n\r\n",
 		strings.Repeat("M", 60000) + " / HTTP/1.1\r\nHost: x\r\n\r\n",
 		"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Request-Id: " + strings.Repeat("\\\"", 30000) + "\r\n\r\n",
-		"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Request-Id: " + strings.Repeat("\\\"", 64) + "\r\n\r\n",
-	} {
-		if got := rawRequest(t, e, request, true); i < 2 && bytes.HasPrefix(got, []byte("HTTP/1.1 2")) {
-			t.Errorf("%.60q from a client that left: %q, want no success for work not done", request, got)
+	}
+	for range 20 { // a race, if any, between the half-close and the check
+		requests = append(requests, "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Request-Id: "+strings.Repeat("\\\"", 64)+"\r\n\r\n")
+	}
+	for i, request := range requests {
+		got := rawRequest(t, e, request, true)
+		if i < 2 && bytes.HasPrefix(got, []byte("HTTP/1.1 2")) || i >= 6 && !bytes.HasPrefix(got, []byte("HTTP/1.1 200 ")) {
+			t.Errorf("%.60q, half-closed: %q; want no success for work not done, 200 for a health check", request, got)
 		}
 	}
 	<-h.slots
@@ -1162,61 +997,21 @@ func TestLogLinesAreBounded(t *testing.T) {
 			longest = line
 		}
 	}
-	if !strings.Contains(e.logs.String(), "msg=\"request canceled\"") || len(longest) > 2048 {
-		t.Errorf("longest log line %d bytes, want at most 2048 and a canceled request logged:\n%s", len(longest), e.logs)
+	if logs := e.logs.String(); !strings.Contains(logs, "msg=\"request canceled\"") || strings.Contains(logs, "level=WARN") || len(longest) > 2048 {
+		t.Errorf("longest log line %d bytes, want at most 2048, a canceled request logged and no warning:\n%s", len(longest), logs)
 	}
 }
 
-// TestHealthIgnoresHalfClose sends GET /healthz and shuts the client's write
-// side, as some probes and proxies do: the answer is still the truth.
-func TestHealthIgnoresHalfClose(t *testing.T) {
-	t.Parallel()
-	e := newTestEnv(t)
-	for i := range 20 {
-		if got := rawRequest(t, e, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", true); !bytes.HasPrefix(got, []byte("HTTP/1.1 200 ")) {
-			t.Fatalf("try %d: GET /healthz, then a half-close: %q, want 200", i, got)
-		}
-	}
-	if logs := e.logs.String(); strings.Contains(logs, "level=WARN") {
-		t.Errorf("a half-closed health check logged a warning:\n%s", logs)
-	}
-}
-
-func TestAPIToken(t *testing.T) {
+// TestAccessGuards checks, on every route, the API token and, without one,
+// the refusal of a foreign Host. A 401, and the answer to a request whose
+// declared body the handler does not read, close the connection: net/http
+// would otherwise wait for the body, holding a MAX_CLIENTS place.
+func TestAccessGuards(t *testing.T) {
 	t.Parallel()
 	const token = "tok-3f9a"
-	e := newTestEnv(t, withToken(token))
-	requests := append(everyUsersRoute(1), struct{ method, path, body string }{
-		"POST", "/users/authenticate", authBody("ann@example.com", "passw0rd-1")})
-	for _, auth := range []string{"Authorization:", "Authorization: Bearer", "Authorization: Bearer wrong",
-		"Authorization: Bearer " + token + "x", "Authorization: Basic " + token, "Authorization: " + token,
-		"Authorization: Bearer  " + token} {
-		for _, rq := range requests {
-			r := e.do(rq.method, rq.path, rq.body, auth)
-			mustError(t, r, http.StatusUnauthorized, "Not authenticated")
-			if got := r.header.Get("WWW-Authenticate"); got != "Bearer" {
-				t.Errorf("%s with %q: WWW-Authenticate = %q, want Bearer", r.what, auth, got)
-			}
-		}
-	}
-	if n, failures := countUsers(t, e.store), countRows(t, e.store, "sign_in_failures"); n != 0 || failures != 0 {
-		t.Fatalf("without the token: %d users created, failures counted for %d addresses; want none", n, failures)
-	}
-	// The scheme is case-insensitive; the public routes need no token.
-	u := mustUser(t, e.do("POST", "/users/", userBody("Ann", "Lee", "ann@example.com", "passw0rd-1"), "Authorization: Bearer "+token), http.StatusCreated)
-	mustUser(t, e.do("GET", fmt.Sprintf("/users/%d", u.ID), "", "Authorization: bearer "+token), http.StatusOK)
-	mustUser(t, e.do("POST", "/users/authenticate", authBody("ann@example.com", "passw0rd-1"), "Authorization: Bearer "+token), http.StatusOK)
-	for _, path := range []string{"/healthz", "/openapi.json", "/docs"} {
-		if r := e.do("GET", path, ""); r.status != http.StatusOK {
-			t.Errorf("%s without a token, want 200", r)
-		}
-	}
-}
-
-func TestOnlyLoopbackHostsWithoutToken(t *testing.T) {
-	t.Parallel()
-	e := newTestEnv(t, withOptions(serverOptions{maxStreams: 1, streamStall: streamStall, loopbackHostsOnly: true}))
-	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "passw0rd-1")
+	e := newTestEnv(t, withToken(token), withServer(func(s *http.Server) { s.ReadTimeout = time.Hour }))
+	local := newTestEnv(t, withOptions(serverOptions{maxStreams: 1, streamStall: streamStall, loopbackHostsOnly: true}))
+	u := local.createUser(t, "Ann", "Lee", "ann@example.com", "passw0rd-1")
 	for _, rt := range (&server{}).routes() {
 		var body string
 		if rt.method == http.MethodPost || rt.method == http.MethodPut {
@@ -1224,15 +1019,43 @@ func TestOnlyLoopbackHostsWithoutToken(t *testing.T) {
 		}
 		path := strings.NewReplacer("{$}", "", "{id}", strconv.FormatInt(u.ID, 10)).Replace(rt.pattern)
 		for _, host := range []string{"evil.example:8000", "127.0.0.1.evil.example"} {
-			mustError(t, e.do(rt.method, path, body, "Host: "+host), http.StatusMisdirectedRequest, "Misdirected request")
+			mustError(t, local.do(rt.method, path, body, "Host: "+host), http.StatusMisdirectedRequest, "Misdirected request")
+		}
+		if rt.public {
+			if r := e.do(rt.method, path, ""); r.status != http.StatusOK {
+				t.Errorf("%s without a token, want 200", r)
+			}
+			continue
+		}
+		for _, auth := range []string{"Authorization:", "Authorization: Bearer", "Authorization: Bearer wrong",
+			"Authorization: Bearer " + token + "x", "Authorization: Basic " + token, "Authorization: " + token,
+			"Authorization: Bearer  " + token} {
+			r := e.do(rt.method, path, body, auth)
+			if mustError(t, r, http.StatusUnauthorized, "Not authenticated"); r.header.Get("WWW-Authenticate") != "Bearer" {
+				t.Errorf("%s with %q: WWW-Authenticate = %q, want Bearer", r.what, auth, r.header.Get("WWW-Authenticate"))
+			}
 		}
 	}
-	mustError(t, e.do("GET", "/nope", "", "Host: evil.example"), http.StatusMisdirectedRequest, "Misdirected request")
-	if n := countUsers(t, e.store); n != 1 {
-		t.Errorf("%d users stored through a foreign Host, want 1", n)
-	}
+	mustError(t, local.do("GET", "/nope", "", "Host: evil.example"), http.StatusMisdirectedRequest, "Misdirected request")
 	for _, host := range []string{"localhost:8000", "127.0.0.1", "[::1]:8000"} {
-		mustUser(t, e.do("GET", fmt.Sprintf("/users/%d", u.ID), "", "Host: "+host), http.StatusOK)
+		mustUser(t, local.do("GET", fmt.Sprintf("/users/%d", u.ID), "", "Host: "+host), http.StatusOK)
+	}
+	if n, m, failures := countUsers(t, e.store), countUsers(t, local.store), countRows(t, e.store, "sign_in_failures"); n != 0 || m != 1 || failures != 0 {
+		t.Fatalf("refused requests stored %d and %d users, counted failures for %d addresses; want 0, 1 and none", n, m, failures)
+	}
+	// The scheme is case-insensitive.
+	u = mustUser(t, e.do("POST", "/users/", userBody("Ann", "Lee", "ann@example.com", "passw0rd-1"), "Authorization: Bearer "+token), http.StatusCreated)
+	mustUser(t, e.do("GET", fmt.Sprintf("/users/%d", u.ID), "", "Authorization: bearer "+token), http.StatusOK)
+	mustUser(t, e.do("POST", "/users/authenticate", authBody("ann@example.com", "passw0rd-1"), "Authorization: Bearer "+token), http.StatusOK)
+	for request, status := range map[string]string{
+		"GET /users/ HTTP/1.1\r\nHost: localhost\r\n\r\n":                                                           "401",
+		"GET /healthz HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1\r\n\r\n":                                     "200",
+		"POST /users/ HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n": "401",
+	} {
+		if got := rawRequest(t, e, request, false); !bytes.HasPrefix(got, []byte("HTTP/1.1 "+status+" ")) ||
+			!bytes.Contains(got, []byte("\r\nConnection: close\r\n")) {
+			t.Errorf("%q: answer %q, want %s with Connection: close", request, got, status)
+		}
 	}
 }
 
@@ -1249,19 +1072,12 @@ func TestPanicIsRecovered(t *testing.T) {
 		http.NewResponseController(w).Flush()
 		panic("failed mid-stream")
 	})
-	srv := newTestHTTPServer(t, s.wrap(mux))
-	e := &testEnv{t: t, url: srv}
-
+	e := &testEnv{t: t, url: newTestHTTPServer(t, s.wrap(mux))}
 	mustError(t, e.do("GET", "/panic", ""), http.StatusInternalServerError, "Internal server error")
 	// A panic after the answer started cannot change the status: the
-	// connection is cut so the client sees a broken response.
-	resp, err := noRedirects.Get(srv + "/half")
-	if err == nil {
-		_, err = io.ReadAll(resp.Body)
-		resp.Body.Close()
-	}
-	if err == nil {
-		t.Errorf("GET /half: the client got a complete response from a handler that panicked mid-stream")
+	// connection is cut, so the chunked body never ends.
+	if got := rawRequest(t, e, "GET /half HTTP/1.1\r\nHost: x\r\n\r\n", false); !bytes.HasSuffix(got, []byte(`[{"id":1},`+"\r\n")) {
+		t.Errorf("GET /half: %q, want a body cut after what the handler wrote before its panic", got)
 	}
 	for _, want := range []string{`msg=panic request_id=1 client=127.0.0.1 method=GET path=/panic pattern="GET /panic" panic="handler bug" stack=`, "users_test.go",
 		`pattern="GET /panic" status=500`, `panic="failed mid-stream"`, `pattern="GET /half" status=200 duration=`} {
@@ -1295,37 +1111,13 @@ func rawRequest(t *testing.T, e *testEnv, request string, closeWrite bool) []byt
 	return got
 }
 
-// TestAnswersCloseTheConnection checks the answers after which the server
-// closes the connection at once: a 401, and the answer to a request that
-// declares a body the handler does not read (net/http would otherwise wait
-// for the body, up to the ReadTimeout, holding a MAX_CLIENTS place for a
-// client that never sends it).
-func TestAnswersCloseTheConnection(t *testing.T) {
-	t.Parallel()
-	e := newTestEnv(t, withToken("s3cret"), withServer(func(s *http.Server) { s.ReadTimeout = time.Hour }))
-	for request, status := range map[string]string{
-		"GET /users/ HTTP/1.1\r\nHost: localhost\r\n\r\n":                                                           "401",
-		"GET /healthz HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1\r\n\r\n":                                     "200",
-		"POST /users/ HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n": "401",
-	} {
-		if got := rawRequest(t, e, request, false); !bytes.HasPrefix(got, []byte("HTTP/1.1 "+status+" ")) ||
-			!bytes.Contains(got, []byte("\r\nConnection: close\r\n")) {
-			t.Errorf("%q: answer %q, want %s with Connection: close", request, got, status)
-		}
-	}
-}
-
 // TestSlowBodyHoldsNoDatabaseConnection checks that a request takes a
 // database connection only once its body is in: a client that sends its
 // body slowly, or never in full, holds none.
 func TestSlowBodyHoldsNoDatabaseConnection(t *testing.T) {
 	t.Parallel()
 	databaseURL, _ := newSchema(t)
-	st, err := openStore(context.Background(), databaseURL, poolConfig{maxOpen: 1, maxIdle: 1, maxIdleTime: time.Minute}, 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
+	st := newStoreWith(t, databaseURL, poolConfig{maxOpen: 1, maxIdle: 1, maxIdleTime: time.Minute}, 5*time.Second)
 	e := newTestEnv(t, withStore(st))
 	body := userBody("Ann", "Lee", "ann@example.com", "passw0rd-1")
 	head := fmt.Sprintf("POST /users/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n", len(body))
@@ -1352,68 +1144,24 @@ func TestSlowBodyHoldsNoDatabaseConnection(t *testing.T) {
 	}
 }
 
-// Failures on the server's side.
+// Failures and secrets.
 
-// TestHashingBusyAnswers503 checks what waits for a hashing slot: past its
-// client's share it gets 429 at once, past every slot 503 after the wait,
-// and neither hashes nor counts a failure.
-func TestHashingBusyAnswers503(t *testing.T) {
+// TestHashingShares checks what waits for a hashing slot: past its client's
+// share (half the slots, rounded up) it gets 429 at once, the other slots
+// staying free for other clients; past every slot, 503 after the wait.
+// Neither hashes nor counts a failure.
+func TestHashingShares(t *testing.T) {
 	t.Parallel()
-	clock := newTestClock()
-	h, active, _, release := gatedHasher(1, 50*time.Millisecond)
-	e := newTestEnv(t, withStore(newClockedStore(t, clock)), withHasher(h))
-	other := e.from("127.0.0.2")
+	h, active, _, release := gatedHasher(3, 50*time.Millisecond) // a share of 2
+	e := newTestEnv(t, withStore(newClockedStore(t, newTestClock())), withHasher(h))
+	other, third := e.from("127.0.0.2"), e.from("127.0.0.3")
 	// Registered after the server, so that it runs before the server's
-	// close, which waits for the request the gate holds.
+	// close, which waits for the requests the gate holds.
 	letGo := sync.OnceFunc(func() { close(release) })
 	t.Cleanup(letGo)
-	for i := 0; i < 5; i++ {
-		countAuthFailure(t, e.store, "bob@example.com", "127.0.0.2")
+	for range 5 {
+		countAuthFailure(t, e.store, "bob@example.com", "127.0.0.3")
 	}
-	first := make(chan response, 1)
-	go func() { first <- e.do("POST", "/users/", userBody("Ann", "Lee", "ann@example.com", "passw0rd-1")) }()
-	waitUntil(t, "a hash to start", func() bool { return active.Load() == 1 })
-
-	// 127.0.0.1 holds the one hashing slot, its share (half, rounded up).
-	for _, rq := range []struct{ method, path, body string }{
-		{"POST", "/users/", userBody("Bob", "Ray", "bob@example.com", "passw0rd-1")},
-		{"POST", "/users", userBody("Bob", "Ray", "bob@example.com", "passw0rd-1")},
-		{"PUT", "/users/1", `{"password":"passw0rd-2"}`},
-		{"POST", "/users/authenticate", authBody("carol@example.com", "passw0rd-1")},
-	} {
-		r := e.do(rq.method, rq.path, rq.body)
-		mustError(t, r, http.StatusTooManyRequests, "Too many requests")
-		if r.header.Get("Retry-After") != "1" {
-			t.Errorf("%s: Retry-After %q, want 1", r.what, r.header.Get("Retry-After"))
-		}
-		r = other.do(rq.method, rq.path, rq.body)
-		mustError(t, r, http.StatusServiceUnavailable, "Service unavailable")
-		if r.header.Get("Retry-After") == "" {
-			t.Errorf("%s: no Retry-After", r.what)
-		}
-	}
-	if n := countRows(t, e.store, "sign_in_failures"); n != 5 {
-		t.Errorf("%d failures counted, want bob's 5 alone: a 429 or 503 counts nothing", n)
-	}
-	// What needs no hashing is served meanwhile, an early attempt too.
-	mustError(t, other.do("GET", "/users/", ""), http.StatusNotFound, "No users found")
-	mustThrottled(t, other.authenticate("bob@example.com", "passw0rd-1"), 1)
-	letGo()
-	mustUser(t, <-first, http.StatusCreated)
-	mustUser(t, e.authenticate("ann@example.com", "passw0rd-1"), http.StatusOK)
-	if n := countUsers(t, e.store); n != 1 {
-		t.Errorf("%d users stored, want only the first", n)
-	}
-}
-
-// TestHashingShareLeavesTheRest checks that a client holding its share of
-// the hashing slots leaves the others to other clients.
-func TestHashingShareLeavesTheRest(t *testing.T) {
-	t.Parallel()
-	h, active, _, release := gatedHasher(3, time.Minute) // a share of 2
-	e := newTestEnv(t, withHasher(h))
-	letGo := sync.OnceFunc(func() { close(release) })
-	t.Cleanup(letGo)
 	results := make(chan response, 3)
 	create := func(e *testEnv, email string) {
 		results <- e.do("POST", "/users/", userBody("Ann", "Lee", email, "passw0rd-1"))
@@ -1421,16 +1169,37 @@ func TestHashingShareLeavesTheRest(t *testing.T) {
 	go create(e, "a1@example.com")
 	go create(e, "a2@example.com")
 	waitUntil(t, "two hashes to start", func() bool { return active.Load() == 2 })
-	mustError(t, e.authenticate("a1@example.com", "passw0rd-1"), http.StatusTooManyRequests, "Too many requests")
-	go create(e.from("127.0.0.2"), "b@example.com")
+	go create(other, "b@example.com")
 	waitUntil(t, "another client's hash to start", func() bool { return active.Load() == 3 })
+	for _, rq := range []struct{ method, path, body string }{
+		{"POST", "/users/", userBody("Bob", "Ray", "bob@example.com", "passw0rd-1")},
+		{"POST", "/users", userBody("Bob", "Ray", "bob@example.com", "passw0rd-1")},
+		{"PUT", "/users/1", `{"password":"passw0rd-2"}`},
+		{"POST", "/users/authenticate", authBody("carol@example.com", "passw0rd-1")},
+	} {
+		r := e.do(rq.method, rq.path, rq.body)
+		if mustError(t, r, http.StatusTooManyRequests, "Too many requests"); r.header.Get("Retry-After") != "1" {
+			t.Errorf("%s: Retry-After %q, want 1", r.what, r.header.Get("Retry-After"))
+		}
+		r = third.do(rq.method, rq.path, rq.body)
+		if mustError(t, r, http.StatusServiceUnavailable, "Service unavailable"); r.header.Get("Retry-After") == "" {
+			t.Errorf("%s: no Retry-After", r.what)
+		}
+	}
+	if n := countRows(t, e.store, "sign_in_failures"); n != 5 {
+		t.Errorf("%d failures counted, want bob's 5 alone: a 429 or 503 counts nothing", n)
+	}
+	// What needs no hashing is served meanwhile, an early attempt too.
+	mustError(t, third.do("GET", "/users/", ""), http.StatusNotFound, "No users found")
+	mustThrottled(t, third.authenticate("bob@example.com", "passw0rd-1"), 1)
 	letGo()
 	for range 3 {
 		mustUser(t, <-results, http.StatusCreated)
 	}
+	if n := countUsers(t, e.store); n != 3 {
+		t.Errorf("%d users stored, want the first 3 alone", n)
+	}
 }
-
-// Failures and secrets.
 
 // TestNoSecrets checks that no password, hash or salt is in an answer or in
 // the log, whatever the request and however it fails; and that a fault on
@@ -1484,60 +1253,46 @@ func TestNoSecrets(t *testing.T) {
 	if !regexp.MustCompile(`level=ERROR msg="internal error" request_id=\S+ client=127.0.0.1 method=PUT path=/users/\d+ err=.*(given_name|first_name)`).MatchString(logs) {
 		t.Errorf("the log does not hold the cause with its request:\n%s", logs)
 	}
-	secrets := []string{password, newPassword, "Secret", hash1, salt1, hash2, salt2, salt1[7:], salt2[7:]}
-	for _, secret := range secrets {
-		if strings.Contains(logs, secret) {
-			t.Errorf("the log contains the secret %q:\n%s", secret, logs)
-		}
-	}
-	for _, r := range append(responses, failed...) {
-		for _, secret := range append(secrets, `"password"`, `"salt"`) {
+	for _, r := range append(responses, append(failed, response{what: "the log", body: []byte(logs)})...) {
+		for _, secret := range []string{password, newPassword, "Secret", hash1, salt1, hash2, salt2, salt1[7:], salt2[7:], `"password"`, `"salt"`} {
 			if strings.Contains(string(r.body), secret) || strings.Contains(fmt.Sprint(r.header), secret) {
-				t.Errorf("%s: the answer contains %q", r, secret)
+				t.Errorf("%s: it contains %q", r, secret)
 			}
 		}
 	}
 }
 
-// openapi.json, written by hand, is kept true to the code: its operations
-// are the route table; every status a test gets through testEnv.do is
-// documented for its route; and after a full passing run, TestMain fails if
-// it documents a status that no test produced.
+// openapi.json, written by hand, is kept true to the code: every answer a
+// test gets through testEnv.do must be documented for its route, and after
+// a full passing run TestMain fails if openapi.json documents an answer, or
+// an operation, that no test produced.
 
-// specResponses returns the documented responses of every operation in
-// openapi.json, keyed by "METHOD routeKey(path)" and then by status.
+// specResponses maps "METHOD routeKey(path)" of each operation in
+// openapi.json to its responses, by status.
 var specResponses = sync.OnceValue(func() map[string]map[string]any {
 	var spec struct {
-		Paths map[string]map[string]json.RawMessage
+		Paths map[string]map[string]struct{ Responses map[string]any }
 	}
-	json.Unmarshal(openAPI, &spec) // TestOpenAPIDescribesEveryRoute reports an error
+	json.Unmarshal(openAPI, &spec) // if it fails, every answer is undocumented
 	ops := make(map[string]map[string]any)
 	for path, item := range spec.Paths {
-		for method, raw := range item {
-			var op struct{ Responses map[string]any }
-			if json.Unmarshal(raw, &op) == nil { // not an operation if not an object
-
-				ops[strings.ToUpper(method)+" "+routeKey(path)] = op.Responses
-			}
+		for method, op := range item {
+			ops[strings.ToUpper(method)+" "+routeKey(path)] = op.Responses
 		}
 	}
 	return ops
 })
 
-// routeKey turns a mux pattern's path or an OpenAPI path into one form:
+// routeKey gives a mux pattern's path and an OpenAPI path one form:
 // "/users/{$}" is "/users/", and every wildcard or parameter is "{}".
 func routeKey(path string) string {
 	return regexp.MustCompile(`\{[^}/]*\}`).ReplaceAllString(strings.TrimSuffix(path, "{$}"), "{}")
 }
 
-// answered holds every answer the tests got through testEnv.do, as
-// "METHOD pattern status" with the route as routes() registers it.
-var answered = struct {
-	sync.Mutex
-	set map[string]bool
-}{set: make(map[string]bool)}
+// answered holds "METHOD routeKey status" of every answer checkAnswer saw.
+var answered sync.Map
 
-// routeMux matches a request to its pattern in routes(), as the server does.
+// routeMux finds a request's pattern in routes(), as the server does.
 var routeMux = sync.OnceValue(func() *http.ServeMux {
 	mux := http.NewServeMux()
 	for _, rt := range (&server{}).routes() {
@@ -1547,8 +1302,7 @@ var routeMux = sync.OnceValue(func() *http.ServeMux {
 })
 
 // checkAnswer records which route answered req and with what status, and
-// fails the test if openapi.json does not describe that answer. testEnv.do
-// calls it for every request.
+// fails the test if openapi.json does not document that answer.
 func (e *testEnv) checkAnswer(req *http.Request, r response) {
 	e.t.Helper()
 	_, pattern := routeMux().Handler(req)
@@ -1557,11 +1311,10 @@ func (e *testEnv) checkAnswer(req *http.Request, r response) {
 		return // HEAD, served by GET and not described; or no route's answer
 	}
 	method, path, _ := strings.Cut(pattern, " ")
-	answered.Lock()
-	answered.set[fmt.Sprintf("%s %d", pattern, r.status)] = true
-	answered.Unlock()
-	if specResponses()[method+" "+routeKey(path)][strconv.Itoa(r.status)] == nil {
-		e.t.Errorf("%s: openapi.json documents no %d for %s; answer: %.300s", r.what, r.status, pattern, r.body)
+	key, status := method+" "+routeKey(path), strconv.Itoa(r.status)
+	answered.Store(key+" "+status, true)
+	if specResponses()[key][status] == nil {
+		e.t.Errorf("%s: openapi.json documents no %s for %s; answer: %.300s", r.what, status, pattern, r.body)
 	}
 }
 
@@ -1575,59 +1328,23 @@ func fullRun() bool {
 	return true
 }
 
-// checkAnswersDocumented compares the answers the tests got with those
-// openapi.json documents, both ways, writes each difference to w, and
-// returns false if there is any. TestMain calls it after a full run passed.
+// checkAnswersDocumented writes to w each answer openapi.json documents that
+// no test produced, and returns whether there was none. TestMain calls it
+// after a full run passed.
 func checkAnswersDocumented(w io.Writer) bool {
-	documented := make(map[string]bool)
-	for _, rt := range (&server{}).routes() {
-		for code := range specResponses()[rt.method+" "+routeKey(rt.pattern)] {
-			if _, err := strconv.Atoi(code); err != nil {
-				fmt.Fprintf(w, "openapi.json: %s %s: response %q: only exact statuses can be checked\n", rt.method, rt.pattern, code)
-				return false
-			}
-			documented[rt.method+" "+rt.pattern+" "+code] = true
-		}
-	}
-	answered.Lock()
-	defer answered.Unlock()
-	ok := true
-	report := func(from, in map[string]bool, heading string) {
-		var missing []string
-		for a := range from {
-			if !in[a] {
-				missing = append(missing, a)
+	var missing []string
+	for op, responses := range specResponses() {
+		for status := range responses {
+			if _, ok := answered.Load(op + " " + status); !ok {
+				missing = append(missing, op+" "+status)
 			}
 		}
-		if len(missing) > 0 {
-			sort.Strings(missing)
-			fmt.Fprintf(w, "FAIL: %s:\n\t%s\n", heading, strings.Join(missing, "\n\t"))
-			ok = false
-		}
 	}
-	report(documented, answered.set, "openapi.json documents answers that no test produced; add a test that produces each, or take it out of openapi.json if the code cannot answer it")
-	report(answered.set, documented, "tests got answers that openapi.json does not document; add each to openapi.json")
-	return ok
-}
-
-func TestOpenAPIDescribesEveryRoute(t *testing.T) {
-	t.Parallel()
-	if err := json.Unmarshal(openAPI, new(map[string]any)); err != nil {
-		t.Fatalf("openapi.json: %v", err)
+	sort.Strings(missing)
+	for _, m := range missing {
+		fmt.Fprintf(w, "FAIL: openapi.json documents %s, which no test produced: add a test, or take it out if the code cannot answer it\n", m)
 	}
-	served := make(map[string]bool)
-	for _, rt := range (&server{}).routes() {
-		key := rt.method + " " + routeKey(rt.pattern)
-		served[key] = true
-		if _, ok := specResponses()[key]; !ok {
-			t.Errorf("route %s %s is not in openapi.json", rt.method, rt.pattern)
-		}
-	}
-	for key := range specResponses() {
-		if !served[key] {
-			t.Errorf("openapi.json describes %s, which no route in routes() serves", key)
-		}
-	}
+	return len(missing) == 0
 }
 
 func TestOpenAPIAndDocsAreServed(t *testing.T) {
@@ -1667,24 +1384,20 @@ func TestOpenAPIAndDocsAreServed(t *testing.T) {
 // value), and the pattern refuses what a regular expression can tell.
 func TestOpenAPIPatternsFollowTheRules(t *testing.T) {
 	t.Parallel()
-	// pattern is the pattern at path in openapi.json; "" (any string) if
-	// there is none, which the refusals below catch.
+	// pattern is the pattern at components.path in openapi.json; "" (any
+	// string) if there is none, which the refusals below catch.
 	pattern := func(path string) *regexp.Regexp {
 		var node any
 		json.Unmarshal(openAPI, &node)
-		for _, name := range strings.Split(path, ".") {
+		for _, name := range strings.Split("components."+path+".pattern", ".") {
 			m, _ := node.(map[string]any)
 			node = m[name]
 		}
 		p, _ := node.(string)
 		return regexp.MustCompile(p)
 	}
-	stored := pattern("components.schemas.User.properties.email.pattern")
-	emails := []*regexp.Regexp{
-		pattern("components.schemas.UserCreate.properties.email.pattern"),
-		pattern("components.schemas.UserUpdate.properties.email.pattern"),
-		pattern("components.parameters.Email.schema.pattern"),
-	}
+	stored := pattern("schemas.User.properties.email")
+	emails := []*regexp.Regexp{pattern("schemas.UserCreate.properties.email"), pattern("schemas.UserUpdate.properties.email"), pattern("parameters.Email.schema")}
 	for _, email := range goodEmails {
 		raw := " \t" + email + "\n "
 		if got, _ := cleanEmail(raw); !stored.MatchString(got) {
@@ -1709,7 +1422,7 @@ func TestOpenAPIPatternsFollowTheRules(t *testing.T) {
 	}
 	for _, schema := range []string{"UserCreate", "UserUpdate"} {
 		for _, field := range []string{"first_name", "last_name"} {
-			re := pattern("components.schemas." + schema + ".properties." + field + ".pattern")
+			re := pattern("schemas." + schema + ".properties." + field)
 			for _, name := range goodNames {
 				if !re.MatchString(name) {
 					t.Errorf("%s.%s: pattern refuses %.40q, which the service accepts", schema, field, name)
