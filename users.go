@@ -242,76 +242,46 @@ func (s *server) deleteUser(w http.ResponseWriter, r *http.Request) {
 	w.WriteHeader(http.StatusNoContent)
 }
 
-// listUsers answers a look-up by ?email=, one page if ?limit= is given,
-// and otherwise every user (after ?after_id=, if given).
+// listUsers answers a look-up by ?email= (a list of one user, or 404), one
+// page if ?limit= is given (with a Link to the next if it is full), and
+// otherwise every user (after ?after_id=, if given).
 func (s *server) listUsers(w http.ResponseWriter, r *http.Request) {
 	q, problems := parseListQuery(r.URL.RawQuery)
+	var page []user
+	var err error
 	switch {
 	case len(problems) > 0:
 		writeInvalid(w, problems)
+		return
 	case q.email != "":
-		s.userByEmail(w, r, q.email)
+		if !s.nfc(w, r, &q.email) {
+			return
+		}
+		var u user
+		u, err = s.store.UserByEmail(r.Context(), q.email)
+		page = []user{u}
 	case q.limit > 0:
-		s.usersPage(w, r, q)
-	case r.Method == http.MethodHead:
-		s.headUsers(w, r, q)
+		page, err = s.store.Users(r.Context(), q.afterID, q.limit)
 	default:
 		s.allUsers(w, r, q)
-	}
-}
-
-// userByEmail answers a look-up by email: a list of one user, or 404.
-func (s *server) userByEmail(w http.ResponseWriter, r *http.Request, email string) {
-	if !s.nfc(w, r, &email) {
 		return
 	}
-	u, err := s.store.UserByEmail(r.Context(), email)
-	if errors.Is(err, errNotFound) {
+	switch {
+	case errors.Is(err, errNotFound):
 		writeError(w, http.StatusNotFound, "No users found")
-		return
-	}
-	if err != nil {
+	case err != nil:
 		s.fail(w, r, err)
-		return
+	default:
+		if len(page) == q.limit {
+			w.Header().Set("Link", fmt.Sprintf(`<%s?after_id=%d&limit=%d>; rel="next"`, r.URL.Path, page[len(page)-1].ID, q.limit))
+		}
+		encode(w, http.StatusOK, page)
 	}
-	encode(w, http.StatusOK, []user{u})
-}
-
-// usersPage answers one page of users, with a Link to the next if it is full.
-func (s *server) usersPage(w http.ResponseWriter, r *http.Request, q listQuery) {
-	page, err := s.store.Users(r.Context(), q.afterID, q.limit)
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	if len(page) == q.limit {
-		w.Header().Set("Link", fmt.Sprintf(`<%s?after_id=%d&limit=%d>; rel="next"`, r.URL.Path, page[len(page)-1].ID, q.limit))
-	}
-	encode(w, http.StatusOK, page)
-}
-
-// headUsers answers HEAD for the whole list as a GET would be, from one user.
-func (s *server) headUsers(w http.ResponseWriter, r *http.Request, q listQuery) {
-	if len(s.streams) == cap(s.streams) {
-		writeUnavailable(w)
-		return
-	}
-	first, err := s.store.Users(r.Context(), q.afterID, 1)
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	if len(first) == 0 && !q.given {
-		writeError(w, http.StatusNotFound, "No users found")
-		return
-	}
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(http.StatusOK)
 }
 
 // allUsers streams every user after q.afterID as one JSON array, a batch per
 // query, each read before it is sent; a stream holds one of s.streams. Once
-// the 200 is out, a failure can only cut the stream short.
+// the 200 is out, a failure can only cut the stream short. HEAD reads one user.
 func (s *server) allUsers(w http.ResponseWriter, r *http.Request, q listQuery) {
 	select {
 	case s.streams <- struct{}{}:
@@ -321,6 +291,10 @@ func (s *server) allUsers(w http.ResponseWriter, r *http.Request, q listQuery) {
 		writeUnavailable(w)
 		return
 	}
+	batch := listBatchSize
+	if r.Method == http.MethodHead {
+		batch = 0 // the one user read says whether there are any
+	}
 	buf := s.batches.Get().(*bytes.Buffer)
 	defer s.batches.Put(buf)
 	enc := json.NewEncoder(buf)
@@ -329,8 +303,8 @@ func (s *server) allUsers(w http.ResponseWriter, r *http.Request, q listQuery) {
 	readBatch := func() (more bool, err error) {
 		buf.Reset()
 		n := 0
-		err = s.store.EachUser(r.Context(), afterID, listBatchSize+1, func(u *user) {
-			if n++; n > listBatchSize {
+		err = s.store.EachUser(r.Context(), afterID, batch+1, func(u *user) {
+			if n++; n > batch {
 				more = true
 				return
 			}
@@ -354,12 +328,15 @@ func (s *server) allUsers(w http.ResponseWriter, r *http.Request, q listQuery) {
 		s.fail(w, r, err)
 		return
 	}
-	if sent == 0 && !q.given {
+	if sent == 0 && !more && !q.given {
 		writeError(w, http.StatusNotFound, "No users found")
 		return
 	}
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(http.StatusOK)
+	if r.Method == http.MethodHead {
+		return
+	}
 	rc := http.NewResponseController(w)
 	io.WriteString(w, "[")
 	for {
