@@ -607,7 +607,7 @@ func validEmail(s string) bool {
 		return false
 	}
 	for _, atom := range strings.Split(local, ".") {
-		if !emailWord(atom, labelChars+"!#$%&'*+/=?^_`{|}~") {
+		if !emailWord(atom, "!#$%&'*+/=?^_`{|}~") {
 			return false
 		}
 	}
@@ -616,30 +616,22 @@ func validEmail(s string) bool {
 		return false
 	}
 	for _, label := range labels {
-		if len(label) > 63 || !emailWord(label, labelChars) || label[0] == '-' || label[len(label)-1] == '-' {
+		if len(label) > 63 || !emailWord(label, "") || label[0] == '-' || label[len(label)-1] == '-' {
 			return false
 		}
 	}
 	return strings.IndexFunc(labels[len(labels)-1], func(r rune) bool { return !unicode.IsDigit(r) }) >= 0
 }
 
-// labelChars are the ASCII characters of a domain label.
-const labelChars = "-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
 // emailWord reports whether s, an atom or a label, is not empty and holds
-// only ASCII in ascii, other letters and digits, and marks after the first.
-func emailWord(s, ascii string) bool {
+// only letters, digits, "-", the ASCII symbols given, and marks after the first.
+func emailWord(s, symbols string) bool {
 	for i, r := range s {
 		switch {
-		case r < utf8.RuneSelf:
-			if !strings.ContainsRune(ascii, r) {
-				return false
-			}
 		case isInvisible(r):
 			return false
-		case unicode.IsLetter(r) || unicode.IsDigit(r):
-		case unicode.IsMark(r) && i > 0:
-		default:
+		case unicode.IsLetter(r), unicode.IsDigit(r), r == '-', strings.ContainsRune(symbols, r):
+		case i == 0 || !unicode.IsMark(r):
 			return false
 		}
 	}
