@@ -869,12 +869,11 @@ func (s *server) logRequests(next http.Handler) http.Handler {
 				status = http.StatusOK
 			}
 			// The mux sets the pattern it routed to, "" for none.
-			attrs := s.requestAttrs(w, r, slog.String("pattern", r.Pattern), slog.Int("status", status),
-				slog.Duration("duration", time.Since(start)))
+			args := []any{"pattern", r.Pattern, "status", status, "duration", time.Since(start)}
 			if aborted {
-				attrs = append(attrs, slog.Bool("aborted", true))
+				args = append(args, "aborted", true)
 			}
-			s.logger.LogAttrs(r.Context(), slog.LevelInfo, "request", attrs...)
+			s.log(w, r).InfoContext(r.Context(), "request", args...)
 		}()
 		next.ServeHTTP(rec, r)
 		aborted = false
@@ -888,19 +887,14 @@ func (s *server) requestID(r *http.Request) string {
 		v[0] != "" && strings.IndexFunc(v[0], func(c rune) bool { return c < '!' || c > '~' }) < 0 {
 		return v[0]
 	}
-	return string(strconv.AppendUint([]byte(s.idPrefix), s.requests.Add(1), 10))
+	return s.idPrefix + strconv.FormatUint(s.requests.Add(1), 10)
 }
 
-// requestAttrs are what every log line about r carries, then more, each
-// bounded.
-func (s *server) requestAttrs(w http.ResponseWriter, r *http.Request, more ...slog.Attr) []slog.Attr {
-	return append([]slog.Attr{slog.String("request_id", w.Header().Get("X-Request-Id")), slog.String("client", clientAddr(r, s.trustedProxies).String()),
-		slog.String("method", truncate(r.Method, maxLogField)), slog.String("path", truncate(r.URL.Path, maxLogField))}, more...)
-}
-
-// log returns the logger for a line about r.
+// log returns the logger for a line about r: every such line carries its
+// id, client, method and path, each bounded.
 func (s *server) log(w http.ResponseWriter, r *http.Request) *slog.Logger {
-	return slog.New(s.logger.Handler().WithAttrs(s.requestAttrs(w, r)))
+	return s.logger.With("request_id", w.Header().Get("X-Request-Id"), "client", clientAddr(r, s.trustedProxies).String(),
+		"method", truncate(r.Method, maxLogField), "path", truncate(r.URL.Path, maxLogField))
 }
 
 // recoverPanics turns a handler's panic into a logged 500 or, once part of
@@ -929,11 +923,7 @@ func (s *server) recoverPanics(next http.Handler) http.Handler {
 // unread, which net/http would otherwise wait for.
 func closeUnreadBodies(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.ContentLength == 0 {
-			next.ServeHTTP(w, r)
-			return
-		}
-		body := &bodyReader{ReadCloser: r.Body}
+		body := &bodyReader{ReadCloser: r.Body, eof: r.ContentLength == 0}
 		r.Body = body
 		next.ServeHTTP(w, r)
 		if !body.eof {
