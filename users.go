@@ -188,7 +188,7 @@ func (s *server) getUser(w http.ResponseWriter, r *http.Request) {
 	// If-None-Match compares weakly: W/"1" matches "1".
 	versions, star := tagVersions(r.Header.Values("If-None-Match"), true)
 	if star || slices.Contains(versions, u.Version) {
-		w.Header().Set("ETag", etag(u))
+		w.Header().Set("ETag", etag(u.Version))
 		w.WriteHeader(http.StatusNotModified)
 		return
 	}
@@ -693,8 +693,8 @@ func closeToAccount(password string, words ...*string) bool {
 	return false
 }
 
-// etag is the entity tag of u's representation: its version, quoted.
-func etag(u user) string { return `"` + strconv.FormatInt(u.Version, 10) + `"` }
+// etag is the entity tag of a user's representation: its version, quoted.
+func etag(version int64) string { return `"` + strconv.FormatInt(version, 10) + `"` }
 
 // tagVersions reads an If-Match or If-None-Match header's lines: star if it
 // is "*", otherwise the versions its tags name exactly (weak ones only if
@@ -707,9 +707,8 @@ func tagVersions(lines []string, weak bool) (versions []int64, star bool) {
 	versions = []int64{}
 	for _, tag := range strings.Split(s, ",") {
 		tag, isWeak := strings.CutPrefix(strings.Trim(tag, " \t"), "W/")
-		digits := strings.TrimSuffix(strings.TrimPrefix(tag, `"`), `"`)
-		v, err := strconv.ParseInt(digits, 10, 64)
-		if err == nil && v >= 0 && tag == `"`+strconv.FormatInt(v, 10)+`"` && (weak || !isWeak) {
+		v, ok := parseNumber(strings.Trim(tag, `"`))
+		if ok && tag == etag(v) && (weak || !isWeak) {
 			versions = append(versions, v)
 		}
 	}
@@ -793,20 +792,19 @@ func writeInvalid(w http.ResponseWriter, problems map[string]string) {
 // capProblems keeps maxErrorEntries problems, known names first, each name
 // cut to maxErrorName bytes and marked with an ellipsis.
 func capProblems(problems map[string]string) map[string]string {
-	key := func(name string) string {
-		if strings.HasPrefix(problems[name], "unknown") {
-			return "1" + name
-		}
-		return "0" + name
-	}
-	names := slices.SortedFunc(maps.Keys(problems), func(a, b string) int { return strings.Compare(key(a), key(b)) })
+	names := slices.Sorted(maps.Keys(problems))
 	kept := make(map[string]string)
-	for _, name := range names[:min(len(names), maxErrorEntries)] {
-		short := name
-		if len(name) > maxErrorName {
-			short = truncate(name, maxErrorName) + "…"
+	for _, unknown := range []bool{false, true} {
+		for _, name := range names {
+			if len(kept) == maxErrorEntries || strings.HasPrefix(problems[name], "unknown") != unknown {
+				continue
+			}
+			if len(name) > maxErrorName {
+				kept[truncate(name, maxErrorName)+"…"] = problems[name]
+			} else {
+				kept[name] = problems[name]
+			}
 		}
-		kept[short] = problems[name]
 	}
 	return kept
 }
@@ -824,7 +822,7 @@ func truncate(s string, n int) string {
 
 // encodeUser answers with u as JSON, and its ETag.
 func encodeUser(w http.ResponseWriter, status int, u user) {
-	w.Header().Set("ETag", etag(u))
+	w.Header().Set("ETag", etag(u.Version))
 	encode(w, status, u)
 }
 
