@@ -87,9 +87,9 @@ func (s *server) routes() []route {
 		{"POST", "/users/{$}", s.createUser, false},
 		{"GET", "/users", s.listUsers, false},
 		{"GET", "/users/{$}", s.listUsers, false},
-		{"GET", "/users/{id}", s.getUser, false},
-		{"PUT", "/users/{id}", s.updateUser, false},
-		{"DELETE", "/users/{id}", s.deleteUser, false},
+		{"GET", "/users/{id}", withUserID(s.getUser), false},
+		{"PUT", "/users/{id}", withUserID(s.updateUser), false},
+		{"DELETE", "/users/{id}", withUserID(s.deleteUser), false},
 		{"POST", "/users/authenticate", s.authenticate, false},
 	}
 }
@@ -172,34 +172,27 @@ func (s *server) createUser(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	w.Header().Set("Location", "/users/"+strconv.FormatInt(u.ID, 10))
-	encodeUser(w, http.StatusCreated, u)
+	w.Header().Set("ETag", etag(u.Version))
+	encode(w, http.StatusCreated, u)
 }
 
-func (s *server) getUser(w http.ResponseWriter, r *http.Request) {
-	id, ok := userID(w, r)
-	if !ok {
-		return
-	}
+func (s *server) getUser(w http.ResponseWriter, r *http.Request, id int64) {
 	u, err := s.store.User(r.Context(), id)
 	if err != nil {
 		s.fail(w, r, err)
 		return
 	}
+	w.Header().Set("ETag", etag(u.Version))
 	// If-None-Match compares weakly: W/"1" matches "1".
 	versions, star := tagVersions(r.Header.Values("If-None-Match"), true)
 	if star || slices.Contains(versions, u.Version) {
-		w.Header().Set("ETag", etag(u.Version))
 		w.WriteHeader(http.StatusNotModified)
 		return
 	}
-	encodeUser(w, http.StatusOK, u)
+	encode(w, http.StatusOK, u)
 }
 
-func (s *server) updateUser(w http.ResponseWriter, r *http.Request) {
-	id, ok := userID(w, r)
-	if !ok {
-		return
-	}
+func (s *server) updateUser(w http.ResponseWriter, r *http.Request, id int64) {
 	in, ok := readUserInput(w, r, false)
 	if !ok || !s.nfc(w, r, in.Email) {
 		return
@@ -226,14 +219,11 @@ func (s *server) updateUser(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, err)
 		return
 	}
-	encodeUser(w, http.StatusOK, u)
+	w.Header().Set("ETag", etag(u.Version))
+	encode(w, http.StatusOK, u)
 }
 
-func (s *server) deleteUser(w http.ResponseWriter, r *http.Request) {
-	id, ok := userID(w, r)
-	if !ok {
-		return
-	}
+func (s *server) deleteUser(w http.ResponseWriter, r *http.Request, id int64) {
 	versions, _ := tagVersions(r.Header.Values("If-Match"), false)
 	if err := s.store.DeleteUser(r.Context(), id, versions); err != nil {
 		s.fail(w, r, err)
@@ -416,15 +406,17 @@ func parseListQuery(rawQuery string) (listQuery, map[string]string) {
 	return q, problems
 }
 
-// userID returns the user id in r's path. If there is none, it answers 404
-// and returns false.
-func userID(w http.ResponseWriter, r *http.Request) (int64, bool) {
-	id, ok := parseNumber(r.PathValue("id"))
-	if !ok || id == 0 {
-		writeError(w, http.StatusNotFound, "User not found")
-		return 0, false
+// withUserID passes the user id in r's path to h; if there is none, it
+// answers 404.
+func withUserID(h func(http.ResponseWriter, *http.Request, int64)) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		id, ok := parseNumber(r.PathValue("id"))
+		if !ok || id == 0 {
+			writeError(w, http.StatusNotFound, "User not found")
+			return
+		}
+		h(w, r, id)
 	}
-	return id, true
 }
 
 // parseNumber parses a non-negative decimal integer that fits int64, written
@@ -818,12 +810,6 @@ func truncate(s string, n int) string {
 		n--
 	}
 	return s[:n]
-}
-
-// encodeUser answers with u as JSON, and its ETag.
-func encodeUser(w http.ResponseWriter, status int, u user) {
-	w.Header().Set("ETag", etag(u.Version))
-	encode(w, status, u)
 }
 
 // encode answers with v as JSON.
