@@ -982,30 +982,22 @@ func requireJSON(next http.Handler) http.Handler {
 }
 
 // isJSONType reports whether the Content-Type lines are one application/json,
-// in any case, with no charset but UTF-8.
+// in any case, with no charset but UTF-8. Lines join as a list, which is
+// not one type.
 func isJSONType(lines []string) bool {
-	if len(lines) != 1 {
-		return false
-	}
-	mediaType, params, err := mime.ParseMediaType(lines[0])
-	if err != nil || mediaType != "application/json" {
-		return false
-	}
+	mediaType, params, err := mime.ParseMediaType(strings.Join(lines, ","))
 	charset, ok := params["charset"]
-	return !ok || strings.EqualFold(charset, "utf-8")
+	return err == nil && mediaType == "application/json" && (!ok || strings.EqualFold(charset, "utf-8"))
 }
 
 // isCleanPath reports whether p is rooted, with no empty, "." or ".."
 // segment (a final slash aside): the mux serves it without a redirect.
 func isCleanPath(p string) bool {
-	if !strings.HasPrefix(p, "/") {
-		return false
-	}
 	clean := path.Clean(p)
 	if strings.HasSuffix(p, "/") && clean != "/" {
 		clean += "/"
 	}
-	return clean == p
+	return strings.HasPrefix(p, "/") && clean == p
 }
 
 // isLoopbackHost reports whether host, a request's Host, names a loopback
