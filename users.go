@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
@@ -48,7 +49,6 @@ const (
 	retryAfter       = "1"      // seconds, in every 503 and a 429 for the hashing share
 )
 
-// server holds what the handlers need.
 type server struct {
 	logger   *slog.Logger
 	store    *store
@@ -69,7 +69,6 @@ type serverOptions struct {
 	trustedProxies    []netip.Prefix // peers whose X-Forwarded-For names the client
 }
 
-// route is one entry of the API surface.
 type route struct {
 	method, pattern string
 	handler         http.HandlerFunc
@@ -113,8 +112,6 @@ func newServer(logger *slog.Logger, st *store, h *hasher, apiToken string, opts 
 	}
 	return s.wrap(onlyPost("/users/authenticate", mux))
 }
-
-// Handlers.
 
 // health answers whether the database answers, bounded by the store, not by
 // the client: net/http ends a request's context on a client's half-close.
@@ -445,9 +442,8 @@ func readUserInput(w http.ResponseWriter, r *http.Request, create bool) (userInp
 // credentials is the body of POST /users/authenticate, the email normalized.
 type credentials struct{ email, password string }
 
-// readCredentials reads the body of POST /users/authenticate: both fields
-// required, the password of any length. If the body is not acceptable it
-// answers the request and returns false.
+// readCredentials reads the body of POST /users/authenticate, like decode:
+// both fields required, the password of any length.
 func readCredentials(w http.ResponseWriter, r *http.Request) (credentials, bool) {
 	var in userInput
 	ok := decode(w, r, map[string]**string{"email": &in.Email, "password": &in.Password}, func() map[string]string {
@@ -654,7 +650,6 @@ func checkPassword(s string) (string, string) {
 //go:embed common-passwords.txt
 var commonPasswordsText string
 
-// commonPasswords is the set of commonPasswordsText's passwords.
 var commonPasswords = func() map[string]bool {
 	set := make(map[string]bool, strings.Count(commonPasswordsText, "\n"))
 	for line := range strings.Lines(commonPasswordsText) {
@@ -673,12 +668,9 @@ var errCloseToAccount = errors.New("password too close to the account")
 // closeToAccount reports whether password is, in any case, one of the
 // account's words or what precedes an "@" in one. Nil is no word.
 func closeToAccount(password string, words ...*string) bool {
+	password = strings.TrimSpace(password)
 	for _, w := range words {
-		if w == nil {
-			continue
-		}
-		password = strings.TrimSpace(password)
-		if local, _, _ := strings.Cut(*w, "@"); strings.EqualFold(*w, password) || strings.EqualFold(local, password) {
+		if w != nil && (strings.EqualFold(*w, password) || strings.EqualFold(strings.Split(*w, "@")[0], password)) {
 			return true
 		}
 	}
@@ -845,12 +837,9 @@ func (s *server) logRequests(next http.Handler) http.Handler {
 		rec := &recorder{ResponseWriter: w}
 		aborted := true // unless next returns
 		defer func() {
-			status := rec.status
-			switch {
-			case status == 0 && r.Context().Err() != nil:
+			status := cmp.Or(rec.status, http.StatusOK)
+			if rec.status == 0 && r.Context().Err() != nil {
 				status = 499
-			case status == 0:
-				status = http.StatusOK
 			}
 			// The mux sets the pattern it routed to, "" for none.
 			args := []any{"pattern", r.Pattern, "status", status, "duration", time.Since(start)}
@@ -1025,9 +1014,7 @@ type recorder struct {
 }
 
 func (rec *recorder) WriteHeader(status int) {
-	if rec.status == 0 {
-		rec.status = status
-	}
+	rec.status = cmp.Or(rec.status, status)
 	if status >= 400 && strings.HasPrefix(rec.Header().Get("Content-Type"), "text/plain") {
 		writeError(rec.ResponseWriter, status, http.StatusText(status))
 		rec.replaced = true
@@ -1037,9 +1024,7 @@ func (rec *recorder) WriteHeader(status int) {
 }
 
 func (rec *recorder) Write(b []byte) (int, error) {
-	if rec.status == 0 {
-		rec.status = http.StatusOK
-	}
+	rec.status = cmp.Or(rec.status, http.StatusOK)
 	if rec.replaced {
 		return len(b), nil
 	}
