@@ -142,7 +142,6 @@ Without it, read the description itself: <a href="/openapi.json">/openapi.json</
 <script>if (window.SwaggerUIBundle) SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
 `
 
-// serve answers with body, of type contentType.
 func serve(contentType string, body []byte) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", contentType)
@@ -161,9 +160,7 @@ func (s *server) createUser(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, err)
 		return
 	}
-	u, err := s.store.CreateUser(r.Context(), newUser{
-		FirstName: *in.FirstName, LastName: *in.LastName, Email: *in.Email, Password: hash,
-	})
+	u, err := s.store.CreateUser(r.Context(), newUser{FirstName: *in.FirstName, LastName: *in.LastName, Email: *in.Email, Password: hash})
 	if err != nil {
 		s.fail(w, r, err)
 		return
