@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
@@ -48,7 +49,6 @@ const (
 	retryAfter       = "1"      // seconds, in every 503 and a 429 for the hashing share
 )
 
-// server holds what the handlers need.
 type server struct {
 	logger   *slog.Logger
 	store    *store
@@ -69,7 +69,6 @@ type serverOptions struct {
 	trustedProxies    []netip.Prefix // peers whose X-Forwarded-For names the client
 }
 
-// route is one entry of the API surface.
 type route struct {
 	method, pattern string
 	handler         http.HandlerFunc
@@ -87,9 +86,9 @@ func (s *server) routes() []route {
 		{"POST", "/users/{$}", s.createUser, false},
 		{"GET", "/users", s.listUsers, false},
 		{"GET", "/users/{$}", s.listUsers, false},
-		{"GET", "/users/{id}", s.getUser, false},
-		{"PUT", "/users/{id}", s.updateUser, false},
-		{"DELETE", "/users/{id}", s.deleteUser, false},
+		{"GET", "/users/{id}", withUserID(s.getUser), false},
+		{"PUT", "/users/{id}", withUserID(s.updateUser), false},
+		{"DELETE", "/users/{id}", withUserID(s.deleteUser), false},
 		{"POST", "/users/authenticate", s.authenticate, false},
 	}
 }
@@ -113,8 +112,6 @@ func newServer(logger *slog.Logger, st *store, h *hasher, apiToken string, opts 
 	}
 	return s.wrap(onlyPost("/users/authenticate", mux))
 }
-
-// Handlers.
 
 // health answers whether the database answers, bounded by the store, not by
 // the client: net/http ends a request's context on a client's half-close.
@@ -145,7 +142,6 @@ Without it, read the description itself: <a href="/openapi.json">/openapi.json</
 <script>if (window.SwaggerUIBundle) SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
 `
 
-// serve answers with body, of type contentType.
 func serve(contentType string, body []byte) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", contentType)
@@ -164,42 +160,33 @@ func (s *server) createUser(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, err)
 		return
 	}
-	u, err := s.store.CreateUser(r.Context(), newUser{
-		FirstName: *in.FirstName, LastName: *in.LastName, Email: *in.Email, Password: hash,
-	})
+	u, err := s.store.CreateUser(r.Context(), newUser{FirstName: *in.FirstName, LastName: *in.LastName, Email: *in.Email, Password: hash})
 	if err != nil {
 		s.fail(w, r, err)
 		return
 	}
 	w.Header().Set("Location", "/users/"+strconv.FormatInt(u.ID, 10))
-	encodeUser(w, http.StatusCreated, u)
+	w.Header().Set("ETag", etag(u.Version))
+	encode(w, http.StatusCreated, u)
 }
 
-func (s *server) getUser(w http.ResponseWriter, r *http.Request) {
-	id, ok := userID(w, r)
-	if !ok {
-		return
-	}
+func (s *server) getUser(w http.ResponseWriter, r *http.Request, id int64) {
 	u, err := s.store.User(r.Context(), id)
 	if err != nil {
 		s.fail(w, r, err)
 		return
 	}
+	w.Header().Set("ETag", etag(u.Version))
 	// If-None-Match compares weakly: W/"1" matches "1".
 	versions, star := tagVersions(r.Header.Values("If-None-Match"), true)
 	if star || slices.Contains(versions, u.Version) {
-		w.Header().Set("ETag", etag(u))
 		w.WriteHeader(http.StatusNotModified)
 		return
 	}
-	encodeUser(w, http.StatusOK, u)
+	encode(w, http.StatusOK, u)
 }
 
-func (s *server) updateUser(w http.ResponseWriter, r *http.Request) {
-	id, ok := userID(w, r)
-	if !ok {
-		return
-	}
+func (s *server) updateUser(w http.ResponseWriter, r *http.Request, id int64) {
 	in, ok := readUserInput(w, r, false)
 	if !ok || !s.nfc(w, r, in.Email) {
 		return
@@ -226,14 +213,11 @@ func (s *server) updateUser(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, err)
 		return
 	}
-	encodeUser(w, http.StatusOK, u)
+	w.Header().Set("ETag", etag(u.Version))
+	encode(w, http.StatusOK, u)
 }
 
-func (s *server) deleteUser(w http.ResponseWriter, r *http.Request) {
-	id, ok := userID(w, r)
-	if !ok {
-		return
-	}
+func (s *server) deleteUser(w http.ResponseWriter, r *http.Request, id int64) {
 	versions, _ := tagVersions(r.Header.Values("If-Match"), false)
 	if err := s.store.DeleteUser(r.Context(), id, versions); err != nil {
 		s.fail(w, r, err)
@@ -242,76 +226,46 @@ func (s *server) deleteUser(w http.ResponseWriter, r *http.Request) {
 	w.WriteHeader(http.StatusNoContent)
 }
 
-// listUsers answers a look-up by ?email=, one page if ?limit= is given,
-// and otherwise every user (after ?after_id=, if given).
+// listUsers answers a look-up by ?email= (a list of one user, or 404), one
+// page if ?limit= is given (with a Link to the next if it is full), and
+// otherwise every user (after ?after_id=, if given).
 func (s *server) listUsers(w http.ResponseWriter, r *http.Request) {
 	q, problems := parseListQuery(r.URL.RawQuery)
+	var page []user
+	var err error
 	switch {
 	case len(problems) > 0:
 		writeInvalid(w, problems)
+		return
 	case q.email != "":
-		s.userByEmail(w, r, q.email)
+		if !s.nfc(w, r, &q.email) {
+			return
+		}
+		var u user
+		u, err = s.store.UserByEmail(r.Context(), q.email)
+		page = []user{u}
 	case q.limit > 0:
-		s.usersPage(w, r, q)
-	case r.Method == http.MethodHead:
-		s.headUsers(w, r, q)
+		page, err = s.store.Users(r.Context(), q.afterID, q.limit)
 	default:
 		s.allUsers(w, r, q)
-	}
-}
-
-// userByEmail answers a look-up by email: a list of one user, or 404.
-func (s *server) userByEmail(w http.ResponseWriter, r *http.Request, email string) {
-	if !s.nfc(w, r, &email) {
 		return
 	}
-	u, err := s.store.UserByEmail(r.Context(), email)
-	if errors.Is(err, errNotFound) {
+	switch {
+	case errors.Is(err, errNotFound):
 		writeError(w, http.StatusNotFound, "No users found")
-		return
-	}
-	if err != nil {
+	case err != nil:
 		s.fail(w, r, err)
-		return
+	default:
+		if len(page) == q.limit {
+			w.Header().Set("Link", fmt.Sprintf(`<%s?after_id=%d&limit=%d>; rel="next"`, r.URL.Path, page[len(page)-1].ID, q.limit))
+		}
+		encode(w, http.StatusOK, page)
 	}
-	encode(w, http.StatusOK, []user{u})
-}
-
-// usersPage answers one page of users, with a Link to the next if it is full.
-func (s *server) usersPage(w http.ResponseWriter, r *http.Request, q listQuery) {
-	page, err := s.store.Users(r.Context(), q.afterID, q.limit)
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	if len(page) == q.limit {
-		w.Header().Set("Link", fmt.Sprintf(`<%s?after_id=%d&limit=%d>; rel="next"`, r.URL.Path, page[len(page)-1].ID, q.limit))
-	}
-	encode(w, http.StatusOK, page)
-}
-
-// headUsers answers HEAD for the whole list as a GET would be, from one user.
-func (s *server) headUsers(w http.ResponseWriter, r *http.Request, q listQuery) {
-	if len(s.streams) == cap(s.streams) {
-		writeUnavailable(w)
-		return
-	}
-	first, err := s.store.Users(r.Context(), q.afterID, 1)
-	if err != nil {
-		s.fail(w, r, err)
-		return
-	}
-	if len(first) == 0 && !q.given {
-		writeError(w, http.StatusNotFound, "No users found")
-		return
-	}
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(http.StatusOK)
 }
 
 // allUsers streams every user after q.afterID as one JSON array, a batch per
 // query, each read before it is sent; a stream holds one of s.streams. Once
-// the 200 is out, a failure can only cut the stream short.
+// the 200 is out, a failure can only cut the stream short. HEAD reads one user.
 func (s *server) allUsers(w http.ResponseWriter, r *http.Request, q listQuery) {
 	select {
 	case s.streams <- struct{}{}:
@@ -321,6 +275,10 @@ func (s *server) allUsers(w http.ResponseWriter, r *http.Request, q listQuery) {
 		writeUnavailable(w)
 		return
 	}
+	batch := listBatchSize
+	if r.Method == http.MethodHead {
+		batch = 0 // the one user read says whether there are any
+	}
 	buf := s.batches.Get().(*bytes.Buffer)
 	defer s.batches.Put(buf)
 	enc := json.NewEncoder(buf)
@@ -329,8 +287,8 @@ func (s *server) allUsers(w http.ResponseWriter, r *http.Request, q listQuery) {
 	readBatch := func() (more bool, err error) {
 		buf.Reset()
 		n := 0
-		err = s.store.EachUser(r.Context(), afterID, listBatchSize+1, func(u *user) {
-			if n++; n > listBatchSize {
+		err = s.store.EachUser(r.Context(), afterID, batch+1, func(u *user) {
+			if n++; n > batch {
 				more = true
 				return
 			}
@@ -354,12 +312,15 @@ func (s *server) allUsers(w http.ResponseWriter, r *http.Request, q listQuery) {
 		s.fail(w, r, err)
 		return
 	}
-	if sent == 0 && !q.given {
+	if sent == 0 && !more && !q.given {
 		writeError(w, http.StatusNotFound, "No users found")
 		return
 	}
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(http.StatusOK)
+	if r.Method == http.MethodHead {
+		return
+	}
 	rc := http.NewResponseController(w)
 	io.WriteString(w, "[")
 	for {
@@ -439,15 +400,17 @@ func parseListQuery(rawQuery string) (listQuery, map[string]string) {
 	return q, problems
 }
 
-// userID returns the user id in r's path. If there is none, it answers 404
-// and returns false.
-func userID(w http.ResponseWriter, r *http.Request) (int64, bool) {
-	id, ok := parseNumber(r.PathValue("id"))
-	if !ok || id == 0 {
-		writeError(w, http.StatusNotFound, "User not found")
-		return 0, false
+// withUserID passes the user id in r's path to h; if there is none, it
+// answers 404.
+func withUserID(h func(http.ResponseWriter, *http.Request, int64)) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		id, ok := parseNumber(r.PathValue("id"))
+		if !ok || id == 0 {
+			writeError(w, http.StatusNotFound, "User not found")
+			return
+		}
+		h(w, r, id)
 	}
-	return id, true
 }
 
 // parseNumber parses a non-negative decimal integer that fits int64, written
@@ -476,9 +439,8 @@ func readUserInput(w http.ResponseWriter, r *http.Request, create bool) (userInp
 // credentials is the body of POST /users/authenticate, the email normalized.
 type credentials struct{ email, password string }
 
-// readCredentials reads the body of POST /users/authenticate: both fields
-// required, the password of any length. If the body is not acceptable it
-// answers the request and returns false.
+// readCredentials reads the body of POST /users/authenticate, like decode:
+// both fields required, the password of any length.
 func readCredentials(w http.ResponseWriter, r *http.Request) (credentials, bool) {
 	var in userInput
 	ok := decode(w, r, map[string]**string{"email": &in.Email, "password": &in.Password}, func() map[string]string {
@@ -630,7 +592,7 @@ func validEmail(s string) bool {
 		return false
 	}
 	for _, atom := range strings.Split(local, ".") {
-		if !emailWord(atom, labelChars+"!#$%&'*+/=?^_`{|}~") {
+		if !emailWord(atom, "!#$%&'*+/=?^_`{|}~") {
 			return false
 		}
 	}
@@ -639,30 +601,22 @@ func validEmail(s string) bool {
 		return false
 	}
 	for _, label := range labels {
-		if len(label) > 63 || !emailWord(label, labelChars) || label[0] == '-' || label[len(label)-1] == '-' {
+		if len(label) > 63 || !emailWord(label, "") || label[0] == '-' || label[len(label)-1] == '-' {
 			return false
 		}
 	}
 	return strings.IndexFunc(labels[len(labels)-1], func(r rune) bool { return !unicode.IsDigit(r) }) >= 0
 }
 
-// labelChars are the ASCII characters of a domain label.
-const labelChars = "-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
 // emailWord reports whether s, an atom or a label, is not empty and holds
-// only ASCII in ascii, other letters and digits, and marks after the first.
-func emailWord(s, ascii string) bool {
+// only letters, digits, "-", the ASCII symbols given, and marks after the first.
+func emailWord(s, symbols string) bool {
 	for i, r := range s {
 		switch {
-		case r < utf8.RuneSelf:
-			if !strings.ContainsRune(ascii, r) {
-				return false
-			}
 		case isInvisible(r):
 			return false
-		case unicode.IsLetter(r) || unicode.IsDigit(r):
-		case unicode.IsMark(r) && i > 0:
-		default:
+		case unicode.IsLetter(r), unicode.IsDigit(r), r == '-', strings.ContainsRune(symbols, r):
+		case i == 0 || !unicode.IsMark(r):
 			return false
 		}
 	}
@@ -693,7 +647,6 @@ func checkPassword(s string) (string, string) {
 //go:embed common-passwords.txt
 var commonPasswordsText string
 
-// commonPasswords is the set of commonPasswordsText's passwords.
 var commonPasswords = func() map[string]bool {
 	set := make(map[string]bool, strings.Count(commonPasswordsText, "\n"))
 	for line := range strings.Lines(commonPasswordsText) {
@@ -712,20 +665,17 @@ var errCloseToAccount = errors.New("password too close to the account")
 // closeToAccount reports whether password is, in any case, one of the
 // account's words or what precedes an "@" in one. Nil is no word.
 func closeToAccount(password string, words ...*string) bool {
+	password = strings.TrimSpace(password)
 	for _, w := range words {
-		if w == nil {
-			continue
-		}
-		password = strings.TrimSpace(password)
-		if local, _, _ := strings.Cut(*w, "@"); strings.EqualFold(*w, password) || strings.EqualFold(local, password) {
+		if w != nil && (strings.EqualFold(*w, password) || strings.EqualFold(strings.Split(*w, "@")[0], password)) {
 			return true
 		}
 	}
 	return false
 }
 
-// etag is the entity tag of u's representation: its version, quoted.
-func etag(u user) string { return `"` + strconv.FormatInt(u.Version, 10) + `"` }
+// etag is the entity tag of a user's representation: its version, quoted.
+func etag(version int64) string { return `"` + strconv.FormatInt(version, 10) + `"` }
 
 // tagVersions reads an If-Match or If-None-Match header's lines: star if it
 // is "*", otherwise the versions its tags name exactly (weak ones only if
@@ -738,9 +688,8 @@ func tagVersions(lines []string, weak bool) (versions []int64, star bool) {
 	versions = []int64{}
 	for _, tag := range strings.Split(s, ",") {
 		tag, isWeak := strings.CutPrefix(strings.Trim(tag, " \t"), "W/")
-		digits := strings.TrimSuffix(strings.TrimPrefix(tag, `"`), `"`)
-		v, err := strconv.ParseInt(digits, 10, 64)
-		if err == nil && v >= 0 && tag == `"`+strconv.FormatInt(v, 10)+`"` && (weak || !isWeak) {
+		v, ok := parseNumber(strings.Trim(tag, `"`))
+		if ok && tag == etag(v) && (weak || !isWeak) {
 			versions = append(versions, v)
 		}
 	}
@@ -824,20 +773,19 @@ func writeInvalid(w http.ResponseWriter, problems map[string]string) {
 // capProblems keeps maxErrorEntries problems, known names first, each name
 // cut to maxErrorName bytes and marked with an ellipsis.
 func capProblems(problems map[string]string) map[string]string {
-	key := func(name string) string {
-		if strings.HasPrefix(problems[name], "unknown") {
-			return "1" + name
-		}
-		return "0" + name
-	}
-	names := slices.SortedFunc(maps.Keys(problems), func(a, b string) int { return strings.Compare(key(a), key(b)) })
+	names := slices.Sorted(maps.Keys(problems))
 	kept := make(map[string]string)
-	for _, name := range names[:min(len(names), maxErrorEntries)] {
-		short := name
-		if len(name) > maxErrorName {
-			short = truncate(name, maxErrorName) + "…"
+	for _, unknown := range []bool{false, true} {
+		for _, name := range names {
+			if len(kept) == maxErrorEntries || strings.HasPrefix(problems[name], "unknown") != unknown {
+				continue
+			}
+			if len(name) > maxErrorName {
+				kept[truncate(name, maxErrorName)+"…"] = problems[name]
+			} else {
+				kept[name] = problems[name]
+			}
 		}
-		kept[short] = problems[name]
 	}
 	return kept
 }
@@ -851,12 +799,6 @@ func truncate(s string, n int) string {
 		n--
 	}
 	return s[:n]
-}
-
-// encodeUser answers with u as JSON, and its ETag.
-func encodeUser(w http.ResponseWriter, status int, u user) {
-	w.Header().Set("ETag", etag(u))
-	encode(w, status, u)
 }
 
 // encode answers with v as JSON.
@@ -892,20 +834,16 @@ func (s *server) logRequests(next http.Handler) http.Handler {
 		rec := &recorder{ResponseWriter: w}
 		aborted := true // unless next returns
 		defer func() {
-			status := rec.status
-			switch {
-			case status == 0 && r.Context().Err() != nil:
+			status := cmp.Or(rec.status, http.StatusOK)
+			if rec.status == 0 && r.Context().Err() != nil {
 				status = 499
-			case status == 0:
-				status = http.StatusOK
 			}
 			// The mux sets the pattern it routed to, "" for none.
-			attrs := s.requestAttrs(w, r, slog.String("pattern", r.Pattern), slog.Int("status", status),
-				slog.Duration("duration", time.Since(start)))
+			args := []any{"pattern", r.Pattern, "status", status, "duration", time.Since(start)}
 			if aborted {
-				attrs = append(attrs, slog.Bool("aborted", true))
+				args = append(args, "aborted", true)
 			}
-			s.logger.LogAttrs(r.Context(), slog.LevelInfo, "request", attrs...)
+			s.log(w, r).InfoContext(r.Context(), "request", args...)
 		}()
 		next.ServeHTTP(rec, r)
 		aborted = false
@@ -919,19 +857,14 @@ func (s *server) requestID(r *http.Request) string {
 		v[0] != "" && strings.IndexFunc(v[0], func(c rune) bool { return c < '!' || c > '~' }) < 0 {
 		return v[0]
 	}
-	return string(strconv.AppendUint([]byte(s.idPrefix), s.requests.Add(1), 10))
+	return s.idPrefix + strconv.FormatUint(s.requests.Add(1), 10)
 }
 
-// requestAttrs are what every log line about r carries, then more, each
-// bounded.
-func (s *server) requestAttrs(w http.ResponseWriter, r *http.Request, more ...slog.Attr) []slog.Attr {
-	return append([]slog.Attr{slog.String("request_id", w.Header().Get("X-Request-Id")), slog.String("client", clientAddr(r, s.trustedProxies).String()),
-		slog.String("method", truncate(r.Method, maxLogField)), slog.String("path", truncate(r.URL.Path, maxLogField))}, more...)
-}
-
-// log returns the logger for a line about r.
+// log returns the logger for a line about r: every such line carries its
+// id, client, method and path, each bounded.
 func (s *server) log(w http.ResponseWriter, r *http.Request) *slog.Logger {
-	return slog.New(s.logger.Handler().WithAttrs(s.requestAttrs(w, r)))
+	return s.logger.With("request_id", w.Header().Get("X-Request-Id"), "client", clientAddr(r, s.trustedProxies).String(),
+		"method", truncate(r.Method, maxLogField), "path", truncate(r.URL.Path, maxLogField))
 }
 
 // recoverPanics turns a handler's panic into a logged 500 or, once part of
@@ -960,11 +893,7 @@ func (s *server) recoverPanics(next http.Handler) http.Handler {
 // unread, which net/http would otherwise wait for.
 func closeUnreadBodies(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.ContentLength == 0 {
-			next.ServeHTTP(w, r)
-			return
-		}
-		body := &bodyReader{ReadCloser: r.Body}
+		body := &bodyReader{ReadCloser: r.Body, eof: r.ContentLength == 0}
 		r.Body = body
 		next.ServeHTTP(w, r)
 		if !body.eof {
@@ -1039,30 +968,22 @@ func requireJSON(next http.Handler) http.Handler {
 }
 
 // isJSONType reports whether the Content-Type lines are one application/json,
-// in any case, with no charset but UTF-8.
+// in any case, with no charset but UTF-8. Lines join as a list, which is
+// not one type.
 func isJSONType(lines []string) bool {
-	if len(lines) != 1 {
-		return false
-	}
-	mediaType, params, err := mime.ParseMediaType(lines[0])
-	if err != nil || mediaType != "application/json" {
-		return false
-	}
+	mediaType, params, err := mime.ParseMediaType(strings.Join(lines, ","))
 	charset, ok := params["charset"]
-	return !ok || strings.EqualFold(charset, "utf-8")
+	return err == nil && mediaType == "application/json" && (!ok || strings.EqualFold(charset, "utf-8"))
 }
 
 // isCleanPath reports whether p is rooted, with no empty, "." or ".."
 // segment (a final slash aside): the mux serves it without a redirect.
 func isCleanPath(p string) bool {
-	if !strings.HasPrefix(p, "/") {
-		return false
-	}
 	clean := path.Clean(p)
 	if strings.HasSuffix(p, "/") && clean != "/" {
 		clean += "/"
 	}
-	return clean == p
+	return strings.HasPrefix(p, "/") && clean == p
 }
 
 // isLoopbackHost reports whether host, a request's Host, names a loopback
@@ -1090,9 +1011,7 @@ type recorder struct {
 }
 
 func (rec *recorder) WriteHeader(status int) {
-	if rec.status == 0 {
-		rec.status = status
-	}
+	rec.status = cmp.Or(rec.status, status)
 	if status >= 400 && strings.HasPrefix(rec.Header().Get("Content-Type"), "text/plain") {
 		writeError(rec.ResponseWriter, status, http.StatusText(status))
 		rec.replaced = true
@@ -1102,9 +1021,7 @@ func (rec *recorder) WriteHeader(status int) {
 }
 
 func (rec *recorder) Write(b []byte) (int, error) {
-	if rec.status == 0 {
-		rec.status = http.StatusOK
-	}
+	rec.status = cmp.Or(rec.status, http.StatusOK)
 	if rec.replaced {
 		return len(b), nil
 	}
