@@ -80,8 +80,7 @@ func TestAuthenticateThrottleSchedule(t *testing.T) {
 			mustWrongCredentials(t, e.authenticate(email, "wrong-password"))
 		}
 		for _, wait := range waits {
-			// Early, even with the right password: told the whole wait;
-			// and a moment before its end, 1 s (rounded up).
+			// Early, even with the right password: the whole wait; just before its end, 1 s.
 			mustThrottled(t, e.authenticate(email, "passw0rd-1"), wait)
 			clock.advance(time.Duration(wait)*time.Second - time.Millisecond)
 			mustThrottled(t, e.authenticate(email, "wrong-password"), 1)
@@ -113,7 +112,6 @@ func TestAuthenticateRehashes(t *testing.T) {
 	raised := newTestEnv(t, withStore(st), withHasher(h))
 	letGo := sync.OnceFunc(func() { close(release) }) // before the server's close, which waits for the gate
 	t.Cleanup(letGo)
-	// A failed check never rehashes.
 	mustWrongCredentials(t, raised.authenticate("ann@example.com", "wrong-password"))
 	if got, _ := raised.storedSecret(t, u.ID); got != hash {
 		t.Fatalf("a failed check changed the stored hash")
@@ -209,8 +207,7 @@ func TestConcurrentAuthFailuresAreCountedExactly(t *testing.T) {
 	databaseURL, _ := newSchema(t) // two replicas on one database
 	replicas := []*store{newStoreAt(t, databaseURL), newStoreAt(t, databaseURL)}
 	replicas[0].now, replicas[1].now = clock, clock
-	// run makes 40 attempts at once, for email from clients, and returns
-	// how many were told to wait how long (0: counted).
+	// run makes 40 attempts at once and returns how many waited how long (0: counted).
 	run := func(email string, clients int) map[time.Duration]int {
 		waits := map[time.Duration]int{}
 		for _, wait := range concurrently(40, func(i int) time.Duration {
@@ -224,8 +221,7 @@ func TestConcurrentAuthFailuresAreCountedExactly(t *testing.T) {
 		}
 		return waits
 	}
-	// At one instant, only the five free attempts count; every other one
-	// is early, by the full first wait.
+	// At one instant only the five free attempts count; the rest wait the first wait.
 	if waits := run("ann@example.com", 1); waits[0] != 5 || waits[time.Second] != 35 {
 		t.Errorf("40 attempts at once: waits %v; want 5 counted and 35 told to wait 1s", waits)
 	}
@@ -233,8 +229,7 @@ func TestConcurrentAuthFailuresAreCountedExactly(t *testing.T) {
 	if waits := run("ann@example.com", 1); waits[0] != 1 || waits[2*time.Second] != 39 {
 		t.Errorf("40 attempts at once after 1s: waits %v; want 1 counted and 39 told to wait 2s", waits)
 	}
-	// From 40 clients at once, three times, failures for another address
-	// stop at its cap of 100 exactly, though they race.
+	// From 40 clients, three times, another address's failures stop at its cap of 100.
 	counted := 0
 	for range 3 {
 		counted += run("bob@example.com", 40)[0]
@@ -347,8 +342,7 @@ func TestThrottleIsPerClient(t *testing.T) {
 	mustUser(t, newcomer.authenticate("ann@example.com", "passw0rd-1"), http.StatusOK)
 	clock.advance(time.Hour)
 	mustUser(t, sprayer.authenticate("ann@example.com", "passw0rd-1"), http.StatusOK)
-	// A day later, 100 failures in a day, 5 from each of 20 clients, for
-	// ann's address and for one no one has.
+	// A day later, 100 failures, 5 from each of 20 clients, for ann and for nobody.
 	clock.advance(24 * time.Hour)
 	for _, email := range []string{"ann@example.com", "nobody@example.com"} {
 		for i := range 100 {
@@ -393,8 +387,7 @@ func TestAccountChangesForgetFailures(t *testing.T) {
 	if f, c := countRows(t, e.store, "sign_in_failures"), countRows(t, e.store, "sign_in_clients"); f != 0 || c != 0 {
 		t.Errorf("after DELETE: %d failures, %d familiar clients stored; want none", f, c)
 	}
-	// Failures counted against an address before it had its user are
-	// forgotten when a user is created with it, or moved to it.
+	// Failures against an address are forgotten when a user gets it, created or moved.
 	lockOut("ann@example.com")
 	ann := e.createUser(t, "Ann", "Lee", "ann@example.com", "passw0rd-3")
 	mustWrongCredentials(t, stranger.authenticate("ann@example.com", "wrong-password"))
