@@ -31,17 +31,15 @@ func TestSchemaIsIdempotentAndSafeForReplicas(t *testing.T) {
 	t.Parallel()
 	databaseURL, _ := newSchema(t)
 	// Several replicas boot at once on an empty database.
-	errs := concurrently(4, func(int) error {
+	err := errors.Join(concurrently(4, func(int) error {
 		st, err := openStore(context.Background(), databaseURL, testPool, 5*time.Second)
 		if err == nil {
 			st.Close()
 		}
 		return err
-	})
-	for _, err := range errs {
-		if err != nil {
-			t.Errorf("openStore by one of %d replicas booting at once: %v", len(errs), err)
-		}
+	})...)
+	if err != nil {
+		t.Errorf("openStore by 4 replicas booting at once: %v", err)
 	}
 }
 
@@ -61,10 +59,9 @@ func TestOldDatabaseIsUpgraded(t *testing.T) {
 	}
 	stored := []string{"ann@example.com", "ju\u0308rgen@example.com", "zöe@example.com", "zo\u0308e@example.com", "a\u0302\u0323@example.com", "a\u0323\u0302@example.com"}
 	want := []string{"ann@example.com", "jürgen@example.com", "zöe@example.com", "zo\u0308e@example.com", "ậ@example.com", "a\u0323\u0302@example.com"}
-	for _, email := range stored {
-		if _, err := db.Exec(`INSERT INTO users (first_name, last_name, email, password, salt) VALUES ('Ann', 'Lee', $1, 'x', 'y')`, email); err != nil {
-			t.Fatal(err)
-		}
+	if _, err := db.Exec(`INSERT INTO users (first_name, last_name, email, password, salt)
+		SELECT 'Ann', 'Lee', email, 'x', 'y' FROM unnest($1::text[]) WITH ORDINALITY AS a(email, i) ORDER BY i`, pq.Array(stored)); err != nil {
+		t.Fatal(err)
 	}
 	st := newStoreAt(t, databaseURL)
 	users, err := st.Users(context.Background(), 0, 10)
@@ -132,130 +129,122 @@ func tally(t *testing.T, rs []response, want map[int]string) map[int]int {
 }
 
 // concurrentWrites are races that the store must settle, on a table that
-// may hold other users, directly and through PgBouncer.
+// may hold other users.
 var concurrentWrites = []struct {
 	name string
-	run  func(t *testing.T, e *testEnv)
+	run  func(t *testing.T, e *testEnv, round int)
 }{
-	{"creates of one email: exactly one wins", func(t *testing.T, e *testEnv) {
-		for round := range 10 {
-			email := fmt.Sprintf("race%d@example.com", round)
-			spellings := []string{email, strings.ToUpper(email)} // one address
-			rs := concurrently(30, func(i int) response {
-				return e.do("POST", "/users", userBody("Ann", "Lee", spellings[i%2], "passw0rd-1"))
-			})
-			if n := tally(t, rs, map[int]string{201: "", 400: "Email already registered"}); n[201] != 1 {
-				t.Errorf("round %d: %d of 30 creates of one email succeeded, want 1", round, n[201])
-			}
-			if users := mustList(t, e.do("GET", "/users?email="+email, "")); len(users) != 1 {
-				t.Errorf("round %d: %d users with %s, want 1", round, len(users), email)
-			}
+	{"creates of one email: exactly one wins", func(t *testing.T, e *testEnv, round int) {
+		email := fmt.Sprintf("race%d@example.com", round)
+		spellings := []string{email, strings.ToUpper(email)} // one address
+		rs := concurrently(30, func(i int) response {
+			return e.do("POST", "/users", userBody("Ann", "Lee", spellings[i%2], "passw0rd-1"))
+		})
+		if n := tally(t, rs, map[int]string{201: "", 400: "Email already registered"}); n[201] != 1 {
+			t.Errorf("round %d: %d of 30 creates of one email succeeded, want 1", round, n[201])
+		}
+		if users := mustList(t, e.do("GET", "/users?email="+email, "")); len(users) != 1 {
+			t.Errorf("round %d: %d users with %s, want 1", round, len(users), email)
 		}
 	}},
-	{"updates to one email: exactly one wins", func(t *testing.T, e *testEnv) {
+	{"updates to one email: exactly one wins", func(t *testing.T, e *testEnv, round int) {
 		ids := make([]int64, 20)
 		for i := range ids {
-			ids[i] = e.createUser(t, "User", "Racer", fmt.Sprintf("taker%d@example.com", i), "passw0rd-1").ID
+			ids[i] = e.createUser(t, "User", "Racer", fmt.Sprintf("taker%d-%d@example.com", round, i), "passw0rd-1").ID
 		}
+		email := fmt.Sprintf("wanted%d@example.com", round)
 		rs := concurrently(len(ids), func(i int) response {
-			return e.do("PUT", fmt.Sprintf("/users/%d", ids[i]), `{"email":"Wanted@Example.com"}`)
+			return e.do("PUT", fmt.Sprintf("/users/%d", ids[i]), `{"email":"`+strings.ToUpper(email)+`"}`)
 		})
 		n := tally(t, rs, map[int]string{200: "", 400: "Email already registered"})
-		if holders := mustList(t, e.do("GET", "/users?email=wanted@example.com", "")); n[200] != 1 || len(holders) != 1 {
-			t.Errorf("%d updates to one email succeeded and %d users hold it; want one, the same", n[200], len(holders))
+		if holders := mustList(t, e.do("GET", "/users?email="+email, "")); n[200] != 1 || len(holders) != 1 {
+			t.Errorf("round %d: %d updates to one email succeeded and %d users hold it; want one, the same", round, n[200], len(holders))
 		}
 	}},
-	{"deletes, updates and reads of one user: one delete wins", func(t *testing.T, e *testEnv) {
-		for round := range 10 {
-			u := e.createUser(t, "Ann", "Lee", fmt.Sprintf("deleted%d@example.com", round), "passw0rd-1")
-			path := fmt.Sprintf("/users/%d", u.ID)
-			rs := concurrently(12, func(i int) response {
-				switch i % 3 {
-				case 0:
-					return e.do("DELETE", path, "")
-				case 1:
-					return e.do("PUT", path, fmt.Sprintf(`{"first_name":"Name%d"}`, i))
-				}
-				return e.do("GET", path, "")
-			})
-			if n := tally(t, rs, map[int]string{200: "", 204: "", 404: "User not found"}); n[204] != 1 {
-				t.Errorf("round %d: %d deletes of one user succeeded, want 1", round, n[204])
+	{"deletes, updates and reads of one user: one delete wins", func(t *testing.T, e *testEnv, round int) {
+		u := e.createUser(t, "Ann", "Lee", fmt.Sprintf("deleted%d@example.com", round), "passw0rd-1")
+		path := fmt.Sprintf("/users/%d", u.ID)
+		rs := concurrently(12, func(i int) response {
+			switch i % 3 {
+			case 0:
+				return e.do("DELETE", path, "")
+			case 1:
+				return e.do("PUT", path, fmt.Sprintf(`{"first_name":"Name%d"}`, i))
 			}
-			mustError(t, e.do("GET", path, ""), http.StatusNotFound, "User not found")
+			return e.do("GET", path, "")
+		})
+		if n := tally(t, rs, map[int]string{200: "", 204: "", 404: "User not found"}); n[204] != 1 {
+			t.Errorf("round %d: %d deletes of one user succeeded, want 1", round, n[204])
+		}
+		mustError(t, e.do("GET", path, ""), http.StatusNotFound, "User not found")
+	}},
+	{"updates with the same If-Match: exactly one wins", func(t *testing.T, e *testEnv, round int) {
+		u := e.createUser(t, "Ann", "Lee", fmt.Sprintf("matched%d@example.com", round), "passw0rd-1")
+		rs := concurrently(2, func(i int) response {
+			return e.do("PUT", fmt.Sprintf("/users/%d", u.ID), fmt.Sprintf(`{"last_name":"Writer%d"}`, i), `If-Match: "1"`)
+		})
+		if n := tally(t, rs, map[int]string{200: "", 412: "Precondition failed: the user has changed"}); n[200] != 1 {
+			t.Errorf("round %d: %d of 2 updates with one If-Match succeeded, want 1", round, n[200])
 		}
 	}},
-	{"updates with the same If-Match: exactly one wins", func(t *testing.T, e *testEnv) {
-		for round := range 10 {
-			u := e.createUser(t, "Ann", "Lee", fmt.Sprintf("matched%d@example.com", round), "passw0rd-1")
-			rs := concurrently(2, func(i int) response {
-				return e.do("PUT", fmt.Sprintf("/users/%d", u.ID), fmt.Sprintf(`{"last_name":"Writer%d"}`, i), `If-Match: "1"`)
-			})
-			if n := tally(t, rs, map[int]string{200: "", 412: "Precondition failed: the user has changed"}); n[200] != 1 {
-				t.Errorf("round %d: %d of 2 updates with one If-Match succeeded, want 1", round, n[200])
-			}
+	{"updates of different fields: none is lost", func(t *testing.T, e *testEnv, round int) {
+		u := e.createUser(t, "Ann", "Lee", fmt.Sprintf("fields%d@example.com", round), "passw0rd-1")
+		path := fmt.Sprintf("/users/%d", u.ID)
+		email := fmt.Sprintf("changed%d@example.com", round)
+		bodies := []string{`{"first_name":"First"}`, `{"last_name":"Last"}`, `{"email":"` + email + `"}`, `{"password":"new password"}`}
+		tally(t, concurrently(len(bodies), func(i int) response { return e.do("PUT", path, bodies[i]) }), map[int]string{200: ""})
+		got := mustUser(t, e.do("GET", path, ""), http.StatusOK)
+		if got.FirstName != "First" || got.LastName != "Last" || got.Email != email {
+			t.Errorf("round %d: after concurrent updates of different fields: %+v", round, got)
 		}
-	}},
-	{"updates of different fields: none is lost", func(t *testing.T, e *testEnv) {
-		for round := range 10 {
-			u := e.createUser(t, "Ann", "Lee", fmt.Sprintf("fields%d@example.com", round), "passw0rd-1")
-			path := fmt.Sprintf("/users/%d", u.ID)
-			email := fmt.Sprintf("changed%d@example.com", round)
-			bodies := []string{`{"first_name":"First"}`, `{"last_name":"Last"}`, `{"email":"` + email + `"}`, `{"password":"new password"}`}
-			tally(t, concurrently(len(bodies), func(i int) response { return e.do("PUT", path, bodies[i]) }), map[int]string{200: ""})
-			got := mustUser(t, e.do("GET", path, ""), http.StatusOK)
-			if got.FirstName != "First" || got.LastName != "Last" || got.Email != email {
-				t.Errorf("round %d: after concurrent updates of different fields: %+v", round, got)
-			}
-			if hash, _ := e.storedSecret(t, u.ID); bcrypt.CompareHashAndPassword([]byte(hash), []byte("new password")) != nil {
-				t.Errorf("round %d: the password update was lost", round)
-			}
+		if hash, _ := e.storedSecret(t, u.ID); bcrypt.CompareHashAndPassword([]byte(hash), []byte("new password")) != nil {
+			t.Errorf("round %d: the password update was lost", round)
 		}
 	}},
 }
 
+// TestConcurrentWrites runs the races directly and through PgBouncer with a
+// small transaction pool, where they settle alike, and lists and pages read
+// the table whole.
 func TestConcurrentWrites(t *testing.T) {
 	t.Parallel()
-	for _, c := range concurrentWrites {
-		t.Run(c.name, func(t *testing.T) {
+	for _, via := range []string{"directly", "through PgBouncer"} {
+		t.Run(via, func(t *testing.T) {
 			t.Parallel()
-			c.run(t, newTestEnv(t))
+			st := newTestStore(t)
+			if via != "directly" {
+				st = newStoreWith(t, startPgBouncer(t), poolConfig{maxOpen: 16, maxIdle: 16, maxIdleTime: time.Minute, transactionPooler: true}, 30*time.Second)
+			}
+			e := newTestEnv(t, withStore(st))
+			for _, c := range concurrentWrites {
+				t.Run(c.name, func(t *testing.T) {
+					for round := range 10 {
+						c.run(t, e, round)
+					}
+				})
+			}
+			// First pages of different sizes at once, then the pages after them.
+			whole := mustList(t, e.do("GET", "/users", ""))
+			link := regexp.MustCompile(`^<([^>]+)>; rel="next"$`)
+			for i, r := range concurrently(16, func(i int) response { return e.do("GET", fmt.Sprintf("/users?limit=%d", 2+i), "") }) {
+				got := mustList(t, r)
+				for m := link.FindStringSubmatch(r.header.Get("Link")); m != nil; m = link.FindStringSubmatch(r.header.Get("Link")) {
+					r = e.do("GET", m[1], "")
+					got = append(got, mustList(t, r)...)
+				}
+				if n := countUsers(t, st); len(got) != n || !slices.Equal(got, whole) {
+					t.Errorf("pages of %d and the pages after them: %d users, want the %d stored, as GET /users read them", 2+i, len(got), n)
+				}
+			}
+			// The premise: the service's connections outnumbered PgBouncer's.
+			if open := st.db.Stats().OpenConnections; via != "directly" && open <= pgBouncerPoolSize {
+				t.Errorf("the service opened %d connections to PgBouncer, want more than its pool of %d", open, pgBouncerPoolSize)
+			}
 		})
 	}
 }
 
-// TestTransactionPooler drives the API through PgBouncer with a small
-// transaction pool: the races settle as on a direct connection, and lists
-// and pages read the table whole.
-func TestTransactionPooler(t *testing.T) {
-	t.Parallel()
-	pool := poolConfig{maxOpen: 16, maxIdle: 16, maxIdleTime: time.Minute, transactionPooler: true}
-	st := newStoreWith(t, startPgBouncer(t), pool, 30*time.Second)
-	e := newTestEnv(t, withStore(st))
-	for _, c := range concurrentWrites {
-		t.Run(c.name, func(t *testing.T) { c.run(t, e) })
-	}
-	// First pages of different sizes at once, then the pages that follow:
-	// each reads the table whole, as the whole list does.
-	whole := mustList(t, e.do("GET", "/users", ""))
-	link := regexp.MustCompile(`^<([^>]+)>; rel="next"$`)
-	for i, r := range concurrently(16, func(i int) response { return e.do("GET", fmt.Sprintf("/users?limit=%d", 2+i), "") }) {
-		got := mustList(t, r)
-		for m := link.FindStringSubmatch(r.header.Get("Link")); m != nil; m = link.FindStringSubmatch(r.header.Get("Link")) {
-			r = e.do("GET", m[1], "")
-			got = append(got, mustList(t, r)...)
-		}
-		if n := countUsers(t, st); len(got) != n || !slices.Equal(got, whole) {
-			t.Errorf("pages of %d and the pages after them: %d users, want the %d stored, as GET /users read them", 2+i, len(got), n)
-		}
-	}
-	// The premise: the service's connections outnumbered the server's.
-	if open := st.db.Stats().OpenConnections; open <= pgBouncerPoolSize {
-		t.Errorf("the service opened %d connections to PgBouncer, want more than its pool of %d", open, pgBouncerPoolSize)
-	}
-}
-
-// pgBouncerPoolSize is the number of server connections PgBouncer keeps for
-// the test's database: far fewer than the service's pool.
+// pgBouncerPoolSize is PgBouncer's server connections: far fewer than the service's.
 const pgBouncerPoolSize = 2
 
 // startPgBouncer starts PgBouncer in transaction pooling mode on a socket
@@ -285,9 +274,6 @@ unix_socket_dir = %s
 auth_type = any
 pool_mode = transaction
 default_pool_size = %d
-max_client_conn = 100
-log_connections = 0
-log_disconnections = 0
 `, database, target, srv.dir, pgBouncerPoolSize), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -335,8 +321,7 @@ func newDBProxy(t *testing.T) (*dbProxy, string) {
 	return p, retarget(t, databaseURL, "host", host, "port", port)
 }
 
-// newProxy starts a proxy to target on a loopback port. Its connections end
-// with their clients' or servers'.
+// newProxy starts a proxy to target on a loopback port.
 func newProxy(t *testing.T, network, target string) *dbProxy {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -362,8 +347,7 @@ func newProxy(t *testing.T, network, target string) *dbProxy {
 	return p
 }
 
-// pipe copies src to dst, unless the proxy is stalled, and closes both at
-// the end.
+// pipe copies src to dst, dropping what it reads while stalled, then closes both.
 func (p *dbProxy) pipe(dst, src net.Conn) {
 	defer dst.Close()
 	defer src.Close()
@@ -389,29 +373,25 @@ type outcome struct {
 	start, end time.Time
 }
 
-// createLoad sends creates of fresh addresses from several clients until it
-// is stopped, at the latest when the test ends, and keeps every outcome.
+// createLoad sends creates of fresh addresses from 4 clients until it is
+// stopped, at the latest when the test ends, and keeps every outcome.
 type createLoad struct {
 	mu       sync.Mutex
 	outcomes []outcome
 	stop     func() // stops the load and waits for its clients
 }
 
-func startCreateLoad(t *testing.T, clients int, do func(client int, body string) response) *createLoad {
+func startCreateLoad(t *testing.T, e *testEnv) *createLoad {
 	l := &createLoad{}
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	l.stop = sync.OnceFunc(func() { cancel(); wg.Wait() })
 	t.Cleanup(l.stop)
-	for c := range clients {
+	for c := range 4 {
 		wg.Go(func() {
 			for i := 0; ctx.Err() == nil; i++ {
-				email := fmt.Sprintf("load%d-%d@example.com", c, i)
-				start := time.Now()
-				r := do(c, userBody("Load", "Test", email, "passw0rd-1"))
-				if r.status == http.StatusServiceUnavailable && r.header.Get("Retry-After") == "" {
-					t.Errorf("%s: 503 without Retry-After", r.what)
-				}
+				email, start := fmt.Sprintf("load%d-%d@example.com", c, i), time.Now()
+				r := e.do("POST", "/users", userBody("Load", "Test", email, "passw0rd-1"))
 				l.mu.Lock()
 				l.outcomes = append(l.outcomes, outcome{email, r.status, start, time.Now()})
 				l.mu.Unlock()
@@ -437,17 +417,16 @@ func (l *createLoad) waitFor(t *testing.T, n, status int, since time.Time) {
 	})
 }
 
-// check matches the stopped load against table in db: every 201 stored,
+// check matches the stopped load against the users in db: every 201 stored,
 // every 503 not, unless in flight during the fault (its commit may have
-// gone through, its answer lost). It returns the slowest answer's time.
-func (l *createLoad) check(t *testing.T, db *sql.DB, table string, faultStart, faultEnd time.Time) (slowest time.Duration) {
+// gone through, its answer lost). A hang fails the client's 30 s timeout.
+func (l *createLoad) check(t *testing.T, db *sql.DB, faultStart, faultEnd time.Time) {
 	t.Helper()
 	var emails []string
-	if err := db.QueryRow(`SELECT coalesce(array_agg(email), '{}') FROM ` + table).Scan(pq.Array(&emails)); err != nil {
+	if err := db.QueryRow(`SELECT coalesce(array_agg(email), '{}') FROM users`).Scan(pq.Array(&emails)); err != nil {
 		t.Fatalf("read the stored emails: %v", err)
 	}
 	for _, o := range l.outcomes {
-		slowest = max(slowest, o.end.Sub(o.start))
 		stored, inFlight := slices.Contains(emails, o.email), o.start.Before(faultEnd) && o.end.After(faultStart)
 		switch {
 		case o.status == http.StatusCreated && !stored:
@@ -458,43 +437,33 @@ func (l *createLoad) check(t *testing.T, db *sql.DB, table string, faultStart, f
 			t.Errorf("create of %s answered %d, want 201 or 503", o.email, o.status)
 		}
 	}
-	return slowest
 }
 
-// TestDatabaseStallIsBounded stalls the network to the database: every
-// route answers 503 (the bound is 300 ms), and the service recovers by itself.
-func TestDatabaseStallIsBounded(t *testing.T) {
+// TestFrozenHostIsPassedOver freezes a proxy to the database. Alone, the
+// service answers 503 on every route (the bound is 300 ms) and recovers by
+// itself, and a service starting gives up, naming it. Listed first, the
+// service starts, and once one request waited out the silence bound, the
+// next are served by the second host, not by the next pooled connection to
+// the frozen one.
+func TestFrozenHostIsPassedOver(t *testing.T) {
 	t.Parallel()
 	proxy, databaseURL := newDBProxy(t)
 	e := newTestEnv(t, withStore(newStoreWith(t, databaseURL, testPool, 300*time.Millisecond)))
 	u := e.createUser(t, "Ann", "Lee", "ann@example.com", "passw0rd-1")
+	path := fmt.Sprintf("/users/%d", u.ID)
 	proxy.stalled.Store(true)
 	mustAllRetryLater(t, e, u.ID)
+	env := map[string]string{"DATABASE_URL": databaseURL, "ADDR": "127.0.0.1:0"}
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	err := run(ctx, nil, func(k string) string { return env[k] }, io.Discard)
+	if ctx.Err() != nil || err == nil || !strings.Contains(err.Error(), "DATABASE_URL") || !strings.Contains(err.Error(), proxy.addr) {
+		t.Errorf("run = %v (30 s passed: %v), want an error naming DATABASE_URL and %s, sooner", err, ctx.Err(), proxy.addr)
+	}
 	proxy.stalled.Store(false)
 	waitUntil(t, "/healthz answers 200 after the stall", func() bool { return e.do("GET", "/healthz", "").status == http.StatusOK })
-	if got := mustUser(t, e.do("GET", fmt.Sprintf("/users/%d", u.ID), ""), http.StatusOK); got != u {
+	if got := mustUser(t, e.do("GET", path, ""), http.StatusOK); got != u {
 		t.Errorf("after the stall: %+v, want %+v", got, u)
-	}
-}
-
-// TestFrozenHostIsPassedOver freezes a proxy to the database. Alone, the
-// service gives up at start, naming it. Listed first, the service starts,
-// and once one request waited out the silence bound, the next are served by
-// the second host, not by the next pooled connection to the frozen one.
-func TestFrozenHostIsPassedOver(t *testing.T) {
-	t.Parallel()
-	proxy, databaseURL := newDBProxy(t)
-	proxy.stalled.Store(true)
-	env := map[string]string{"DATABASE_URL": databaseURL, "ADDR": "127.0.0.1:0"}
-	done := make(chan error, 1)
-	go func() { done <- run(t.Context(), nil, func(k string) string { return env[k] }, io.Discard) }()
-	select {
-	case err := <-done:
-		if err == nil || !strings.Contains(err.Error(), "DATABASE_URL") || !strings.Contains(err.Error(), proxy.addr) {
-			t.Errorf("run = %v, want an error naming DATABASE_URL and %s", err, proxy.addr)
-		}
-	case <-time.After(30 * time.Second):
-		t.Fatal("run still waiting for a silent database after 30s")
 	}
 
 	cfg, err := pq.NewConfig(testDatabaseURL())
@@ -503,26 +472,25 @@ func TestFrozenHostIsPassedOver(t *testing.T) {
 	}
 	host, port, _ := net.SplitHostPort(proxy.addr)
 	databaseURL = retarget(t, databaseURL, "host", host+","+cfg.Host, "port", port+","+strconv.Itoa(int(cfg.Port)), "connect_timeout", "1")
+	proxy.stalled.Store(true)
 	s := startRun(t, map[string]string{"DATABASE_URL": databaseURL, "ADDR": "127.0.0.1:0"})
 	if r := s.do("GET", "/healthz", ""); r.status != http.StatusOK {
 		t.Errorf("%s with the first host frozen, want 200", r)
 	}
 	s.stop(t)
-
 	proxy.stalled.Store(false) // fill the pool with connections to the first host
-	e := newTestEnv(t, withStore(newStoreWith(t, databaseURL, testPool, 3*time.Second)))
+	e = newTestEnv(t, withStore(newStoreWith(t, databaseURL, testPool, 3*time.Second)))
 	concurrently(testPool.maxOpen, func(int) response { return e.do("GET", "/healthz", "") })
 	proxy.stalled.Store(true)
-	mustRetryLater(t, e.do("GET", "/users/1", ""))
+	mustRetryLater(t, e.do("GET", path, ""))
 	for range 3 {
-		if r := e.do("GET", "/users/1", ""); r.status != http.StatusNotFound {
-			t.Errorf("%s after a connection to the frozen host fell silent, want 404 from the other host", r)
+		if got := mustUser(t, e.do("GET", path, ""), http.StatusOK); got != u {
+			t.Errorf("after a connection to the frozen host fell silent: %+v, want %+v from the other host", got, u)
 		}
 	}
 }
 
-// retarget returns databaseURL as key=value settings, with the settings
-// kv (key, value, ...) in place of its own.
+// retarget returns databaseURL as key=value settings, kv's pairs in place of its own.
 func retarget(t *testing.T, databaseURL string, kv ...string) string {
 	t.Helper()
 	dsn, err := parseDatabaseURL(databaseURL)
@@ -539,8 +507,7 @@ func retarget(t *testing.T, databaseURL string, kv ...string) string {
 	return dsn
 }
 
-// newDatabase creates an empty database, dropped when the test ends, and
-// returns a connection URL for it and its name.
+// newDatabase creates a database, dropped when the test ends, and returns its URL and name.
 func newDatabase(t *testing.T) (databaseURL, name string) {
 	t.Helper()
 	name = "test_" + strings.ToLower(rand.Text())
@@ -555,26 +522,22 @@ func newDatabase(t *testing.T) (databaseURL, name string) {
 	return retarget(t, testDatabaseURL(), "dbname", name), name
 }
 
-// admin runs statements as the test database's administrator.
-func admin(t *testing.T, statements ...string) {
+// admin runs a statement as the test database's administrator.
+func admin(t *testing.T, statement string) {
 	t.Helper()
-	for _, s := range statements {
-		if _, err := adminDB.Exec(s); err != nil {
-			t.Fatalf("%s: %v", s, err)
-		}
+	if _, err := adminDB.Exec(statement); err != nil {
+		t.Fatalf("%s: %v", statement, err)
 	}
 }
 
-// killConnections terminates the database connections whose
-// application_name is name, and waits until they are gone.
+// killConnections ends the connections of application_name name, and waits for them to go.
 func killConnections(t *testing.T, name string) {
 	t.Helper()
 	admin(t, `SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '`+name+`'`)
 	waitNoConnections(t, name)
 }
 
-// mustRetryLater checks that r is 503 Service unavailable with a
-// Retry-After of a whole number of seconds, at least 1.
+// mustRetryLater checks that r is a 503 with a Retry-After of at least 1 s.
 func mustRetryLater(t *testing.T, r response) {
 	t.Helper()
 	mustError(t, r, http.StatusServiceUnavailable, "Service unavailable")
@@ -583,16 +546,11 @@ func mustRetryLater(t *testing.T, r response) {
 	}
 }
 
-// mustAllRetryLater checks that every route of e, /healthz too, answers
-// mustRetryLater, and in less than 30 s: more is a hang, not a timing.
+// mustAllRetryLater checks mustRetryLater on every route of e and /healthz.
 func mustAllRetryLater(t *testing.T, e *testEnv, id int64) {
 	t.Helper()
 	for _, rq := range append(everyUsersRoute(id), struct{ method, path, body string }{"GET", "/healthz", ""}) {
-		start := time.Now()
 		mustRetryLater(t, e.do(rq.method, rq.path, rq.body))
-		if d := time.Since(start); d > 30*time.Second {
-			t.Errorf("%s %s answered only after %v", rq.method, rq.path, d)
-		}
 	}
 }
 
@@ -618,28 +576,27 @@ func TestNotNowDatabaseStatesAnswer503(t *testing.T) {
 		}
 	}
 	u = mustUser(t, e.do("GET", fmt.Sprintf("/users/%d", u.ID), ""), http.StatusOK)
-	// A read-only database (a standby, a demoted primary): writes are
-	// refused with 503 and change nothing; reads go on.
-	admin(t, `ALTER DATABASE `+name+` SET default_transaction_read_only = on`)
-	killConnections(t, name)
-	for _, rq := range everyUsersRoute(u.ID) {
-		if r := e.do(rq.method, rq.path, rq.body); rq.method != "GET" {
-			mustRetryLater(t, r)
-		} else if r.status != http.StatusOK {
-			t.Errorf("%s on a read-only database, want 200", r)
-		}
-	}
-	admin(t, `ALTER DATABASE `+name+` RESET default_transaction_read_only`)
-	// A database that takes no connections, or is not there by that name:
-	// every route says 503, and so does /healthz.
-	for _, state := range [][2]string{
-		{`ALTER DATABASE ` + name + ` ALLOW_CONNECTIONS false`, `ALTER DATABASE ` + name + ` ALLOW_CONNECTIONS true`},
-		{`ALTER DATABASE ` + name + ` RENAME TO ` + name + `_away`, `ALTER DATABASE ` + name + `_away RENAME TO ` + name},
+	// A read-only database (a standby, a demoted primary) refuses writes and
+	// serves reads; one that takes no connections, or is not there by that
+	// name, answers 503 on every route and /healthz.
+	for _, state := range []struct {
+		on, off string
+		reads   bool
+	}{
+		{`ALTER DATABASE ` + name + ` SET default_transaction_read_only = on`, `ALTER DATABASE ` + name + ` RESET default_transaction_read_only`, true},
+		{`ALTER DATABASE ` + name + ` ALLOW_CONNECTIONS false`, `ALTER DATABASE ` + name + ` ALLOW_CONNECTIONS true`, false},
+		{`ALTER DATABASE ` + name + ` RENAME TO ` + name + `_away`, `ALTER DATABASE ` + name + `_away RENAME TO ` + name, false},
 	} {
 		killConnections(t, name)
-		admin(t, state[0])
-		mustAllRetryLater(t, e, u.ID)
-		admin(t, state[1])
+		admin(t, state.on)
+		for _, rq := range append(everyUsersRoute(u.ID), struct{ method, path, body string }{"GET", "/healthz", ""}) {
+			if r := e.do(rq.method, rq.path, rq.body); !state.reads || rq.method != "GET" {
+				mustRetryLater(t, r)
+			} else if r.status != http.StatusOK {
+				t.Errorf("%s on a read-only database, want 200", r)
+			}
+		}
+		admin(t, state.off)
 	}
 	if got := mustUser(t, e.do("GET", fmt.Sprintf("/users/%d", u.ID), ""), http.StatusOK); got != u {
 		t.Errorf("after the refused writes and the outages: %+v, want %+v", got, u)
@@ -648,7 +605,8 @@ func TestNotNowDatabaseStatesAnswer503(t *testing.T) {
 }
 
 // TestTimedOutWritesAreNotAppliedLater holds rows that writes wait for past
-// the bound: PostgreSQL gives up first, and nothing queued applies later.
+// the bound: nothing queued applies later. (TestWriteTransactions checks that
+// PostgreSQL's own timeouts end such a write first.)
 func TestTimedOutWritesAreNotAppliedLater(t *testing.T) {
 	t.Parallel()
 	databaseURL, schema := newSchema(t)
@@ -678,9 +636,6 @@ func TestTimedOutWritesAreNotAppliedLater(t *testing.T) {
 		return e.do("PUT", path, bodies[i%3])
 	}) {
 		mustRetryLater(t, r)
-	}
-	if !strings.Contains(e.logs.String(), "canceling statement due to lock timeout") {
-		t.Errorf("no write was stopped by the server's lock_timeout; log:\n%s", e.logs)
 	}
 	// A digest of every row, read past the lock, which any write changes.
 	digest := func() (d string) {
@@ -749,8 +704,7 @@ func newServerDir(t *testing.T) *serverDir {
 	return s
 }
 
-// command returns a command that runs the program at path in the directory,
-// killed if the test process dies.
+// command runs the program at path in the directory, killed if the test process dies.
 func (s *serverDir) command(path string, args ...string) *exec.Cmd {
 	cmd := exec.Command(path, args...)
 	cmd.Dir = s.dir
@@ -773,8 +727,7 @@ func (s *serverDir) runPG(name string, args ...string) {
 	}
 }
 
-// startPG starts the server of data directory name on port, until the
-// test ends, and waits until it takes connections.
+// startPG starts data directory name's server on port, until the test ends.
 func (s *serverDir) startPG(name, port, options string) {
 	s.t.Helper()
 	opts := fmt.Sprintf("-p %s -k %s -c listen_addresses=127.0.0.1 -c fsync=off %s", port, s.dir, options)
@@ -803,59 +756,44 @@ func TestFailoverDrill(t *testing.T) {
 	for _, fault := range []string{"killed", "frozen"} {
 		t.Run(fault, func(t *testing.T) {
 			t.Parallel()
-			failoverDrill(t, fault == "frozen")
+			pg := newServerDir(t)
+			_, primaryPort, _ := net.SplitHostPort(closedAddr(t))
+			_, standbyPort, _ := net.SplitHostPort(closedAddr(t))
+			// A primary that waits for its standby on every commit; only it gets
+			// synchronous_standby_names, or the promoted standby would wait too.
+			pg.runPG("initdb", "-D", "primary", "-A", "trust", "-U", "postgres", "-N")
+			pg.startPG("primary", primaryPort, "-c synchronous_standby_names=standby")
+			pg.runPG("pg_basebackup", "-d", "host=127.0.0.1 port="+primaryPort+" user=postgres application_name=standby",
+				"-D", "standby", "-R", "-X", "stream", "-c", "fast")
+			pg.startPG("standby", standbyPort, "")
+			primaryDB := openDB(t, "host=127.0.0.1 port="+primaryPort+" user=postgres dbname=postgres sslmode=disable")
+			waitUntil(t, "the standby is synchronous", func() bool {
+				var state string
+				primaryDB.QueryRow(`SELECT sync_state FROM pg_stat_replication WHERE application_name = 'standby'`).Scan(&state)
+				return state == "sync"
+			})
+			// The service, with its production bound, reaches the primary through a proxy.
+			proxy := newProxy(t, "tcp", "127.0.0.1:"+primaryPort)
+			_, proxyPort, _ := net.SplitHostPort(proxy.addr)
+			dsn := "host=127.0.0.1,127.0.0.1 port=" + proxyPort + "," + standbyPort + " user=postgres dbname=postgres sslmode=disable target_session_attrs=read-write"
+			e := newTestEnv(t, withStore(newStoreAt(t, dsn)))
+			load := startCreateLoad(t, e)
+			load.waitFor(t, 20, http.StatusCreated, time.Now())
+			faultStart := time.Now()
+			if fault == "frozen" {
+				proxy.stalled.Store(true)
+			} else {
+				pg.runPG("pg_ctl", "-D", "primary", "-m", "immediate", "stop")
+			}
+			faultEnd := time.Now()
+			load.waitFor(t, 8, http.StatusServiceUnavailable, faultEnd)
+			mustAllRetryLater(t, e, 1)
+			promoted := time.Now()
+			pg.runPG("pg_ctl", "-D", "standby", "-w", "-t", "60", "promote")
+			load.waitFor(t, 20, http.StatusCreated, promoted)
+			load.stop()
+			load.check(t, openDB(t, "host=127.0.0.1 port="+standbyPort+" user=postgres dbname=postgres sslmode=disable"), faultStart, faultEnd)
 		})
-	}
-}
-
-func failoverDrill(t *testing.T, freeze bool) {
-	pg := newServerDir(t)
-	_, primaryPort, _ := net.SplitHostPort(closedAddr(t))
-	_, standbyPort, _ := net.SplitHostPort(closedAddr(t))
-	// A primary that waits for its standby on every commit; only it gets
-	// synchronous_standby_names, or the promoted standby would wait too.
-	pg.runPG("initdb", "-D", "primary", "-A", "trust", "-U", "postgres", "-N")
-	pg.startPG("primary", primaryPort, "-c synchronous_standby_names=standby")
-	pg.runPG("pg_basebackup", "-d", "host=127.0.0.1 port="+primaryPort+" user=postgres application_name=standby",
-		"-D", "standby", "-R", "-X", "stream", "-c", "fast")
-	pg.startPG("standby", standbyPort, "")
-	primaryDB := openDB(t, "host=127.0.0.1 port="+primaryPort+" user=postgres dbname=postgres sslmode=disable")
-	waitUntil(t, "the standby is synchronous", func() bool {
-		var state string
-		primaryDB.QueryRow(`SELECT sync_state FROM pg_stat_replication WHERE application_name = 'standby'`).Scan(&state)
-		return state == "sync"
-	})
-	// The service, with its production bound, reaches the primary through a
-	// proxy that can freeze.
-	proxy := newProxy(t, "tcp", "127.0.0.1:"+primaryPort)
-	dsn, err := parseDatabaseURL("postgres://postgres@" + proxy.addr + ",127.0.0.1:" + standbyPort + "/postgres?sslmode=disable&target_session_attrs=read-write")
-	if err != nil {
-		t.Fatal(err)
-	}
-	e := newTestEnv(t, withStore(newStoreWith(t, dsn, testPool, queryTimeout)))
-	load := startCreateLoad(t, 4, func(_ int, body string) response { return e.do("POST", "/users", body) })
-	load.waitFor(t, 20, http.StatusCreated, time.Now())
-	faultStart := time.Now()
-	if freeze {
-		proxy.stalled.Store(true)
-	} else {
-		pg.runPG("pg_ctl", "-D", "primary", "-m", "immediate", "stop")
-	}
-	faultEnd := time.Now()
-	load.waitFor(t, 8, http.StatusServiceUnavailable, faultEnd)
-	mustAllRetryLater(t, e, 1)
-	promoted := time.Now()
-	pg.runPG("pg_ctl", "-D", "standby", "-w", "-t", "60", "promote")
-	load.waitFor(t, 20, http.StatusCreated, promoted)
-	load.stop()
-
-	// Every 201 is on the new primary; a 503 left nothing, unless it was in
-	// flight when the primary failed: its commit may have reached the standby.
-	newPrimary := openDB(t, "host=127.0.0.1 port="+standbyPort+" user=postgres dbname=postgres sslmode=disable")
-	slowest := load.check(t, newPrimary, "users", faultStart, faultEnd)
-	// Three times the silence bound is not a timing, it is a hang.
-	if bound := newBounds(queryTimeout).silence; slowest > 3*bound {
-		t.Errorf("slowest answer %v, want well within the bound %v", slowest, bound)
 	}
 }
 
