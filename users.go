@@ -839,11 +839,12 @@ func (s *server) logRequests(next http.Handler) http.Handler {
 				status = 499
 			}
 			// The mux sets the pattern it routed to, "" for none.
-			args := []any{"pattern", r.Pattern, "status", status, "duration", time.Since(start)}
+			attrs := s.requestAttrs(w, r, slog.String("pattern", r.Pattern), slog.Int("status", status),
+				slog.Duration("duration", time.Since(start)))
 			if aborted {
-				args = append(args, "aborted", true)
+				attrs = append(attrs, slog.Bool("aborted", true))
 			}
-			s.log(w, r).InfoContext(r.Context(), "request", args...)
+			s.logger.LogAttrs(r.Context(), slog.LevelInfo, "request", attrs...)
 		}()
 		next.ServeHTTP(rec, r)
 		aborted = false
@@ -860,11 +861,18 @@ func (s *server) requestID(r *http.Request) string {
 	return s.idPrefix + strconv.FormatUint(s.requests.Add(1), 10)
 }
 
-// log returns the logger for a line about r: every such line carries its
-// id, client, method and path, each bounded.
+// requestAttrs are what every line about r carries, its id, client, method
+// and path, each bounded; then more.
+func (s *server) requestAttrs(w http.ResponseWriter, r *http.Request, more ...slog.Attr) []slog.Attr {
+	return append([]slog.Attr{slog.String("request_id", w.Header().Get("X-Request-Id")),
+		slog.String("client", clientAddr(r, s.trustedProxies).String()),
+		slog.String("method", truncate(r.Method, maxLogField)), slog.String("path", truncate(r.URL.Path, maxLogField))}, more...)
+}
+
+// log returns the logger for a line about r. The access line, on every
+// request, takes requestAttrs directly: a logger of its own costs more.
 func (s *server) log(w http.ResponseWriter, r *http.Request) *slog.Logger {
-	return s.logger.With("request_id", w.Header().Get("X-Request-Id"), "client", clientAddr(r, s.trustedProxies).String(),
-		"method", truncate(r.Method, maxLogField), "path", truncate(r.URL.Path, maxLogField))
+	return slog.New(s.logger.Handler().WithAttrs(s.requestAttrs(w, r)))
 }
 
 // recoverPanics turns a handler's panic into a logged 500 or, once part of
