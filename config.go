@@ -86,7 +86,7 @@ func (cfg *config) settings() []setting {
 		}},
 		{"LOG_FORMAT", "log-format", "text", "text for logfmt lines, json for one JSON object per line", either(&cfg.jsonLogs, "text", "json")},
 		// The Go runtime reads GOMAXPROCS, and quietly ignores a bad value.
-		{"GOMAXPROCS", "", "", "how many threads run Go code at once (default: the CPUs Go finds, a container's limit included, plus 1); password hashes may use all but one", intIn(new(int), 1, 0)},
+		{"GOMAXPROCS", "", "", "how many threads run Go code at once (default: the CPUs Go finds, a container's limit included); password hashes use all but one", intIn(new(int), 1, 0)},
 	}
 }
 

@@ -36,11 +36,6 @@ const (
 )
 
 func main() {
-	// One P more than the CPUs (or a container's limit), and hashes on all
-	// but one P: every CPU can hash while reads keep a P (see README).
-	if os.Getenv("GOMAXPROCS") == "" {
-		runtime.GOMAXPROCS(runtime.GOMAXPROCS(0) + 1)
-	}
 	if err := run(context.Background(), os.Args[1:], os.Getenv, os.Stdout); err != nil {
 		fmt.Fprintln(os.Stderr, "users:", err)
 		os.Exit(1)
