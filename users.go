@@ -635,7 +635,7 @@ func checkPassword(s string) (string, string) {
 		return s, fmt.Sprintf("must be at least %d characters", minPasswordChars)
 	case len(s) > maxPasswordBytes:
 		return s, fmt.Sprintf("must be at most %d bytes", maxPasswordBytes)
-	case commonPasswords[strings.ToLower(strings.TrimSpace(s))]:
+	case strings.IndexFunc(s, isVisible) < 0 || commonPasswords[strings.ToLower(strings.TrimSpace(s))]:
 		return s, "is too common: choose one that is harder to guess"
 	}
 	return s, ""

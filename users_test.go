@@ -216,7 +216,7 @@ func TestRules(t *testing.T) {
 			append(badNames, "\ufeff", "\u200b", "\u200c\u200d", " \u3164 ", "\ufe0f", "\u2800\u00ad", "\u0301", "\u20dd", "\u3000\u0301")},
 		{"cleanEmail", cleanEmail, func(s string) string { return strings.ToLower(strings.TrimSpace(s)) }, goodEmails, badEmails},
 		{"checkPassword", checkPassword, same, []string{
-			"1234567x", strings.Repeat("p", 72), "        ", // 8 characters to 72 bytes, any of them
+			"1234567x", strings.Repeat("p", 72), "   x    ", // 8 characters to 72 bytes, any of them
 			strings.Repeat("€", 24),                                                               // 24 characters in 72 bytes
 			"correct horse battery", "Tr0ub4dor&3-zq", "pässwörd 李", "password 1", "qwertyuiop[]", // strong, or not listed
 		}, []string{
@@ -224,6 +224,7 @@ func TestRules(t *testing.T) {
 			strings.Repeat("p", 73), strings.Repeat("€", 25), strings.Repeat("a", 10000),
 			"pass\u0001word", "pass\x00word", "passwo\uFFFDrd1",
 			"PassWord1", "ILOVEYOU", "qwertyuiop", "1q2w3e4r5t", " password123 ", // common, in any case
+			"        ", strings.Repeat("\u3000", 8), strings.Repeat("\u200b", 8), // nothing visible
 		}},
 		{"isLoopbackHost", rule(isLoopbackHost), same, []string{
 			"localhost", "localhost:8000", "LocalHost:1", "localhost:", "127.0.0.1", "127.0.0.1:8000",
