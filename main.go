@@ -4,6 +4,7 @@
 package main
 
 import (
+	"bufio"
 	"container/list"
 	"context"
 	"errors"
@@ -54,9 +55,11 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	if err != nil {
 		return err
 	}
-	var handler slog.Handler = slog.NewTextHandler(stdout, nil)
+	logs := &logWriter{Writer: bufio.NewWriterSize(stdout, 32<<10)}
+	defer logs.flush()
+	var handler slog.Handler = slog.NewTextHandler(logs, nil)
 	if cfg.jsonLogs {
-		handler = slog.NewJSONHandler(stdout, nil)
+		handler = slog.NewJSONHandler(logs, nil)
 	}
 	logger := slog.New(handler)
 
@@ -74,7 +77,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	if err != nil {
 		return fmt.Errorf("%s: %w", cfg.addrFrom, err)
 	}
-	if cfg.apiToken == "" && !isLoopback(ln.Addr()) {
+	loopback := ln.Addr().(*net.TCPAddr).IP.IsLoopback()
+	if cfg.apiToken == "" && !loopback {
 		logger.Warn("API_TOKEN is not set: anyone who can reach this address can read and change users", "addr", ln.Addr().String())
 	}
 	// A hash holds its P until the scheduler preempts it (10 ms): one P is
@@ -82,7 +86,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	h := newHasher(cfg.bcryptCost, max(1, runtime.GOMAXPROCS(0)-1), hashWait)
 	opts := serverOptions{maxStreams: cfg.maxStreams, streamStall: streamStall, trustedProxies: cfg.proxies}
 	// Without a token, loopback is the only guard: refuse other Hosts (DNS rebinding).
-	opts.loopbackHostsOnly = cfg.apiToken == "" && isLoopback(ln.Addr())
+	opts.loopbackHostsOnly = cfg.apiToken == "" && loopback
 	srv := newHTTPServer(newServer(logger, st, h, cfg.apiToken, opts), logger)
 	clients := limitClients(srv, ln, cfg.maxClients, logger)
 	serveErr := make(chan error, 1)
@@ -107,8 +111,29 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	return nil
 }
 
-// newHTTPServer returns the server for handler, with the service's timeouts
-// and limits.
+// logWriter holds log lines for up to 100 ms, then writes them at once: a
+// write(2) a line cost reads a tenth of their rate.
+type logWriter struct {
+	sync.Mutex
+	*bufio.Writer
+}
+
+func (w *logWriter) Write(p []byte) (int, error) {
+	w.Lock()
+	defer w.Unlock()
+	if w.Buffered() == 0 {
+		time.AfterFunc(100*time.Millisecond, w.flush)
+	}
+	return w.Writer.Write(p)
+}
+
+func (w *logWriter) flush() {
+	w.Lock()
+	defer w.Unlock()
+	w.Flush()
+}
+
+// newHTTPServer returns the server for handler, with the service's timeouts and limits.
 func newHTTPServer(handler http.Handler, logger *slog.Logger) *http.Server {
 	return &http.Server{
 		Handler:           handler,
@@ -136,11 +161,6 @@ func limitUnsent(c net.Conn) {
 	}
 }
 
-func isLoopback(addr net.Addr) bool {
-	tcp, ok := addr.(*net.TCPAddr)
-	return ok && tcp.IP.IsLoopback()
-}
-
 // clientLimiter is a listener that holds at most max client connections. One
 // more closes the connection idle longest (between requests, or before its
 // first whole request); if every one is busy, the new one gets 503.
@@ -157,8 +177,7 @@ type clientLimiter struct {
 	refusing chan struct{} // a slot for each refusal being written
 }
 
-// limitClients makes srv hold at most max connections from ln, and returns
-// the listener srv must serve.
+// limitClients makes srv hold at most max connections from ln, and returns the listener srv must serve.
 func limitClients(srv *http.Server, ln net.Listener, max int, logger *slog.Logger) net.Listener {
 	l := &clientLimiter{Listener: ln, max: max, logger: logger,
 		conns: make(map[net.Conn]*list.Element), idle: list.New(), refusing: make(chan struct{}, 32)}
@@ -180,8 +199,7 @@ func (l *clientLimiter) Accept() (net.Conn, error) {
 	}
 }
 
-// admit makes room for c, closing the connection idle longest if need be,
-// and reports whether it could.
+// admit makes room for c, closing the connection idle longest if need be, and reports whether it could.
 func (l *clientLimiter) admit(c net.Conn) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()

@@ -98,12 +98,18 @@ func (s *store) prepare(ctx context.Context, transactionPooler bool) error {
 	return err
 }
 
-// queryRow runs a read on stmt, or, where stmt is nil, as query.
-func (s *store) queryRow(ctx context.Context, stmt *sql.Stmt, query string, args ...any) *sql.Row {
-	if stmt == nil {
-		return s.db.QueryRowContext(ctx, query, args...)
+// readUser reads one user with stmt, or, where stmt is nil, with query.
+func (s *store) readUser(ctx context.Context, stmt *sql.Stmt, query string, arg any) (user, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.timeout)
+	defer cancel()
+	var row *sql.Row
+	if stmt != nil {
+		row = stmt.QueryRowContext(ctx, arg)
+	} else {
+		row = s.db.QueryRowContext(ctx, query, arg)
 	}
-	return stmt.QueryRowContext(ctx, args...)
+	u, err := scanUser(row)
+	return u, dbError(err)
 }
 
 // Close closes the connection pool.
@@ -161,8 +167,7 @@ type newUser struct {
 	Password                   passwordHash
 }
 
-// userUpdate is a change to a user: a nil field is left as it is. Email must
-// already be normalized.
+// userUpdate is a change to a user: a nil field is left as it is. Email must already be normalized.
 type userUpdate struct {
 	FirstName, LastName, Email *string
 	Password                   *passwordHash
@@ -170,8 +175,7 @@ type userUpdate struct {
 	Check                      func(user) error // if not nil, vets the changed user; an error undoes it
 }
 
-// CreateUser inserts a user. It returns errEmailTaken if another user has
-// the same email.
+// CreateUser inserts a user. It returns errEmailTaken if another user has the same email.
 func (s *store) CreateUser(ctx context.Context, c newUser) (user, error) {
 	var u user
 	err := s.write(ctx, func(ctx context.Context, conn *sql.Conn) (err error) {
@@ -189,19 +193,12 @@ func (s *store) CreateUser(ctx context.Context, c newUser) (user, error) {
 
 // User returns the user with the given id, or errNotFound.
 func (s *store) User(ctx context.Context, id int64) (user, error) {
-	ctx, cancel := context.WithTimeout(ctx, s.timeout)
-	defer cancel()
-	u, err := scanUser(s.queryRow(ctx, s.userByID, userByIDQuery, id))
-	return u, dbError(err)
+	return s.readUser(ctx, s.userByID, userByIDQuery, id)
 }
 
-// UserByEmail returns the user with the given normalized email, or
-// errNotFound.
+// UserByEmail returns the user with the given normalized email, or errNotFound.
 func (s *store) UserByEmail(ctx context.Context, email string) (user, error) {
-	ctx, cancel := context.WithTimeout(ctx, s.timeout)
-	defer cancel()
-	u, err := scanUser(s.queryRow(ctx, s.userByEmail, userByEmailQuery, email))
-	return u, dbError(err)
+	return s.readUser(ctx, s.userByEmail, userByEmailQuery, email)
 }
 
 // NFC returns text in Unicode Normalization Form C.
@@ -394,9 +391,8 @@ func rollback(ctx context.Context, conn *sql.Conn) {
 	conn.Raw(func(any) error { return driver.ErrBadConn })
 }
 
-// unavailableCodes mean "not now", beside class 08: shutdown or startup,
-// too many connections, a bound ran out (57014, 55P03), try again (40001,
-// 40P01), no connections taken (55000), read-only (25006).
+// unavailableCodes mean "not now", beside class 08: shutdown or startup, too many
+// connections, a bound ran out, try again, no connections taken, read-only.
 var unavailableCodes = []string{"57P01", "57P02", "57P03", "53300", "57014", "55P03", "40001", "40P01", "55000", "25006"}
 
 // dbError translates a driver error into the store's sentinels, keeping the
@@ -514,8 +510,7 @@ func (c *silenceConn) Write(b []byte) (int, error) {
 	return c.Conn.Write(b)
 }
 
-// SetDeadline is how lib/pq bounds connecting (connect_timeout), and lifts
-// that bound once connected.
+// SetDeadline is how lib/pq bounds connecting (connect_timeout), and lifts that bound once connected.
 func (c *silenceConn) SetDeadline(t time.Time) error {
 	if !t.IsZero() && !c.connectBy.IsZero() && c.connectBy.Before(t) {
 		t = c.connectBy

@@ -358,8 +358,7 @@ type listQuery struct {
 	given   bool   // whether any parameter was given
 }
 
-// parseListQuery parses the query string of GET /users and reports what is
-// wrong with it, by parameter.
+// parseListQuery parses the query string of GET /users and reports what is wrong with it, by parameter.
 func parseListQuery(rawQuery string) (listQuery, map[string]string) {
 	var q listQuery
 	v, err := url.ParseQuery(rawQuery)
@@ -400,8 +399,7 @@ func parseListQuery(rawQuery string) (listQuery, map[string]string) {
 	return q, problems
 }
 
-// withUserID passes the user id in r's path to h; if there is none, it
-// answers 404.
+// withUserID passes the user id in r's path to h; if there is none, it answers 404.
 func withUserID(h func(http.ResponseWriter, *http.Request, int64)) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		id, ok := parseNumber(r.PathValue("id"))
@@ -567,8 +565,7 @@ func isInvisible(r rune) bool {
 	return r == '\u2800' || unicode.In(r, unicode.Cf, unicode.Variation_Selector, unicode.Other_Default_Ignorable_Code_Point)
 }
 
-// cleanEmail trims and lower-cases an address and reports what is wrong
-// with it, if anything.
+// cleanEmail trims and lower-cases an address and reports what is wrong with it, if anything.
 func cleanEmail(s string) (string, string) {
 	s = strings.TrimSpace(s)
 	lower := strings.ToLower(s) // which can take more bytes (Ⱥ, ⱥ)
@@ -584,8 +581,7 @@ func cleanEmail(s string) (string, string) {
 // validEmail reports whether s is an address python-email-validator takes
 // by default: a local part of at most 64 bytes, dot-separated atoms; a
 // domain of at most 253 bytes, two or more labels of at most 63 bytes
-// without an outer hyphen, the last not all digits. No quotes, comments or
-// IP literals.
+// without an outer hyphen, the last not all digits. No quotes, comments or IP literals.
 func validEmail(s string) bool {
 	local, domain, ok := strings.Cut(s, "@")
 	if !ok || len(local) > 64 || len(domain) > 253 {
@@ -641,8 +637,7 @@ func checkPassword(s string) (string, string) {
 	return s, ""
 }
 
-// commonPasswordsText holds lower-case common passwords, one per line,
-// after comment lines that start with "#".
+// commonPasswordsText: lower-case common passwords, a line each, after "#" lines.
 //
 //go:embed common-passwords.txt
 var commonPasswordsText string
@@ -934,8 +929,7 @@ func refuse(next http.Handler, bad func(*http.Request) bool, status int, detail 
 	})
 }
 
-// requireLoopbackHost answers 421 to a Host that is not a loopback name,
-// against DNS rebinding.
+// requireLoopbackHost answers 421 to a Host that is not a loopback name, against DNS rebinding.
 func requireLoopbackHost(next http.Handler) http.Handler {
 	notLoopback := func(r *http.Request) bool { return !isLoopbackHost(r.Host) }
 	return refuse(next, notLoopback, http.StatusMisdirectedRequest, "Misdirected request", nil)
@@ -976,8 +970,7 @@ func requireJSON(next http.Handler) http.Handler {
 }
 
 // isJSONType reports whether the Content-Type lines are one application/json,
-// in any case, with no charset but UTF-8. Lines join as a list, which is
-// not one type.
+// in any case, with no charset but UTF-8. Lines join as a list, which is not one type.
 func isJSONType(lines []string) bool {
 	mediaType, params, err := mime.ParseMediaType(strings.Join(lines, ","))
 	charset, ok := params["charset"]
